@@ -1,0 +1,82 @@
+"""Per-architecture glue. An adapter only *declares* where things are; the Hugging Face decoder
+layers and attention run unchanged.
+
+    norm_groups: (norm, [linears it feeds])  -- LET / affine transforms between them
+    out_pair:    (v_proj, o_proj)            -- per-head transform, exact since softmax rows sum to 1
+    qk_pair:     (q_proj, k_proj)            -- q divided, k multiplied by the same per-head scale
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_types: tuple[str, ...]
+    layers_path: str                        # attribute path from the CausalLM to the block list
+    norm_groups: tuple[tuple[str, tuple[str, ...]], ...]
+    out_pair: tuple[str, str]
+    qk_pair: tuple[str, str]
+    attention: str                          # the attention module inside a block
+    rope: bool                              # q/k rotate in pairs (i, i + head_dim/2): scales must be tied per pair
+    norm_has_bias: bool                     # LayerNorm-style norms can absorb LET shifts; RMSNorm cannot
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        obj = model
+        for part in self.layers_path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def heads(self, config) -> tuple[int, int, int]:
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return n_heads, n_kv, head_dim
+
+
+_LLAMA_LIKE = dict(
+    layers_path="model.layers",
+    norm_groups=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                 ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    out_pair=("self_attn.v_proj", "self_attn.o_proj"),
+    qk_pair=("self_attn.q_proj", "self_attn.k_proj"),
+    attention="self_attn",
+    rope=True,
+    norm_has_bias=False,
+)
+
+ADAPTERS = [
+    Adapter(model_types=("llama",), **_LLAMA_LIKE),
+    Adapter(model_types=("mistral",), **_LLAMA_LIKE),
+    Adapter(model_types=("qwen2",), **_LLAMA_LIKE),
+    Adapter(
+        model_types=("opt",),
+        layers_path="model.decoder.layers",
+        norm_groups=(("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                     ("final_layer_norm", ("fc1",))),
+        out_pair=("self_attn.v_proj", "self_attn.out_proj"),
+        qk_pair=("self_attn.q_proj", "self_attn.k_proj"),
+        attention="self_attn",
+        rope=False,
+        norm_has_bias=True,
+    ),
+]
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def get_adapter(config) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
+                raise ConfigError("OPT-350m puts its layer norms after attention, so LET cannot be placed: "
+                                  "use another OPT size")
+            return adapter
+    raise ConfigError(f"model_type '{model_type}' is not supported; supported model types: "
+                      f"{', '.join(supported_model_types())}")

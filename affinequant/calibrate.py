@@ -1,0 +1,273 @@
+"""The block-wise pipeline: capture the inputs of block 0, then for each block compute the
+full-precision target, learn the block's LWC/LET parameters against it, merge them, quantize
+the weights and propagate the quantized trajectory to the next block.
+
+What is learned inside a block lives in `BlockQuantizer`; this module only walks blocks and
+moves activations, so other algorithms can run inside the same loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .config import QuantConfig
+from .qmodules import QKVQuantizers, QuantLinear, TransformedNorm, set_submodule, use_quantized_attention
+from .quantizer import ActQuantizer, WeightQuantizer
+from .transforms import LET
+from .utils import memory_report
+
+log = logging.getLogger("affinequant")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def non_block_to(model: nn.Module, adapter: Adapter, device) -> None:
+    """Move everything except the decoder blocks (embeddings, final norm, rotary tables, head)."""
+    prefix = adapter.layers_path + "."
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(prefix):
+            tensor.data = tensor.data.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
+                         cache_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block 0 for every sample; return its inputs (N, L, d) and the
+    keyword arguments the model passes to its blocks (mask, position embeddings...)."""
+    layers = adapter.layers(model)
+    inputs = []
+    block_kwargs: dict = {}
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        inputs.append(hidden.detach().to(cache_dtype))
+        if not block_kwargs:
+            block_kwargs.update({k: v for k, v in kwargs.items()
+                                 if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")})
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    non_block_to(model, adapter, device)
+    try:
+        for sample in samples:
+            try:
+                model(sample[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        non_block_to(model, adapter, "cpu")
+    return torch.cat(inputs), block_kwargs
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    final_mse: float = float("nan")
+    nan_events: int = 0
+    fell_back_to_rtn: bool = False
+
+
+class BlockQuantizer:
+    """Quantizes one decoder block in place: LWC on every linear's weight, LET between the
+    producers and consumers the adapter declares, per-token activation quantizers."""
+
+    def __init__(self, block: nn.Module, adapter: Adapter, model_config, cfg: QuantConfig,
+                 act_scales: dict | None, act_shifts: dict | None):
+        self.block, self.adapter, self.cfg = block, adapter, cfg
+        self.linears: dict[str, QuantLinear] = {}
+        for name, module in list(block.named_modules()):
+            if isinstance(module, nn.Linear):
+                wq = (WeightQuantizer(tuple(module.weight.shape), cfg.wbits, cfg.group_size, cfg.symmetric, cfg.lwc)
+                      if cfg.wbits < 16 else None)
+                aq = ActQuantizer(cfg.abits, cfg.symmetric) if cfg.abits < 16 else None
+                qlinear = QuantLinear(module, wq, aq).to(module.weight.device)
+                set_submodule(block, name, qlinear)
+                self.linears[name] = qlinear
+        if cfg.abits < 16:
+            block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(cfg.abits, cfg.symmetric)
+        self.let = None
+        if cfg.let:
+            for norm_name, _ in adapter.norm_groups:
+                set_submodule(block, norm_name, TransformedNorm(block.get_submodule(norm_name)))
+            use_shift = adapter.norm_has_bias and cfg.abits < 16   # as OmniQuant: shifts only where a norm bias absorbs them
+            self.let = LET(block, adapter, model_config, cfg.alpha, act_scales, act_shifts, use_shift)
+        for p in block.parameters():
+            p.requires_grad_(False)
+
+    def let_parameters(self) -> list[nn.Parameter]:
+        return list(self.let.parameters()) if self.let is not None else []
+
+    def lwc_parameters(self) -> list[nn.Parameter]:
+        return [p for q in self.linears.values() if q.weight_quantizer is not None
+                for p in (q.weight_quantizer.upbound_factor, q.weight_quantizer.lowbound_factor) if p is not None]
+
+    def trainable(self) -> list[nn.Parameter]:
+        return self.let_parameters() + self.lwc_parameters()
+
+    def refresh(self) -> None:
+        """Recompute the transformed weights from the current parameters (once per step)."""
+        if self.let is not None:
+            self.let.apply(self.block, merge=False)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Merge the transforms, store fake-quantized weights, drop what training needed."""
+        if self.let is not None:
+            self.let.apply(self.block, merge=True)
+            for norm_name, _ in self.adapter.norm_groups:
+                set_submodule(self.block, norm_name, self.block.get_submodule(norm_name).norm)
+        for name, qlinear in self.linears.items():
+            if qlinear.weight_quantizer is not None:
+                qlinear.weight.data.copy_(qlinear.weight_quantizer(qlinear.weight.float()).to(qlinear.weight.dtype))
+            qlinear.weight_quantizer = None
+            if qlinear.act_quantizer is None:     # weight-only: a plain nn.Linear, loadable by anything
+                set_submodule(self.block, name, qlinear.to_linear())
+
+
+def amp_context(device: torch.device, cfg: QuantConfig, dtype: torch.dtype):
+    if device.type == "cuda" and not cfg.deactive_amp:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device, ctx_factory) -> torch.Tensor:
+    outs = torch.empty_like(inputs)
+    for i in range(0, inputs.shape[0], batch_size):
+        with ctx_factory():
+            x = inputs[i:i + batch_size].to(device)
+            outs[i:i + batch_size] = _block_output(block(x, **kwargs)).to(outs.dtype)
+    return outs
+
+
+def train_block(bq: BlockQuantizer, q_inps, targets, aug_targets, kwargs, cfg: QuantConfig, device,
+                ctx_factory, report: BlockReport, progress_desc: str) -> None:
+    params = [{"params": bq.let_parameters(), "lr": cfg.let_lr}, {"params": bq.lwc_parameters(), "lr": cfg.lwc_lr}]
+    params = [g for g in params if g["params"]]
+    for g in params:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    initial = [p.detach().clone() for g in params for p in g["params"]]
+    lr_scale = 1.0
+    use_scaler = device.type == "cuda" and not cfg.deactive_amp
+    n = q_inps.shape[0]
+    epoch = 0
+
+    def make_optimizer():  # a fresh one per block, and after each NaN rollback at the lowered LR
+        return torch.optim.AdamW([{**g, "lr": g["lr"] * lr_scale} for g in params], weight_decay=cfg.wd)
+
+    optimizer = make_optimizer()
+    while epoch < cfg.epochs:
+        good = [p.detach().clone() for g in params for p in g["params"]]
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        t0, total, finite = time.time(), 0.0, True
+        for i in range(0, n, cfg.batch_size):
+            with ctx_factory():
+                bq.refresh()
+                out = _block_output(bq.block(q_inps[i:i + cfg.batch_size].to(device), **kwargs)).float()
+                loss = F.mse_loss(out, targets[i:i + cfg.batch_size].to(device).float())
+                if aug_targets is not None:
+                    loss = loss + F.mse_loss(out, aug_targets[i:i + cfg.batch_size].to(device).float())
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item()
+        if not finite:
+            report.nan_events += 1
+            _restore(params, good)
+            if report.nan_events > cfg.max_nan_retries:
+                _restore(params, initial)
+                report.fell_back_to_rtn = True
+                log.warning("%s: loss is NaN/Inf again after %d retries: keeping the block's untrained "
+                            "(round-to-nearest) parameters", progress_desc, cfg.max_nan_retries)
+                break
+            lr_scale *= 0.5
+            optimizer = make_optimizer()
+            log.warning("%s epoch %d: loss is NaN/Inf; rolled back to the epoch's start, learning rates x%.3g, retrying",
+                        progress_desc, epoch, lr_scale)
+            continue
+        steps = math.ceil(n / cfg.batch_size)
+        report.losses.append(total / steps)
+        log.info("%s epoch %d/%d  loss %.6g  %.1fs  %s", progress_desc, epoch + 1, cfg.epochs,
+                 total / steps, time.time() - t0, memory_report(device))
+        epoch += 1
+    for g in params:
+        for p in g["params"]:
+            p.requires_grad_(False)
+
+
+def _restore(params, values) -> None:
+    with torch.no_grad():
+        for p, v in zip((p for g in params for p in g["params"]), values):
+            p.copy_(v)
+
+
+def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, cfg: QuantConfig,
+                    device: torch.device, act_scales: dict | None = None,
+                    act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16) -> list[BlockReport]:
+    """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU."""
+    cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
+    model.config.use_cache = False
+    if cfg.abits < 16:
+        use_quantized_attention(model)
+    q_inps, kwargs = capture_block_inputs(model, adapter, samples, device, cache_dtype)
+    fp_inps = q_inps.clone()
+    ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
+    layers = adapter.layers(model)
+    reports = []
+    bar = tqdm(range(len(layers)), desc="blocks", unit="block")
+    for index in bar:
+        t0 = time.time()
+        block = layers[index]
+        orig_dtype = next(block.parameters()).dtype
+        block.to(device=device, dtype=torch.float32)
+        fp_outs = run_block(block, fp_inps, kwargs, cfg.batch_size, device, ctx)
+        aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.aug_loss and cfg.trains else None
+        prefix = f"{adapter.layers_path}.{index}."
+        bq = BlockQuantizer(block, adapter, model.config, cfg,
+                            _block_stats(act_scales, prefix), _block_stats(act_shifts, prefix))
+        report = BlockReport(index)
+        if cfg.trains:
+            train_block(bq, q_inps, fp_outs, aug, kwargs, cfg, device, ctx, report, f"block {index}")
+        bq.finalize()
+        q_inps = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
+        report.final_mse = F.mse_loss(q_inps.float(), fp_outs.float()).item()
+        fp_inps = fp_outs
+        block.to(device="cpu", dtype=orig_dtype)
+        report.seconds = time.time() - t0
+        reports.append(report)
+        bar.set_postfix(mse=f"{report.final_mse:.3g}")
+        log.info("block %d done in %.1fs: output MSE vs full precision %.6g", index, report.seconds, report.final_mse)
+        del bq, fp_outs, aug
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return reports
+
+
+def _block_stats(stats: dict | None, prefix: str) -> dict | None:
+    if stats is None:
+        return None
+    return {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}

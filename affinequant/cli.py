@@ -1,0 +1,220 @@
+"""The command line: AffineQuant's flags (same names, meanings and defaults), then the run."""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .adapters import get_adapter
+from .calibrate import quantize_blocks
+from .config import ConfigError, QuantConfig
+from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
+from .evaluate import perplexity
+from .modeling import load_model, model_name
+from .stats import collect_act_stats
+from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, save_tensors, seed_everything, \
+    setup_logging, write_json
+
+log = logging.getLogger("affinequant")
+
+NOT_YET = {  # flags whose features are tracked by later issues
+    "use_matrix": "--use_matrix (AffineQuant matrices)",
+    "use_ln_matrix": "--use_ln_matrix (AffineQuant matrices)",
+    "real_quant": "--real_quant (packed export)",
+    "tasks": "--tasks (zero-shot evaluation)",
+    "resume": "--resume",
+    "multigpu": "--multigpu",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py", description="Block-wise post-training quantization "
+                                "(OmniQuant LWC/LET, AffineQuant) of Hugging Face causal LMs.")
+    a = p.add_argument
+    a("--model", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2-135M)")
+    a("--net", default=None, help="short model name for statistics files (default: basename of --model)")
+    a("--output_dir", default="./log/", help="where the log and results JSON go")
+    a("--save_dir", default=None, help="save the quantized model here (Hugging Face format)")
+    a("--resume", default=None, help="resume from saved parameters")
+    a("--real_quant", action="store_true", help="pack weights into real low-bit tensors")
+    a("--calib_dataset", default=None,
+      help="wikitext2 | c4 | ptb | generated | a .txt/.jsonl/.parquet file "
+           "(default: wikitext2 if reachable, else c4, else model-generated text)")
+    a("--data_dir", default=None, help="folder of local data files (also $AFFINEQUANT_DATA)")
+    a("--nsamples", type=int, default=128, help="number of calibration samples")
+    a("--seqlen", type=int, default=2048, help="tokens per calibration sample and perplexity window")
+    a("--batch_size", type=int, default=1, help="calibration batch size")
+    a("--seed", type=int, default=2, help="seed for calibration sampling")
+    a("--eval_ppl", action="store_true", help="evaluate perplexity")
+    a("--ppl_datasets", default="wikitext2,c4", help=f"comma-separated, from {', '.join(PPL_DATASETS)}")
+    a("--no_kl", action="store_true", help="skip the KL/top-1 comparison with the full-precision model "
+                                           "(it keeps a full-precision copy in memory)")
+    a("--tasks", default="", help="lm-eval tasks, comma-separated")
+    a("--num_fewshot", type=int, default=0)
+    a("--limit", type=int, default=-1, help="evaluate only the first N perplexity windows / task examples")
+    a("--wbits", type=int, default=4)
+    a("--abits", type=int, default=16)
+    a("--group_size", type=int, default=None)
+    a("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
+    a("--alpha", type=float, default=0.5, help="SmoothQuant migration strength for the LET init")
+    a("--let_lr", type=float, default=5e-3)
+    a("--lwc_lr", type=float, default=1e-2)
+    a("--wd", type=float, default=0.0)
+    a("--epochs", type=int, default=0, help="0 = round-to-nearest")
+    a("--lwc", action="store_true", help="learnable weight clipping")
+    a("--let", action="store_true", help="learnable equivalent transformation")
+    a("--aug_loss", action="store_true", help="also match the FP block applied to the quantized input")
+    a("--deactive_amp", action="store_true", help="train in float32 without autocast on CUDA")
+    a("--act-scales", dest="act_scales", default=None, help="default ./act_scales/<net>.pt")
+    a("--act-shifts", dest="act_shifts", default=None, help="default ./act_shifts/<net>.pt")
+    a("--multigpu", action="store_true")
+    a("--use_matrix", action="store_true", help="AffineQuant: per-head q/k matrix")
+    a("--use_ln_matrix", action="store_true", help="AffineQuant: matrices after the norms")
+    a("--sf", type=float, default=1.0, help="AffineQuant stability factor of the gradual mask")
+    a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+      help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU)")
+    a("--trust_remote_code", action="store_true", help="let transformers run the model repository's code")
+    return p
+
+
+def config_from_args(args) -> QuantConfig:
+    return QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
+                       lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
+                       wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
+                       seqlen=args.seqlen, aug_loss=args.aug_loss, deactive_amp=args.deactive_amp,
+                       seed=args.seed).validate()
+
+
+def check_group_size(model, adapter, group_size: int | None) -> None:
+    if not group_size:
+        return
+    block = adapter.layers(model)[0]
+    in_features = {name: m.in_features for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    too_small = {n: f for n, f in in_features.items() if f < group_size}
+    if too_small:
+        name, f = next(iter(too_small.items()))
+        raise ConfigError(f"--group_size {group_size} is larger than {name}'s in_features {f}: "
+                          f"use a group size of at most {min(in_features.values())}, or omit --group_size (per channel)")
+    ragged = {n: f for n, f in in_features.items() if f % group_size}
+    if ragged:
+        log.info("group size %d does not divide in_features of %s: as GPTQ does, the last group of each row "
+                 "is shorter (column i is in group i // %d)",
+                 group_size, ", ".join(f"{n} ({f})" for n, f in ragged.items()), group_size)
+
+
+def load_or_collect_stats(args, model, adapter, samples, device, net: str):
+    scales_path = Path(args.act_scales or f"./act_scales/{net}.pt")
+    shifts_path = Path(args.act_shifts or f"./act_shifts/{net}.pt")
+    if args.act_scales and not scales_path.is_file():
+        raise SystemExit(f"--act-scales {scales_path}: no such file. Generate it with "
+                         f"`python generate_act_scale_shift.py --model {args.model or '<model>'}`, "
+                         f"or omit --act-scales to compute the statistics now")
+    if scales_path.is_file() and shifts_path.is_file():
+        scales = load_tensors(scales_path, "activation scales")
+        shifts = load_tensors(shifts_path, "activation shifts")
+        expected = f"{adapter.layers_path}.0.{adapter.norm_groups[0][1][0]}"
+        if expected not in scales or scales[expected].numel() != model.config.hidden_size:
+            raise SystemExit(f"{scales_path} does not hold statistics for this model (no '{expected}' of size "
+                             f"{model.config.hidden_size}): delete it, or pass --act-scales for this model")
+        log.info("LET init from %s and %s", scales_path, shifts_path)
+        return scales, shifts
+    log.info("activation statistics %s not found: computing them on the calibration set", scales_path)
+    scales, shifts = collect_act_stats(model, adapter, samples, device)
+    save_tensors(scales_path, scales)
+    save_tensors(shifts_path, shifts)
+    log.info("wrote %s and %s", scales_path, shifts_path)
+    return scales, shifts
+
+
+def run(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    for flag, what in NOT_YET.items():
+        if getattr(args, flag):
+            parser.error(f"{what} is not implemented yet in this version")
+    setup_logging(args.output_dir)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    data_dir = default_data_dir(args.data_dir)
+    log.info("configuration: %s", cfg.to_dict())
+    model, tokenizer, model_id = load_model(args.model, dtype, args.trust_remote_code)
+    net = args.net or model_name(model_id)
+    try:
+        adapter = get_adapter(model.config)
+        check_group_size(model, adapter, cfg.group_size)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    results: dict = {"model": model_id, "net": net, "config": cfg.to_dict(), "device": str(device)}
+
+    try:
+        samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
+                                                    cfg.seed, data_dir, model)
+    except DataError as exc:
+        raise SystemExit(str(exc)) from exc
+    results["calibration"] = calib_source
+    log.info("calibration: %d x %d tokens from %s", cfg.nsamples, cfg.seqlen, calib_source)
+
+    act_scales = act_shifts = None
+    if cfg.let:
+        act_scales, act_shifts = load_or_collect_stats(args, model, adapter, samples, device, net)
+
+    reference = copy.deepcopy(model) if args.eval_ppl and not args.no_kl else None
+    t0 = time.time()
+    reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
+                              amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    results["calibration_seconds"] = time.time() - t0
+    results["seconds_per_block"] = results["calibration_seconds"] / len(reports)
+    results["calibration_peak_memory_mib"] = peak_memory_mb(device)
+    results["blocks"] = [r.__dict__ for r in reports]
+    if any(r.fell_back_to_rtn for r in reports):
+        results["blocks_fell_back_to_rtn"] = [r.index for r in reports if r.fell_back_to_rtn]
+    log.info("calibration done in %.1fs (%.2fs per block), %s", results["calibration_seconds"],
+             results["seconds_per_block"], memory_report(device))
+
+    if args.eval_ppl:
+        results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen)
+    if args.save_dir:
+        from .export import save_fake_quant
+        save_fake_quant(model, tokenizer, args.save_dir, cfg, results)
+    write_json(Path(args.output_dir) / "results.json", results)
+    log.info("results written to %s", Path(args.output_dir) / "results.json")
+    return results
+
+
+def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen) -> dict:
+    model.to(device)
+    if reference is not None:
+        reference.to(device)
+    out = {}
+    for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
+        try:
+            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
+        except DataError as exc:
+            log.warning("perplexity on %s skipped: %s", name, exc)
+            out[name] = {"skipped": str(exc)}
+            continue
+        res = perplexity(model, tokens, seqlen, device, args.limit if args.limit > 0 else None, reference, desc=name)
+        res["source"] = source
+        out[name] = res
+        extra = (f"  (FP {res['fp_ppl']:.3f}, KL {res['kl']:.4f}, top-1 agreement {res['top1_agreement']:.3f})"
+                 if "kl" in res else "")
+        log.info("%s perplexity %.3f over %d windows%s", name, res["ppl"], res["windows"], extra)
+    model.to("cpu")
+    if reference is not None:
+        reference.to("cpu")
+    return out
+
+
+def main(argv=None) -> None:
+    run(argv)

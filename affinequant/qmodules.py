@@ -1,0 +1,122 @@
+"""The modules that stand in a Hugging Face block while it is quantized.
+
+QuantLinear replaces nn.Linear (same parameter names, so state dicts keep their keys);
+TransformedNorm wraps a norm while its LET scale is being learned; quantized attention is a
+function registered in transformers' attention registry, so the HF attention code runs as is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .quantizer import ActQuantizer, WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight is fake-quantized (WeightQuantizer, with LWC) and whose input is
+    quantized per token. During training, `temp_weight`/`temp_bias` hold the transformed weights
+    (a differentiable function of the LET parameters) and the stored weight stays untouched."""
+
+    def __init__(self, linear: nn.Linear, weight_quantizer: WeightQuantizer | None,
+                 act_quantizer: ActQuantizer | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer
+        self.temp_weight: torch.Tensor | None = None
+        self.temp_bias: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.temp_weight is None else self.temp_weight
+        bias = self.bias if self.temp_bias is None else self.temp_bias
+        if self.weight_quantizer is not None:
+            weight = self.weight_quantizer(weight)
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with the current stored weights (for weight-only models)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight = self.weight
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class TransformedNorm(nn.Module):
+    """norm(x) followed by the LET transform (y - shift) / scale, used only while training.
+    At merge time the transform is folded into the norm's own weight and bias."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.scale: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        if self.shift is not None:
+            y = y - self.shift.to(y.dtype)
+        if self.scale is not None:
+            y = y / self.scale.to(y.dtype)
+        return y
+
+
+class QKVQuantizers(nn.Module):
+    """Per-token, per-head activation quantizers for q, k (after RoPE) and v."""
+
+    def __init__(self, bits: int, symmetric: bool = False):
+        super().__init__()
+        self.q = ActQuantizer(bits, symmetric)
+        self.k = ActQuantizer(bits, symmetric)
+        self.v = ActQuantizer(bits, symmetric)
+
+
+ATTN_IMPLEMENTATION = "affinequant_sdpa"
+
+
+def quantized_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with q/k/v fake-quantized when the attention module carries QKVQuantizers.
+    q and k arrive here after RoPE, in (batch, heads, tokens, head_dim): the quantizer's
+    last-dimension grid is per token and per head."""
+    quantizers = getattr(module, "qkv_quantizers", None)
+    if quantizers is not None:
+        query, key, value = quantizers.q(query), quantizers.k(key), quantizers.v(value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, quantized_sdpa)
+# Without a mask function of the same name transformers would build no causal mask at all.
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def use_quantized_attention(model: nn.Module) -> None:
+    """Route every attention module of `model` through quantized_sdpa."""
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    for sub in model.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and cfg is not model.config and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)

@@ -1,0 +1,122 @@
+"""Uniform min-max fake quantization with learnable weight clipping (LWC).
+
+One formula serves weights and activations:
+    scale = range / levels,  zero = round(-xmin / scale),  q = clamp(round(x / scale) + zero, 0, 2^N - 1)
+    x_hat = (q - zero) * scale
+Rounding uses the straight-through estimator so LWC's clipping factors learn through `scale`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# The scale is clamped away from zero: a constant group (max == min) would otherwise give
+# scale 0 and NaN, as in the reference code's quantizer.
+SCALE_MIN, SCALE_MAX = 1e-5, 1e4
+LWC_INIT = 4.0  # sigmoid(4) ~ 0.982 of the row/group max and min, as OmniQuant
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):
+    """Scale and integer zero point of the grid [0, 2^bits - 1] that covers [xmin, xmax].
+
+    Symmetric follows the GPTQ convention (zero = 2^(bits-1)) so that exports are standard.
+    The zero point is clamped into the grid so it is always representable when packed.
+    """
+    qmax = 2**bits - 1
+    if symmetric:
+        absmax = torch.maximum(xmax.abs(), xmin.abs())
+        scale = (absmax / max(2 ** (bits - 1) - 1, 1)).clamp(SCALE_MIN, SCALE_MAX)
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        zero = (-xmin / scale).round().clamp(0, qmax).detach()
+    return scale, zero
+
+
+def fake_quant(x, scale, zero, bits: int):
+    q = (round_ste(x / scale) + zero).clamp(0, 2**bits - 1)
+    return (q - zero) * scale
+
+
+def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
+    """(out, in) -> (out, n_groups, group_size). Column i belongs to group i // group_size (GPTQ).
+
+    When group_size does not divide in_features the last group is shorter; it is padded with
+    copies of its own last column, which changes neither its min nor its max.
+    Returns the view and the number of padding columns.
+    """
+    out_f, in_f = weight.shape
+    gs = in_f if not group_size else group_size
+    n_groups = math.ceil(in_f / gs)
+    pad = n_groups * gs - in_f
+    if pad:
+        weight = torch.cat([weight, weight[:, -1:].expand(out_f, pad)], dim=1)
+    return weight.reshape(out_f, n_groups, gs), pad
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel or per-group weight quantizer, with optional LWC factors."""
+
+    def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None,
+                 symmetric: bool = False, lwc: bool = False):
+        super().__init__()
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        out_f, in_f = shape
+        n_groups = math.ceil(in_f / group_size) if group_size else 1
+        if lwc:
+            init = torch.full((out_f, n_groups, 1), LWC_INIT)
+            self.upbound_factor = nn.Parameter(init.clone())
+            self.lowbound_factor = nn.Parameter(init.clone())
+        else:
+            self.upbound_factor = self.lowbound_factor = None
+
+    def scale_zero(self, weight: torch.Tensor):
+        """Scale and zero of each (row, group): tensors of shape (out, n_groups, 1)."""
+        w, _ = group_view(weight, self.group_size)
+        xmax = w.amax(dim=-1, keepdim=True)
+        xmin = w.amin(dim=-1, keepdim=True)
+        if self.upbound_factor is not None:
+            xmax = torch.sigmoid(self.upbound_factor) * xmax
+            xmin = torch.sigmoid(self.lowbound_factor) * xmin
+        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.bits >= 16:
+            return weight
+        scale, zero = self.scale_zero(weight)
+        w, pad = group_view(weight, self.group_size)
+        w_hat = fake_quant(w, scale, zero, self.bits).reshape(weight.shape[0], -1)
+        return w_hat[:, : weight.shape[1]] if pad else w_hat
+
+    @torch.no_grad()
+    def integer_codes(self, weight: torch.Tensor):
+        """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer."""
+        scale, zero = self.scale_zero(weight)
+        w, _ = group_view(weight, self.group_size)
+        q = (w / scale).round().add(zero).clamp(0, 2**self.bits - 1)
+        return q.reshape(weight.shape[0], -1)[:, : weight.shape[1]].to(torch.int32), scale[..., 0], zero[..., 0]
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic per-token quantizer: a min-max grid over the last dimension of every token."""
+
+    def __init__(self, bits: int, symmetric: bool = False):
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= 16:
+            return x
+        xmax = x.amax(dim=-1, keepdim=True)
+        xmin = x.amin(dim=-1, keepdim=True)
+        scale, zero = minmax_scale_zero(xmin, xmax, self.bits, self.symmetric)
+        return fake_quant(x, scale, zero, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, per-token dynamic"

@@ -1,0 +1,43 @@
+"""Per-channel activation statistics of every linear's input, used to initialise LET.
+
+act_scales[name] = max |x| over all tokens, per input channel;
+act_shifts[name] = (max + min) / 2 per channel, averaged over samples as an EMA (0.99 old + 0.01 new),
+as the reference's generate_act_scale_shift.py does. Keys are full module names
+(model.layers.0.self_attn.q_proj). Computed block by block, so only one block is ever on the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .calibrate import _block_output, capture_block_inputs
+
+
+@torch.no_grad()
+def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device) -> tuple[dict, dict]:
+    scales: dict[str, torch.Tensor] = {}
+    shifts: dict[str, torch.Tensor] = {}
+    inputs, kwargs = capture_block_inputs(model, adapter, samples, device, torch.float32)
+    for index, block in enumerate(tqdm(adapter.layers(model), desc="activation statistics", unit="block")):
+        orig_dtype = next(block.parameters()).dtype
+        block.to(device=device, dtype=torch.float32)
+        handles = []
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                key = f"{adapter.layers_path}.{index}.{name}"
+
+                def hook(mod, args, key=key):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    absmax = x.abs().amax(0).cpu()
+                    mid = ((x.amax(0) + x.amin(0)) / 2).cpu()
+                    scales[key] = absmax if key not in scales else torch.maximum(scales[key], absmax)
+                    shifts[key] = mid if key not in shifts else 0.99 * shifts[key] + 0.01 * mid
+                handles.append(module.register_forward_pre_hook(hook))
+        for i in range(inputs.shape[0]):
+            inputs[i:i + 1] = _block_output(block(inputs[i:i + 1].to(device), **kwargs)).float().cpu()
+        for h in handles:
+            h.remove()
+        block.to(device="cpu", dtype=orig_dtype)
+    return scales, shifts
