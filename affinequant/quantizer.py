@@ -26,7 +26,8 @@ def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetr
     """Scale and integer zero point of the grid [0, 2^bits - 1] that covers [xmin, xmax].
 
     Symmetric follows the GPTQ convention (zero = 2^(bits-1)) so that exports are standard.
-    The zero point is clamped into the grid so it is always representable when packed.
+    Asymmetric ranges always contain 0, as in GPTQ: the zero point is then an exact code in
+    [0, 2^bits - 1], so a group that does not straddle 0 still packs without wrap-around.
     """
     qmax = 2**bits - 1
     if symmetric:
@@ -34,6 +35,7 @@ def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetr
         scale = (absmax / max(2 ** (bits - 1) - 1, 1)).clamp(SCALE_MIN, SCALE_MAX)
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
         scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
         zero = (-xmin / scale).round().clamp(0, qmax).detach()
     return scale, zero

@@ -1,0 +1,115 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from affinequant import calibrate
+from affinequant.adapters import get_adapter
+from affinequant.calibrate import quantize_blocks
+from affinequant.config import QuantConfig
+from affinequant.qmodules import QuantLinear, use_quantized_attention
+from affinequant.quantizer import WeightQuantizer
+from affinequant.stats import collect_act_stats
+
+from conftest import FAMILIES, tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rtn_weights_equal_minmax_of_original(family, tokens):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    adapter = get_adapter(model.config)
+    quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, group_size=16), CPU)
+    for (name, lin), (_, orig) in zip(adapter.layers(model).named_modules(), adapter.layers(original).named_modules()):
+        if isinstance(orig, torch.nn.Linear):
+            assert type(lin) is torch.nn.Linear, "weight-only models keep plain nn.Linear"
+            expected = WeightQuantizer(tuple(orig.weight.shape), 3, 16)(orig.weight)
+            assert torch.equal(lin.weight, expected), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_attention_keeps_causal_mask(family, tokens):
+    """Routing attention through our registered function, with no quantizer attached, must give
+    exactly the stock logits (a missing mask function would silently drop the causal mask)."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        ref = model(tokens[:2]).logits
+        use_quantized_attention(model)
+        got = model(tokens[:2]).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+    # and a later token cannot change an earlier position's output
+    changed = tokens[:1].clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 96
+    with torch.no_grad():
+        assert torch.allclose(model(changed).logits[0, :-1], got[0, :-1], atol=1e-5)
+
+
+def test_loss_decreases_with_lwc_and_let(tokens):
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    cfg = QuantConfig(wbits=2, abits=16, group_size=16, lwc=True, let=True, epochs=8, nsamples=8, lwc_lr=5e-2)
+    reports = quantize_blocks(model, adapter, tokens, cfg, CPU, scales, shifts)
+    for r in reports:
+        assert len(r.losses) == 8
+        assert r.losses[-1] < 0.95 * r.losses[0], r.losses
+
+
+def test_training_beats_rtn_on_block_output(tokens):
+    base = tiny_model("qwen2")
+    adapter = get_adapter(base.config)
+    rtn = quantize_blocks(copy.deepcopy(base), adapter, tokens, QuantConfig(wbits=2, group_size=16), CPU)
+    lwc = quantize_blocks(copy.deepcopy(base), adapter, tokens,
+                          QuantConfig(wbits=2, group_size=16, lwc=True, epochs=6, lwc_lr=5e-2), CPU)
+    assert lwc[0].final_mse < rtn[0].final_mse
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_w4a4_with_gqa_runs_and_quantizes_activations(family, tokens):
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    with torch.no_grad():
+        ref = model(tokens[:2]).logits
+    quantize_blocks(model, adapter, tokens, QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=2), CPU,
+                    scales, shifts)
+    attn = adapter.layers(model)[0].get_submodule(adapter.attention)
+    assert attn.qkv_quantizers is not None
+    assert all(isinstance(m, QuantLinear) and m.act_quantizer is not None
+               for m in adapter.layers(model).modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        got = model(tokens[:2]).logits
+    assert torch.isfinite(got).all() and not torch.allclose(got, ref)
+
+
+def test_transient_nan_is_rolled_back_and_training_continues(tokens, monkeypatch):
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    calls = {"n": 0}
+    real_mse = F.mse_loss
+
+    def flaky(a, b):
+        calls["n"] += 1
+        loss = real_mse(a, b)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    monkeypatch.setattr(calibrate.F, "mse_loss", flaky)
+    reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=2), CPU)
+    assert reports[0].nan_events == 1 and not reports[0].fell_back_to_rtn
+    assert len(reports[0].losses) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_persistent_nan_falls_back_to_rtn(tokens, monkeypatch):
+    model = tiny_model("llama")
+    rtn_model = copy.deepcopy(model)
+    adapter = get_adapter(model.config)
+    monkeypatch.setattr(calibrate.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("inf"))
+    reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=2), CPU)
+    monkeypatch.undo()
+    quantize_blocks(rtn_model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=0), CPU)
+    assert all(r.fell_back_to_rtn for r in reports)
+    for a, b in zip(model.parameters(), rtn_model.parameters()):
+        assert torch.equal(a, b)

@@ -1,0 +1,87 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from affinequant.quantizer import ActQuantizer, WeightQuantizer
+
+
+def reference_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool) -> np.ndarray:
+    """Min-max round-to-nearest written out element by element, independently of the library."""
+    out = np.empty_like(w)
+    rows, cols = w.shape
+    gs = group or cols
+    qmax = 2**bits - 1
+    for r in range(rows):
+        for start in range(0, cols, gs):
+            g = w[r, start:start + gs]
+            lo, hi = min(g.min(), 0.0), max(g.max(), 0.0)
+            if symmetric:
+                scale = max(max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1), 1e-5)
+                zero = 2 ** (bits - 1)
+            else:
+                scale = max((hi - lo) / qmax, 1e-5)
+                zero = min(max(np.round(-lo / scale), 0), qmax)
+            q = np.clip(np.round(g / scale) + zero, 0, qmax)
+            out[r, start:start + gs] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 16, 24])      # 24 does not divide 40: a shorter last group
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_matches_minmax_formula(bits, group, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(6, 40, dtype=torch.float64)
+    got = WeightQuantizer(tuple(w.shape), bits, group, symmetric)(w).numpy()
+    np.testing.assert_allclose(got, reference_rtn(w.numpy(), bits, group, symmetric), rtol=0, atol=1e-12)
+
+
+def test_ragged_last_group_uses_only_its_own_columns():
+    w = torch.full((1, 10), -100.0)
+    w[0, 8:] = torch.tensor([5.0, 7.0])        # the last group (columns 8, 9) at group size 4
+    q = WeightQuantizer((1, 10), 4, 4)(w)
+    # its own range [0, 7] gives steps of 7/15; mixed with the -100 columns it would be 107/15
+    assert (q[0, 8:] - w[0, 8:]).abs().max() <= 7 / 15 / 2 + 1e-6
+    assert torch.all(q[0, :8] == -100)
+
+
+def test_constant_group_is_finite():
+    w = torch.full((4, 32), 0.25)
+    for sym in (False, True):
+        q = WeightQuantizer((4, 32), 3, 16, sym, lwc=True)(w)
+        assert torch.isfinite(q).all()
+    x = torch.ones(2, 5, 8)
+    assert torch.isfinite(ActQuantizer(4)(x)).all()
+
+
+def test_integer_codes_reproduce_fake_quant():
+    torch.manual_seed(0)
+    w = torch.randn(8, 40)
+    wq = WeightQuantizer((8, 40), 3, 16, lwc=True)
+    with torch.no_grad():
+        wq.upbound_factor.uniform_(-1, 3)
+    codes, scale, zero = wq.integer_codes(w)
+    assert codes.min() >= 0 and codes.max() <= 7
+    group = torch.arange(40) // 16
+    deq = (codes - zero[:, group]) * scale[:, group]
+    assert torch.equal(deq, wq(w).detach())
+
+
+def test_lwc_gradient_flows_and_clips():
+    w = torch.randn(4, 32)
+    wq = WeightQuantizer((4, 32), 2, None, lwc=True)
+    loss = (wq(w) - w).pow(2).sum()
+    loss.backward()
+    assert wq.upbound_factor.grad is not None and wq.upbound_factor.grad.abs().sum() > 0
+    assert math.isclose(torch.sigmoid(wq.upbound_factor[0, 0, 0]).item(), 0.982, abs_tol=1e-3)
+
+
+def test_activation_quantizer_is_per_token():
+    x = torch.stack([torch.linspace(-1, 1, 16), torch.linspace(-100, 100, 16)])[None]
+    q = ActQuantizer(4)(x)
+    # each token gets its own grid: a shared grid would crush the small token to a few levels
+    assert (q[0, 0] - x[0, 0]).abs().max() < 2 / 15
+    assert (q[0, 1] - x[0, 1]).abs().max() < 200 / 15
+    assert torch.equal(ActQuantizer(16)(x), x)
