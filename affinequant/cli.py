@@ -14,7 +14,7 @@ from .calibrate import quantize_blocks
 from .config import ConfigError, QuantConfig
 from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .evaluate import perplexity
-from .modeling import load_model, model_name
+from .modeling import load_config, load_model, model_name, resolve_model_path
 from .stats import collect_act_stats
 from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, save_tensors, seed_everything, \
     setup_logging, write_json
@@ -148,10 +148,14 @@ def run(argv=None) -> dict:
              "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     data_dir = default_data_dir(args.data_dir)
     log.info("configuration: %s", cfg.to_dict())
-    model, tokenizer, model_id = load_model(args.model, dtype, args.trust_remote_code)
+    model_id = resolve_model_path(args.model)
+    try:
+        adapter = get_adapter(load_config(model_id, args.trust_remote_code))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    model, tokenizer, model_id = load_model(model_id, dtype, args.trust_remote_code)
     net = args.net or model_name(model_id)
     try:
-        adapter = get_adapter(model.config)
         check_group_size(model, adapter, cfg.group_size)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -52,12 +52,30 @@ def model_name(path_or_id: str) -> str:
     return name[:-5] if name.endswith(".gguf") else name
 
 
+def resolve_model_path(path_or_id: str | None) -> str:
+    return str(default_model_path()) if path_or_id is None else path_or_id
+
+
+def load_config(path_or_id: str, trust_remote_code: bool = False):
+    """Only the configuration, so a model we cannot handle is refused before its weights load."""
+    from transformers import AutoConfig
+
+    path = Path(path_or_id)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SystemExit(f"--model {path_or_id}: no such GGUF file")
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if not path.exists() and not hub_reachable():
+        raise SystemExit(f"--model {path_or_id}: not a local file or directory, and the Hugging Face hub "
+                         f"is not reachable to download it. Pass a local directory or .gguf file")
+    return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+
+
 def load_model(path_or_id: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer, resolved name). The model is in eval mode, on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    if path_or_id is None:
-        path_or_id = str(default_model_path())
+    path_or_id = resolve_model_path(path_or_id)
     path = Path(path_or_id)
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -45,3 +45,28 @@ FAMILIES = ["llama", "mistral", "qwen2", "opt"]
 def tokens():
     torch.manual_seed(1)
     return torch.randint(0, VOCAB, (8, 32))
+
+
+def save_tiny(path, family: str = "llama"):
+    """A tiny model with a word-level tokenizer, saved as a local Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(
+        "the a of and to in is was for on as with by at from it that this are be has had an or".split())}}
+    vocab.update({chr(97 + i) * 2: len(vocab) for i in range(26)})
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    tiny_model(family).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def write_text(path, n_words: int = 6000, seed: int = 0):
+    import random
+    rng = random.Random(seed)
+    words = "the a of and to in is was for on as with by at from it that this are be".split()
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)))
+    return str(path)

@@ -1,0 +1,121 @@
+"""Every bad input stops before any work with a message that names the problem and the fix."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config
+
+from affinequant.cli import run
+
+from conftest import save_tiny, write_text
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run(argv)
+    return (capsys.readouterr().err + str(exc.value.code)).lower()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def calib(tmp_path):
+    return write_text(tmp_path / "calib.txt")
+
+
+def base(tiny_dir, calib, tmp_path, *extra):
+    return ["--model", tiny_dir, "--calib_dataset", calib, "--nsamples", "4", "--seqlen", "32",
+            "--output_dir", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--wbits", "9"], "--wbits 9 is not supported"),
+    (["--wbits", "1"], "use one of 2..8 or 16"),
+    (["--abits", "12"], "--abits 12 is not supported"),
+    (["--epochs", "3"], "trains nothing without --lwc or --let"),
+    (["--wbits", "16", "--abits", "8", "--lwc"], "drop --lwc"),
+    (["--nsamples", "5", "--batch_size", "2"], "not a multiple"),
+    (["--use_ln_matrix"], "not implemented yet"),
+    (["--real_quant"], "not implemented yet"),
+])
+def test_bad_flags(capsys, tiny_dir, calib, tmp_path, flags, expect):
+    assert expect in _error(capsys, base(tiny_dir, calib, tmp_path, *flags))
+
+
+def test_group_size_larger_than_layer(capsys, tiny_dir, calib, tmp_path):
+    msg = _error(capsys, base(tiny_dir, calib, tmp_path, "--group_size", "128"))
+    assert "larger than" in msg and "in_features 64" in msg and "at most 64" in msg
+
+
+def test_unknown_model_type_lists_supported(capsys, tmp_path, calib):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2ish")
+    msg = _error(capsys, ["--model", str(tmp_path / "gpt2ish"), "--calib_dataset", calib])
+    assert "model_type 'gpt2' is not supported" in msg and "llama, mistral, opt, qwen2" in msg
+
+
+def test_missing_statistics_file(capsys, tiny_dir, calib, tmp_path):
+    msg = _error(capsys, base(tiny_dir, calib, tmp_path, "--let", "--act-scales", str(tmp_path / "nope.pt")))
+    assert "no such file" in msg and "generate_act_scale_shift.py" in msg
+
+
+def test_corrupt_statistics_file(capsys, tiny_dir, calib, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    (tmp_path / "shifts.pt").write_bytes(b"also not")
+    msg = _error(capsys, base(tiny_dir, calib, tmp_path, "--let", "--act-scales", str(bad),
+                              "--act-shifts", str(tmp_path / "shifts.pt")))
+    assert "cannot be read" in msg and "regenerate" in msg
+
+
+def test_statistics_of_another_model_refused(capsys, tiny_dir, calib, tmp_path):
+    torch.save({"model.layers.0.self_attn.q_proj": torch.ones(999)}, tmp_path / "s.pt")
+    torch.save({"model.layers.0.self_attn.q_proj": torch.ones(999)}, tmp_path / "h.pt")
+    msg = _error(capsys, base(tiny_dir, calib, tmp_path, "--let", "--act-scales", str(tmp_path / "s.pt"),
+                              "--act-shifts", str(tmp_path / "h.pt")))
+    assert "does not hold statistics for this model" in msg
+
+
+def test_missing_calibration_file(capsys, tiny_dir, tmp_path):
+    msg = _error(capsys, ["--model", tiny_dir, "--calib_dataset", str(tmp_path / "none.txt")])
+    assert "does not exist" in msg
+
+
+def test_end_to_end_let_lwc_writes_results_and_stats(tiny_dir, calib, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    res = run(base(tiny_dir, calib, tmp_path, "--wbits", "4", "--abits", "8", "--lwc", "--let", "--epochs", "2",
+                   "--group_size", "32"))
+    assert (tmp_path / "act_scales" / "tiny-llama.pt").is_file()
+    written = json.loads((out / "results.json").read_text())
+    assert written["config"]["let"] and len(written["blocks"]) == 2
+    assert all(len(b["losses"]) == 2 for b in written["blocks"])
+    assert res["calibration"].startswith("file:")
+
+
+def test_weight_only_save_reloads_with_stock_transformers(tiny_dir, calib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from affinequant import cli
+    captured = {}
+    real = cli.quantize_blocks
+
+    def keep(model, *a, **k):
+        captured["model"] = model
+        return real(model, *a, **k)
+    cli.quantize_blocks = keep
+    try:
+        run(base(tiny_dir, calib, tmp_path, "--wbits", "3", "--group_size", "16", "--save_dir", str(tmp_path / "q")))
+    finally:
+        cli.quantize_blocks = real
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ids = torch.randint(0, 40, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, captured["model"](ids).logits, atol=1e-5)
+
+
+def test_save_refuses_activation_quantized_model(capsys, tiny_dir, calib, tmp_path):
+    msg = _error(capsys, base(tiny_dir, calib, tmp_path, "--abits", "8", "--save_dir", str(tmp_path / "q")))
+    assert "reload silently without it" in msg
