@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .config import QuantConfig
-from .qmodules import QKVQuantizers, QuantLinear, TransformedNorm, set_submodule, use_quantized_attention
-from .quantizer import ActQuantizer, WeightQuantizer
+from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
+from .quantizer import WeightQuantizer
 from .transforms import LET
 from .utils import memory_report
 
@@ -83,6 +83,7 @@ class BlockReport:
     losses: list[float] = field(default_factory=list)
     final_mse: float = float("nan")
     nan_events: int = 0
+    matrix_health: list[dict] = field(default_factory=list)
     fell_back_to_rtn: bool = False
 
 
@@ -93,23 +94,15 @@ class BlockQuantizer:
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, cfg: QuantConfig,
                  act_scales: dict | None, act_shifts: dict | None):
         self.block, self.adapter, self.cfg = block, adapter, cfg
-        self.linears: dict[str, QuantLinear] = {}
-        for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear):
-                wq = (WeightQuantizer(tuple(module.weight.shape), cfg.wbits, cfg.group_size, cfg.symmetric, cfg.lwc)
-                      if cfg.wbits < 16 else None)
-                aq = ActQuantizer(cfg.abits, cfg.symmetric) if cfg.abits < 16 else None
-                qlinear = QuantLinear(module, wq, aq).to(module.weight.device)
-                set_submodule(block, name, qlinear)
-                self.linears[name] = qlinear
-        if cfg.abits < 16:
-            block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(cfg.abits, cfg.symmetric)
+        self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda w: (
+            WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, cfg.lwc) if cfg.wbits < 16 else None))
         self.let = None
         if cfg.let:
             for norm_name, _ in adapter.norm_groups:
                 set_submodule(block, norm_name, TransformedNorm(block.get_submodule(norm_name)))
             use_shift = adapter.norm_has_bias and cfg.abits < 16   # as OmniQuant: shifts only where a norm bias absorbs them
-            self.let = LET(block, adapter, model_config, cfg.alpha, act_scales, act_shifts, use_shift)
+            self.let = LET(block, adapter, model_config, cfg.alpha, act_scales, act_shifts, use_shift,
+                           ln_matrix=cfg.use_ln_matrix, affine=cfg.affine, qk_matrix=cfg.use_matrix, sf=cfg.stability_factor)
         for p in block.parameters():
             p.requires_grad_(False)
 
@@ -128,13 +121,20 @@ class BlockQuantizer:
         if self.let is not None:
             self.let.apply(self.block, merge=False)
 
+    def start_epoch(self, epoch: int) -> dict:
+        """Unlock this epoch's bands of the AffineQuant masks; returns the matrices' health."""
+        return self.let.set_epoch(epoch, self.cfg.epochs) if self.let is not None else {}
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Merge the transforms, store fake-quantized weights, drop what training needed."""
         if self.let is not None:
+            self.let.set_epoch(self.cfg.epochs - 1, self.cfg.epochs)   # the last epoch's mask
             self.let.apply(self.block, merge=True)
             for norm_name, _ in self.adapter.norm_groups:
-                set_submodule(self.block, norm_name, self.block.get_submodule(norm_name).norm)
+                wrapper = self.block.get_submodule(norm_name)
+                if wrapper.inverse is None:          # folded into the norm: back to the stock module
+                    set_submodule(self.block, norm_name, wrapper.norm)
         for name, qlinear in self.linears.items():
             if qlinear.weight_quantizer is not None:
                 qlinear.weight.data.copy_(qlinear.weight_quantizer(qlinear.weight.float()).to(qlinear.weight.dtype))
@@ -177,6 +177,13 @@ def train_block(bq: BlockQuantizer, q_inps, targets, aug_targets, kwargs, cfg: Q
 
     optimizer = make_optimizer()
     while epoch < cfg.epochs:
+        health = bq.start_epoch(epoch)
+        if health:
+            report.matrix_health.append(health)
+            log.info("%s epoch %d: bands %d/%d, sf %s, %s", progress_desc, epoch, health["ln_bands"],
+                     health["head_bands"], health["sf"],
+                     ", ".join(f"{k} dominance {v['dominance']:.3g} cond {v['cond']:.3g}"
+                               for k, v in health.items() if isinstance(v, dict)))
         good = [p.detach().clone() for g in params for p in g["params"]]
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         t0, total, finite = time.time(), 0.0, True
@@ -229,6 +236,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                     device: torch.device, act_scales: dict | None = None,
                     act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16) -> list[BlockReport]:
     """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU."""
+    cfg.validate()
     cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
     model.config.use_cache = False
     if cfg.abits < 16:

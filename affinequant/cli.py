@@ -14,6 +14,7 @@ from .calibrate import quantize_blocks
 from .config import ConfigError, QuantConfig
 from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .evaluate import perplexity
+from .export import save_quantized
 from .modeling import load_config, load_model, model_name, resolve_model_path
 from .stats import collect_act_stats
 from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, save_tensors, seed_everything, \
@@ -22,8 +23,6 @@ from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, 
 log = logging.getLogger("affinequant")
 
 NOT_YET = {  # flags whose features are tracked by later issues
-    "use_matrix": "--use_matrix (AffineQuant matrices)",
-    "use_ln_matrix": "--use_ln_matrix (AffineQuant matrices)",
     "real_quant": "--real_quant (packed export)",
     "tasks": "--tasks (zero-shot evaluation)",
     "resume": "--resume",
@@ -74,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--multigpu", action="store_true")
     a("--use_matrix", action="store_true", help="AffineQuant: per-head q/k matrix")
     a("--use_ln_matrix", action="store_true", help="AffineQuant: matrices after the norms")
-    a("--sf", type=float, default=1.0, help="AffineQuant stability factor of the gradual mask")
+    a("--sf", type=float, default=None, help="AffineQuant stability factor of the gradual mask "
+                                            "(default: 1e-2 weight-only, 0.1 with activation quantization)")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU)")
@@ -87,6 +87,7 @@ def config_from_args(args) -> QuantConfig:
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
                        seqlen=args.seqlen, aug_loss=args.aug_loss, deactive_amp=args.deactive_amp,
+                       use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,
                        seed=args.seed).validate()
 
 
@@ -189,8 +190,8 @@ def run(argv=None) -> dict:
     if args.eval_ppl:
         results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen)
     if args.save_dir:
-        from .export import save_fake_quant
-        save_fake_quant(model, tokenizer, args.save_dir, cfg, results)
+        results["saved"] = {"path": args.save_dir,
+                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id)}
     write_json(Path(args.output_dir) / "results.json", results)
     log.info("results written to %s", Path(args.output_dir) / "results.json")
     return results

@@ -19,6 +19,9 @@ class QuantConfig:
     lwc: bool = False
     let: bool = False
     alpha: float = 0.5                 # SmoothQuant migration strength for the LET init
+    use_ln_matrix: bool = False        # AffineQuant: d×d matrices after the norms (runtime inverse)
+    use_matrix: bool = False           # AffineQuant: per-head q↔k matrix
+    sf: float | None = None            # stability factor of the gradual mask; None: 1e-2 weight-only, 0.1 with activations
     let_lr: float = 5e-3
     lwc_lr: float = 1e-2
     wd: float = 0.0
@@ -49,9 +52,26 @@ class QuantConfig:
             raise ConfigError(f"--nsamples {self.nsamples} is not a multiple of --batch_size {self.batch_size}")
         if self.epochs > 0 and not (self.lwc or self.let):
             raise ConfigError("--epochs > 0 trains nothing without --lwc or --let: add one, or use --epochs 0 (RTN)")
+        if (self.use_ln_matrix or self.use_matrix) and not self.let:
+            flag = "--use_ln_matrix" if self.use_ln_matrix else "--use_matrix"
+            raise ConfigError(f"{flag} learns AffineQuant's matrices, which extend LET: add --let")
+        if self.sf is not None and not 0.0 < self.sf <= 1.0:
+            raise ConfigError(f"--sf must lie in (0, 1] (got {self.sf}); AffineQuant uses 1e-2 weight-only, 0.1 for W4A4")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
         return self
+
+    @property
+    def stability_factor(self) -> float:
+        """--sf, or AffineQuant's README value: 1e-2 weight-only, 0.1 with activation quantization."""
+        if self.sf is not None:
+            return self.sf
+        return 1e-2 if self.abits >= 16 else 0.1
+
+    @property
+    def affine(self) -> bool:
+        """AffineQuant mode: the v→o transform becomes a per-head matrix as well."""
+        return self.let and (self.use_ln_matrix or self.use_matrix)
 
     @property
     def trains(self) -> bool:

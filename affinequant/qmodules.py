@@ -58,14 +58,26 @@ class QuantLinear(nn.Module):
 
 
 class TransformedNorm(nn.Module):
-    """norm(x) followed by the LET transform (y - shift) / scale, used only while training.
-    At merge time the transform is folded into the norm's own weight and bias."""
+    """norm(x) followed by an equivalent transform: ((y − shift) / scale) · inverse.
 
-    def __init__(self, norm: nn.Module):
+    While training, `scale`/`shift` (LET) or `inverse_train` (AffineQuant) are set every step.
+    After the merge a LET scale is folded into the norm and this wrapper is removed; an
+    AffineQuant matrix cannot be folded into a norm, so its inverse stays here as a buffer,
+    part of the model's state dict, applied at run time (the reference drops it on reload).
+    """
+
+    def __init__(self, norm: nn.Module, hidden_size: int | None = None):
         super().__init__()
         self.norm = norm
         self.scale: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
+        self.inverse_train: torch.Tensor | None = None
+        # None until a matrix is merged; given hidden_size, an empty one for load_state_dict to fill
+        self.register_buffer("inverse", None if hidden_size is None else torch.zeros(hidden_size, hidden_size))
+
+    def set_inverse(self, inverse: torch.Tensor) -> None:
+        self.inverse_train = None
+        self.register_buffer("inverse", inverse.to(torch.float32).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
@@ -73,6 +85,9 @@ class TransformedNorm(nn.Module):
             y = y - self.shift.to(y.dtype)
         if self.scale is not None:
             y = y / self.scale.to(y.dtype)
+        inverse = self.inverse_train if self.inverse_train is not None else self.inverse
+        if inverse is not None:
+            y = (y.float() @ inverse).to(y.dtype)
         return y
 
 
@@ -113,8 +128,20 @@ def use_quantized_attention(model: nn.Module) -> None:
             cfg._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
+def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, weight_quantizer_for) -> dict:
+    """Replace every nn.Linear of `block` by a QuantLinear (weight quantizer from
+    `weight_quantizer_for(weight)`, per-token input quantizer when abits < 16) and give its
+    attention q/k/v quantizers. Used for calibration and again when a saved model is rebuilt."""
+    linears = {}
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            aq = ActQuantizer(abits, symmetric) if abits < 16 else None
+            qlinear = QuantLinear(module, weight_quantizer_for(module.weight), aq).to(module.weight.device)
+            set_submodule(block, name, qlinear)
+            linears[name] = qlinear
+    if abits < 16:
+        block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(abits, symmetric)
+    return linears
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

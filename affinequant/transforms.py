@@ -1,15 +1,22 @@
-"""OmniQuant's learnable equivalent transformation (LET), placed by an adapter's declarations.
+"""Equivalent transformations between a producer and its consumers, placed by an adapter:
+OmniQuant's LET (per-channel scales and shifts) and AffineQuant's invertible matrices.
 
-Every transformed weight is one function of the original weight and the transform parameters:
-    W' = diag(r) · W · diag(c),   b' = r ⊙ (b + W·δ_in − δ_out)
-c/δ_in: the input transform a linear receives from its producer (norm → linears, v → o),
-r/δ_out: the output transform it applies for its consumer (q ↔ k, v → o).
-Training calls `apply(block, merge=False)` (differentiable, stored weights untouched);
-the merge calls `apply(block, merge=True)` once, so training and merge cannot drift apart
-(the reference keeps two hand-written copies, and in OmniQuant's OPT path they did drift).
+Every transformed weight is one function of the original weight and the transform parameters
+(row-vector convention, y = x Wᵀ + b; a consumer receives x' = (x − δ)·T⁻¹):
+    consumer:  W' = W·Tᵀ,   b' = b + W·δ            (T = diag(s) for LET)
+    producer:  W' = R·W,    b' = R·(b − δ_out)      (R = T⁻ᵀ on v for v → o; q ↔ k see below)
+Training calls `apply(block, merge=False)` (differentiable, stored weights untouched); the merge
+calls `apply(block, merge=True)` once, so training and merge cannot drift apart (the reference
+keeps two hand-written copies, and in OmniQuant's OPT path they did drift).
+
+AffineQuant's matrices are A∘M with a banded mask M (1 on the diagonal, sf on unlocked bands,
+0 elsewhere) that unlocks band after band over the epochs; their inverses are computed once per
+step in float32. A matrix after a norm cannot be folded into the norm: it stays a runtime
+matmul by its inverse (TransformedNorm.inverse), saved and loaded with the model.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +25,10 @@ from torch import nn
 from .adapters import Adapter
 from .qmodules import QuantLinear, TransformedNorm
 
+log = logging.getLogger("affinequant")
+
 SCALE_FLOOR = 1e-5
+MAX_CONDITION = 1e4      # beyond this an effective matrix is "heading towards singular": back off
 
 
 def _floor(s: torch.Tensor) -> torch.Tensor:
@@ -26,11 +36,31 @@ def _floor(s: torch.Tensor) -> torch.Tensor:
     return s + (s.clamp(min=SCALE_FLOOR) - s).detach()
 
 
+def mul_cols(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """W·Tᵀ for T a vector (diagonal), a full matrix, or per-head blocks (H, h, h)."""
+    if t.dim() == 1:
+        return weight * t
+    if t.dim() == 2:
+        return weight @ t.T
+    heads, h, _ = t.shape
+    return torch.einsum("oHj,Hij->oHi", weight.view(weight.shape[0], heads, h), t).reshape(weight.shape)
+
+
+def mul_rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """R·W (or R·b for a bias vector) for R a vector, a full matrix, or per-head blocks."""
+    if r.dim() == 1:
+        return x * (r[:, None] if x.dim() == 2 else r)
+    if r.dim() == 2:
+        return r @ x
+    heads, h, _ = r.shape
+    return torch.einsum("Hij,Hj...->Hi...", r, x.reshape(heads, h, *x.shape[1:])).reshape(x.shape)
+
+
 @dataclass
 class LinearTransform:
-    col: torch.Tensor | None = None      # multiplies input columns
+    col: torch.Tensor | None = None      # input transform T (consumer side)
     shift_in: torch.Tensor | None = None
-    row: torch.Tensor | None = None      # multiplies output rows
+    row: torch.Tensor | None = None      # output transform R (producer side)
     shift_out: torch.Tensor | None = None
 
     def weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -41,17 +71,20 @@ class LinearTransform:
         if self.shift_out is not None:
             new_bias = -self.shift_out if new_bias is None else new_bias - self.shift_out
         if self.col is not None:
-            weight = weight * self.col
+            weight = mul_cols(weight, self.col)
         if self.row is not None:
-            weight = weight * self.row[:, None]
+            weight = mul_rows(weight, self.row)
             if new_bias is not None:
-                new_bias = new_bias * self.row
+                new_bias = mul_rows(new_bias, self.row)
         return weight, new_bias
 
 
 def expand_kv(per_kv: torch.Tensor, n_kv: int, n_heads: int) -> torch.Tensor:
-    """(n_kv * head_dim,) -> (n_heads * head_dim,): query head h reads KV head h // (n_heads / n_kv)."""
+    """Per-KV-head values to per-query-head values: query head h reads KV head h // (n_heads / n_kv).
+    Vectors (n_kv·h,) become (n_heads·h,); blocks (n_kv, h, h) become (n_heads, h, h)."""
     groups = n_heads // n_kv
+    if per_kv.dim() == 3:
+        return per_kv.repeat_interleave(groups, dim=0)
     return per_kv.view(n_kv, 1, -1).expand(n_kv, groups, per_kv.numel() // n_kv).reshape(-1)
 
 
@@ -68,67 +101,193 @@ def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return (act.pow(alpha) / w_absmax.float().pow(1 - alpha)).clamp(min=SCALE_FLOOR)
 
 
+def band_count(dim: int, epoch: int, epochs: int) -> int:
+    """Bands unlocked on each side, the diagonal included: k_e = floor((D−1)/(E−1)·e) + 1.
+    Integer arithmetic, so the last epoch unlocks all D bands (the reference's float truncation
+    leaves one locked). One epoch or none: the diagonal only (the reference divides by zero)."""
+    if epochs <= 1:
+        return 1
+    return (dim - 1) * min(epoch, epochs - 1) // (epochs - 1) + 1
+
+
+def band_mask(dim: int, bands: int, sf: float, device) -> torch.Tensor:
+    offset = (torch.arange(dim, device=device)[:, None] - torch.arange(dim, device=device)[None, :]).abs()
+    mask = torch.where(offset < bands, torch.full((), sf, device=device), torch.zeros((), device=device))
+    return mask.fill_diagonal_(1.0)
+
+
+def diagonal_dominance(t: torch.Tensor) -> float:
+    """min_i |T_ii| / Σ_{j≠i} |T_ij| over rows (and blocks): > 1 means strictly dominant, so
+    invertible by the Levy–Desplanques theorem."""
+    diag = t.diagonal(dim1=-2, dim2=-1).abs()
+    off = t.abs().sum(-1) - diag
+    return (diag / off.clamp(min=1e-30)).min().item()
+
+
+def rope_pair_blocks(pairs: torch.Tensor) -> torch.Tensor:
+    """(H, h/2, 2) complex scales c = a + ib per RoPE pair -> (H, h, h) real blocks of
+    multiplication by c on the pair (x_i, x_{i+h/2}). Multiplication by a complex number
+    commutes with RoPE's rotation, so q·c and k/c̄ keep every attention score exactly."""
+    heads, half, _ = pairs.shape
+    a, b = pairs[..., 0], pairs[..., 1]
+    top = torch.cat([torch.diag_embed(a), -torch.diag_embed(b)], dim=-1)
+    bottom = torch.cat([torch.diag_embed(b), torch.diag_embed(a)], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
 class LET(nn.Module):
-    """The LET parameters of one block: a scale (and optional shift) per norm group, a per-KV-channel
-    scale (and shift) between v and o, and a per-head q↔k scale tied across RoPE pairs so that it
-    commutes with the rotation (an exact equivalence, unlike the reference's per-channel one)."""
+    """The equivalent-transformation parameters of one block.
+
+    norm → consumers: a scale per channel (LET), or a d×d matrix with --use_ln_matrix;
+    v → o: a scale per KV channel (LET), or a per-KV-head matrix in AffineQuant mode;
+    q ↔ k: a scale per KV head and RoPE pair (LET), or with --use_matrix a per-head matrix
+    (no RoPE) / a complex scale per RoPE pair (RoPE models: the general transform that commutes
+    with the rotation, so the block's function is preserved exactly).
+    """
 
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, alpha: float,
                  act_scales: dict[str, torch.Tensor], act_shifts: dict[str, torch.Tensor] | None,
-                 use_shift: bool):
+                 use_shift: bool, ln_matrix: bool = False, affine: bool = False, qk_matrix: bool = False,
+                 sf: float = 1.0):
         super().__init__()
         self.adapter = adapter
         self.n_heads, self.n_kv, self.head_dim = adapter.heads(model_config)
+        self.use_shift, self.ln_matrix, self.affine, self.qk_matrix = use_shift, ln_matrix, affine, qk_matrix
+        self.ln_sf = self.head_sf = sf
         dev = next(block.parameters()).device
-        self.norm_scales = nn.ParameterList()
+        self.hidden = block.get_submodule(adapter.norm_groups[0][1][0]).in_features
+        self.norm_params = nn.ParameterList()
         self.norm_shifts = nn.ParameterList()
         for norm_name, consumers in adapter.norm_groups:
             key = consumers[0]
             weights = [block.get_submodule(c).weight.detach().float() for c in consumers]
-            self.norm_scales.append(nn.Parameter(smooth_scale(act_scales[key].to(dev), weights, alpha)))
+            s = smooth_scale(act_scales[key].to(dev), weights, alpha)
+            self.norm_params.append(nn.Parameter(torch.diag(s) if ln_matrix else s))
             if use_shift:
                 self.norm_shifts.append(nn.Parameter(act_shifts[key].to(dev).float().clone()))
         v_name, o_name = adapter.out_pair
         o_weight = block.get_submodule(o_name).weight.detach().float()
         act_o = reduce_to_kv(act_scales[o_name].to(dev).float(), self.n_kv, self.n_heads)
         w_o = reduce_to_kv(o_weight.abs().amax(dim=0), self.n_kv, self.n_heads)
-        self.out_scale = nn.Parameter(smooth_scale(act_o, [w_o[None]], alpha))
+        s_out = smooth_scale(act_o, [w_o[None]], alpha)
+        self.out_param = nn.Parameter(torch.diag_embed(s_out.view(self.n_kv, self.head_dim)) if affine else s_out)
         self.out_shift = None
         if use_shift:
             shift = act_shifts[o_name].to(dev).float()
             self.out_shift = nn.Parameter(shift.view(self.n_kv, -1, self.head_dim).mean(1).reshape(-1).clone())
-        pair_dim = self.head_dim // 2 if adapter.rope else self.head_dim
-        self.qk_scale = nn.Parameter(torch.ones(self.n_kv, pair_dim, device=dev))
-        self.use_shift = use_shift
+        if qk_matrix and adapter.rope:
+            pairs = torch.zeros(self.n_kv, self.head_dim // 2, 2, device=dev)
+            pairs[..., 0] = 1.0
+            self.qk_param = nn.Parameter(pairs)
+        elif qk_matrix:
+            self.qk_param = nn.Parameter(torch.eye(self.head_dim, device=dev).repeat(self.n_kv, 1, 1))
+        else:
+            pair_dim = self.head_dim // 2 if adapter.rope else self.head_dim
+            self.qk_param = nn.Parameter(torch.ones(self.n_kv, pair_dim, device=dev))
+        # masks start at the diagonal; set_epoch unlocks bands
+        self.register_buffer("ln_mask", band_mask(self.hidden, 1, self.ln_sf, dev) if ln_matrix else None,
+                             persistent=False)
+        self.register_buffer("head_mask", band_mask(self.head_dim, 1, self.head_sf, dev), persistent=False)
+        self.ln_bands = self.head_bands = 1
 
-    def qk_channel_scale(self) -> torch.Tensor:
-        s = _floor(self.qk_scale)
-        if self.adapter.rope:
-            s = torch.cat([s, s], dim=-1)   # rotate_half pairs channel i with i + head_dim/2
-        return s.reshape(-1)
+    # ----- the gradual mask -------------------------------------------------------------------
+    def masked_matrices(self, ln_mask=None, head_mask=None) -> list[tuple[str, torch.Tensor]]:
+        ln_mask = self.ln_mask if ln_mask is None else ln_mask
+        head_mask = self.head_mask if head_mask is None else head_mask
+        out = []
+        if self.ln_matrix:
+            out += [(f"norm{i}", p * ln_mask) for i, p in enumerate(self.norm_params)]
+        if self.affine:
+            out.append(("v→o", self.out_param * head_mask))
+        if self.qk_matrix and not self.adapter.rope:
+            out.append(("q↔k", self.qk_param * head_mask))
+        return out
 
+    @torch.no_grad()
+    def set_epoch(self, epoch: int, epochs: int) -> dict:
+        """Unlock the bands of epoch `epoch` of `epochs`. If the matrices would be ill-conditioned
+        under the new mask, halve sf (up to 4 times) and, failing that, hold the unlock."""
+        if not (self.ln_matrix or self.affine):
+            return {}
+        dev = self.head_mask.device
+        want_ln, want_head = band_count(self.hidden, epoch, epochs), band_count(self.head_dim, epoch, epochs)
+        ln_sf, head_sf = self.ln_sf, self.head_sf
+        for attempt in range(5):
+            ln_mask = band_mask(self.hidden, want_ln, ln_sf, dev) if self.ln_matrix else None
+            head_mask = band_mask(self.head_dim, want_head, head_sf, dev)
+            cond = max((torch.linalg.cond(t.float()).max().item() for _, t in
+                        self.masked_matrices(ln_mask, head_mask)), default=1.0)
+            if cond < MAX_CONDITION:
+                break
+            ln_sf, head_sf = ln_sf / 2, head_sf / 2
+        else:
+            log.warning("epoch %d: matrices would be ill-conditioned (cond %.3g): holding the unlock at %d/%d "
+                        "bands", epoch, cond, self.ln_bands, self.head_bands)
+            return self.health()
+        if (ln_sf, head_sf) != (self.ln_sf, self.head_sf):
+            log.warning("epoch %d: condition number too high; stability factor lowered to %.3g / %.3g",
+                        epoch, ln_sf, head_sf)
+        self.ln_sf, self.head_sf = ln_sf, head_sf
+        self.ln_mask, self.head_mask = ln_mask, head_mask
+        self.ln_bands, self.head_bands = want_ln, want_head
+        return self.health()
+
+    @torch.no_grad()
+    def health(self) -> dict:
+        report = {"ln_bands": self.ln_bands, "head_bands": self.head_bands, "sf": [self.ln_sf, self.head_sf]}
+        for name, t in self.masked_matrices():
+            report[name] = {"dominance": diagonal_dominance(t.float()),
+                            "cond": torch.linalg.cond(t.float()).max().item()}
+        return report
+
+    # ----- the transforms ---------------------------------------------------------------------
     def plan(self) -> tuple[dict[str, LinearTransform], dict[str, tuple]]:
-        """The transform of every affected linear, and (scale, shift) of every norm."""
+        """The transform of every affected linear, and (scale, shift, inverse) of every norm.
+        Each matrix is inverted once here, in float32, and reused wherever it is needed."""
         linear: dict[str, LinearTransform] = {}
         norms: dict[str, tuple] = {}
         for i, (norm_name, consumers) in enumerate(self.adapter.norm_groups):
-            scale = _floor(self.norm_scales[i])
             shift = self.norm_shifts[i] if self.use_shift else None
-            norms[norm_name] = (scale, shift)
+            if self.ln_matrix:
+                t = self.norm_params[i] * self.ln_mask
+                norms[norm_name] = (None, shift, torch.linalg.inv(t.float()))
+            else:
+                t = _floor(self.norm_params[i])
+                norms[norm_name] = (t, shift, None)
             for c in consumers:
-                linear[c] = LinearTransform(col=scale, shift_in=shift)
+                linear[c] = LinearTransform(col=t, shift_in=shift)
         v_name, o_name = self.adapter.out_pair
-        out_scale = _floor(self.out_scale)
-        linear[v_name].row = 1.0 / out_scale
+        if self.affine:
+            t_out = self.out_param * self.head_mask                        # (n_kv, h, h)
+            linear[v_name].row = torch.linalg.inv(t_out.float()).transpose(-1, -2)
+        else:
+            t_out = _floor(self.out_param)
+            linear[v_name].row = 1.0 / t_out
         linear[v_name].shift_out = self.out_shift
         linear[o_name] = LinearTransform(
-            col=expand_kv(out_scale, self.n_kv, self.n_heads),
+            col=expand_kv(t_out, self.n_kv, self.n_heads),
             shift_in=None if self.out_shift is None else expand_kv(self.out_shift, self.n_kv, self.n_heads))
         q_name, k_name = self.adapter.qk_pair
-        qk = self.qk_channel_scale()
-        linear[q_name].row = 1.0 / expand_kv(qk, self.n_kv, self.n_heads)
-        linear[k_name].row = qk
+        q_row, k_row = self.qk_rows()
+        linear[q_name].row = expand_kv(q_row, self.n_kv, self.n_heads)
+        linear[k_name].row = k_row
         return linear, norms
+
+    def qk_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output transforms of q and k (per KV head) such that every q·k score is unchanged."""
+        if self.qk_matrix and self.adapter.rope:
+            c = self.qk_param
+            norm2 = (c[..., 0] ** 2 + c[..., 1] ** 2).clamp(min=SCALE_FLOOR)
+            # q·c and k/c̄ = k·c/|c|²: the same rotation of both, and scales |c| and 1/|c|.
+            return rope_pair_blocks(c), rope_pair_blocks(c / norm2[..., None])
+        if self.qk_matrix:
+            t = self.qk_param * self.head_mask
+            return torch.linalg.inv(t.float()).transpose(-1, -2), t           # q·T⁻¹, k·Tᵀ
+        s = _floor(self.qk_param)
+        if self.adapter.rope:
+            s = torch.cat([s, s], dim=-1)   # rotate_half pairs channel i with i + head_dim/2
+        s = s.reshape(-1)
+        return 1.0 / s, s
 
     def apply(self, block: nn.Module, merge: bool) -> None:
         linear_plan, norm_plan = self.plan()
@@ -144,13 +303,24 @@ class LET(nn.Module):
                 module.temp_weight = module.temp_bias = None
             else:
                 module.temp_weight, module.temp_bias = weight, bias
-        for name, (scale, shift) in norm_plan.items():
+        for name, (scale, shift, inverse) in norm_plan.items():
             wrapper: TransformedNorm = block.get_submodule(name)
             if merge:
-                fold_into_norm(wrapper.norm, scale.detach(), None if shift is None else shift.detach())
                 wrapper.scale = wrapper.shift = None
+                if inverse is not None and _is_diagonal(inverse):
+                    scale, inverse = 1.0 / inverse.diagonal(), None   # a diagonal matrix folds like LET
+                if inverse is not None:
+                    if shift is not None:
+                        fold_into_norm(wrapper.norm, torch.ones_like(shift), shift.detach())
+                    wrapper.set_inverse(inverse.detach())
+                else:
+                    fold_into_norm(wrapper.norm, scale.detach(), None if shift is None else shift.detach())
             else:
-                wrapper.scale, wrapper.shift = scale, shift
+                wrapper.scale, wrapper.shift, wrapper.inverse_train = scale, shift, inverse
+
+
+def _is_diagonal(t: torch.Tensor) -> bool:
+    return bool((t - torch.diag_embed(t.diagonal())).abs().max() == 0)
 
 
 @torch.no_grad()

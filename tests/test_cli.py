@@ -38,7 +38,8 @@ def base(tiny_dir, calib, tmp_path, *extra):
     (["--epochs", "3"], "trains nothing without --lwc or --let"),
     (["--wbits", "16", "--abits", "8", "--lwc"], "drop --lwc"),
     (["--nsamples", "5", "--batch_size", "2"], "not a multiple"),
-    (["--use_ln_matrix"], "not implemented yet"),
+    (["--use_ln_matrix"], "add --let"),
+    (["--let", "--use_matrix", "--sf", "2"], "--sf must lie in (0, 1]"),
     (["--real_quant"], "not implemented yet"),
 ])
 def test_bad_flags(capsys, tiny_dir, calib, tmp_path, flags, expect):
@@ -97,7 +98,15 @@ def test_end_to_end_let_lwc_writes_results_and_stats(tiny_dir, calib, tmp_path, 
 
 def test_weight_only_save_reloads_with_stock_transformers(tiny_dir, calib, tmp_path):
     from transformers import AutoModelForCausalLM
+    model = _run_keeping_model(base(tiny_dir, calib, tmp_path, "--wbits", "3", "--group_size", "16",
+                                    "--save_dir", str(tmp_path / "q")))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ids = torch.randint(0, 40, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
 
+
+def _run_keeping_model(argv):
     from affinequant import cli
     captured = {}
     real = cli.quantize_blocks
@@ -107,15 +116,24 @@ def test_weight_only_save_reloads_with_stock_transformers(tiny_dir, calib, tmp_p
         return real(model, *a, **k)
     cli.quantize_blocks = keep
     try:
-        run(base(tiny_dir, calib, tmp_path, "--wbits", "3", "--group_size", "16", "--save_dir", str(tmp_path / "q")))
+        run(argv)
     finally:
         cli.quantize_blocks = real
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    return captured["model"]
+
+
+@pytest.mark.parametrize("flags", [["--abits", "8"], ["--let", "--use_ln_matrix", "--lwc", "--epochs", "2"]])
+def test_runtime_modules_round_trip_and_refuse_stock_loading(tiny_dir, calib, tmp_path, monkeypatch, flags):
+    from transformers import AutoModelForCausalLM
+
+    from affinequant import load_quantized
+    monkeypatch.chdir(tmp_path)
+    model = _run_keeping_model(base(tiny_dir, calib, tmp_path, "--wbits", "4", *flags, "--save_dir", str(tmp_path / "q")))
+    manifest = json.loads((tmp_path / "q" / "affinequant.json").read_text())
+    assert manifest["format"] == "runtime"
+    with pytest.raises(OSError):      # no standard weight file: stock loading fails loudly, not silently wrong
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    reloaded = load_quantized(str(tmp_path / "q"))
     ids = torch.randint(0, 40, (1, 16))
     with torch.no_grad():
-        assert torch.allclose(reloaded(ids).logits, captured["model"](ids).logits, atol=1e-5)
-
-
-def test_save_refuses_activation_quantized_model(capsys, tiny_dir, calib, tmp_path):
-    msg = _error(capsys, base(tiny_dir, calib, tmp_path, "--abits", "8", "--save_dir", str(tmp_path / "q")))
-    assert "reload silently without it" in msg
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

@@ -67,7 +67,7 @@ def test_let_actually_changes_weights(family, tokens):
 
 def test_qk_scale_is_tied_across_rope_pairs(tokens):
     model, adapter, block, bq, *_ = _prepared_block("llama", tokens)
-    s = bq.let.qk_channel_scale().view(bq.let.n_kv, -1)
+    s = bq.let.qk_rows()[1].view(bq.let.n_kv, -1)
     half = s.shape[1] // 2
     assert torch.equal(s[:, :half], s[:, half:])
 

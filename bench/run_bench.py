@@ -1,0 +1,129 @@
+"""Benchmark: FP, RTN, LWC and LWC+LET at W4A16g128, W3A16g128, W2A16g128 and W4A4 on real models.
+
+    python bench/run_bench.py --models smollm2-135m,qwen2.5-coder-0.5b --model_dir /path/to/ggufs
+
+Each configuration runs `main.py` in its own process (so peak memory is per run), writes its
+results JSON under bench/out/, and is skipped when that file already exists (the bench resumes).
+bench/results.json and bench/RESULTS.md are rebuilt from whatever has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+
+SETTINGS = {  # name: flags
+    "W4A16g128": ["--wbits", "4", "--abits", "16", "--group_size", "128"],
+    "W3A16g128": ["--wbits", "3", "--abits", "16", "--group_size", "128"],
+    "W2A16g128": ["--wbits", "2", "--abits", "16", "--group_size", "128"],
+    "W4A4": ["--wbits", "4", "--abits", "4"],
+}
+METHODS = {
+    "RTN": ["--epochs", "0"],
+    "LWC": ["--lwc"],
+    "LWC+LET": ["--lwc", "--let"],
+}
+# The acceptance comparisons first, so a cut-short bench still answers them.
+PRIORITY = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W2A16g128", "RTN"), ("W2A16g128", "LWC"),
+            ("W4A4", "RTN"), ("W4A4", "LWC+LET"), ("W4A16g128", "RTN"), ("W4A16g128", "LWC"),
+            ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"), ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
+
+
+def budget_flags(args) -> list[str]:
+    return ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib_dataset", args.calib_dataset,
+            "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", str(args.windows),
+            "--lwc_lr", str(args.lwc_lr), "--let_lr", str(args.let_lr)]
+
+
+def run_one(args, model: str, setting: str, method: str) -> Path:
+    out = OUT / f"{model}__{setting}__{method}"
+    if (out / "results.json").is_file():
+        return out / "results.json"
+    epochs = [] if method == "RTN" else ["--epochs", str(args.epochs)]
+    cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(Path(args.model_dir) / f"{model}.gguf"),
+           "--output_dir", str(out), *SETTINGS[setting], *METHODS[method], *epochs, *budget_flags(args)]
+    if args.data_dir:
+        cmd += ["--data_dir", args.data_dir]
+    print(f"[bench] {model} {setting} {method}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=open(OUT / f"{out.name}.log", "w"), stderr=subprocess.STDOUT)
+    print(f"[bench]   done in {time.time() - t0:.0f}s", flush=True)
+    return out / "results.json"
+
+
+def collect() -> list[dict]:
+    rows = []
+    for path in sorted(OUT.glob("*/results.json")):
+        model, setting, method = path.parent.name.split("__")
+        res = json.loads(path.read_text())
+        w = res["ppl"]["wikitext2"]
+        rows.append(dict(model=model, setting=setting, method=method, ppl=w["ppl"], fp_ppl=w["fp_ppl"], kl=w["kl"],
+                         top1=w["top1_agreement"], windows=w["windows"], seqlen=w["seqlen"],
+                         sec_per_block=res["seconds_per_block"], peak_mib=res["calibration_peak_memory_mib"],
+                         calibration=res["calibration"], epochs=res["config"]["epochs"],
+                         nsamples=res["config"]["nsamples"]))
+    return rows
+
+
+def write_tables(rows: list[dict], header: str) -> None:
+    (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [header, "",
+             "| model | setting | method | wikitext2 ppl | KL vs FP | top-1 agree | calib s/block | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(["RTN", "LWC", "LWC+LET"])}
+    settings = list(SETTINGS)
+    seen_fp = set()
+    for r in sorted(rows, key=lambda r: (r["model"], settings.index(r["setting"]), order[r["method"]])):
+        if r["model"] not in seen_fp:
+            seen_fp.add(r["model"])
+            lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | {r['fp_ppl']:.2f} | 0 | 1 | – | – |")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['ppl']:.2f} | {r['kl']:.4f} | "
+                     f"{r['top1']:.3f} | {r['sec_per_block']:.1f} | {r['peak_mib']:.0f} |")
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    p.add_argument("--model_dir", default=str(ROOT / "models"), help="folder of <model>.gguf (../shared/models/fetch.sh)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--calib_dataset", default="c4")
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lwc_lr", type=float, default=5e-2)
+    p.add_argument("--let_lr", type=float, default=5e-3)
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--full_grid_models", type=int, default=2,
+                   help="how many of --models also run the non-acceptance settings (the grid is slow on CPU)")
+    p.add_argument("--only", default="", help="comma-separated SETTING:METHOD pairs to run (default: all)")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    todo = PRIORITY if not args.only else [tuple(x.split(":")) for x in args.only.split(",")]
+    header = (f"Budget: {args.nsamples} calibration samples x {args.seqlen} tokens ({args.calib_dataset}), "
+              f"{args.epochs} epochs, lwc_lr {args.lwc_lr}, let_lr {args.let_lr}; WikiText-2 test perplexity over "
+              f"the first {args.windows} windows of {args.seqlen} tokens; KL and top-1 against the FP model on the "
+              f"same windows. CPU, 2 cores, float32. The models are dequantized from GGUF, so the FP weights already "
+              f"lie on a coarse grid (SmolLM2: Q4_1, group 32).")
+    models = args.models.split(",")
+    # the acceptance comparisons on every model first, then the rest of the grid
+    acceptance, rest = todo[:6], todo[6:]
+    for model in models:
+        for setting, method in acceptance:
+            run_one(args, model, setting, method)
+            write_tables(collect(), header)
+    for model in models[: args.full_grid_models]:
+        for setting, method in rest:
+            run_one(args, model, setting, method)
+            write_tables(collect(), header)
+    write_tables(collect(), header)
+
+
+if __name__ == "__main__":
+    main()

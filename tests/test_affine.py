@@ -1,0 +1,108 @@
+"""AffineQuant's matrices: function-preserving before quantization for every matrix kind
+(Llama with GQA, Qwen2, OPT), the gradual-mask schedule, invertibility under the sf used."""
+import copy
+
+import pytest
+import torch
+
+from affinequant.adapters import get_adapter
+from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs, quantize_blocks
+from affinequant.config import QuantConfig
+from affinequant.qmodules import TransformedNorm
+from affinequant.stats import collect_act_stats
+from affinequant.transforms import band_count, band_mask, diagonal_dominance
+
+from conftest import tiny_model
+
+CPU = torch.device("cpu")
+KINDS = {"ln_matrix": dict(use_ln_matrix=True), "qk_matrix": dict(use_matrix=True),
+         "both": dict(use_ln_matrix=True, use_matrix=True)}
+
+
+def _block_with_matrices(family, tokens, epochs=4, **kinds):
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    inputs, kwargs = capture_block_inputs(model, adapter, tokens, CPU, torch.float32)
+    block = copy.deepcopy(adapter.layers(model)[0])
+    with torch.no_grad():
+        reference = _block_output(block(inputs, **kwargs))
+    prefix = f"{adapter.layers_path}.0."
+    strip = lambda d: {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
+    cfg = QuantConfig(wbits=16, abits=8, let=True, epochs=epochs, sf=1.0, **kinds)
+    bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
+    for q in bq.linears.values():
+        q.act_quantizer = None
+    block.get_submodule(adapter.attention).qkv_quantizers = None
+    bq.let.set_epoch(epochs - 1, epochs)            # every band unlocked
+    torch.manual_seed(5)
+    with torch.no_grad():                          # dense, well-conditioned matrices far from diagonal
+        for p in bq.let.parameters():
+            if p.dim() >= 2:
+                p.add_(0.1 * torch.randn_like(p) * p.diagonal(dim1=-2, dim2=-1).abs().mean()
+                       if p.shape[-1] == p.shape[-2] else 0.3 * torch.randn_like(p))
+            else:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 2.0))
+    return block, bq, inputs, kwargs, reference
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_matrices_preserve_block_output(family, kind, tokens):
+    block, bq, inputs, kwargs, reference = _block_with_matrices(family, tokens, **KINDS[kind])
+    assert bq.let.affine                            # v→o is a per-head matrix in AffineQuant mode
+    off_diag = bq.let.out_param - torch.diag_embed(bq.let.out_param.diagonal(dim1=-2, dim2=-1))
+    assert off_diag.abs().max() > 0
+    with torch.no_grad():
+        bq.refresh()
+        trained_view = _block_output(block(inputs, **kwargs))
+        bq.finalize()
+        merged = _block_output(block(inputs, **kwargs))
+    scale = reference.abs().max()
+    assert (trained_view - reference).abs().max() / scale < 1e-4
+    assert (merged - reference).abs().max() / scale < 1e-4
+    runtime = [m for m in block.modules() if isinstance(m, TransformedNorm)]
+    assert len(runtime) == (2 if "ln" in kind or kind == "both" else 0)
+    assert all(m.inverse is not None and "inverse" in dict(m.named_buffers()) for m in runtime)
+
+
+def test_band_schedule():
+    assert [band_count(64, e, 4) for e in range(4)] == [1, 22, 43, 64]
+    assert band_count(4096, 19, 20) == 4096              # integer arithmetic: the last epoch is full
+    assert band_count(64, 0, 1) == 1 and band_count(64, 0, 0) == 1
+    first, last = band_mask(8, band_count(8, 0, 5), 0.1, CPU), band_mask(8, band_count(8, 4, 5), 0.1, CPU)
+    assert torch.equal(first, torch.eye(8))
+    assert torch.equal(last, torch.full((8, 8), 0.1).fill_diagonal_(1.0))
+    mid = band_mask(8, 3, 0.5, CPU)
+    assert mid[0, 2] == 0.5 and mid[0, 3] == 0 and mid[5, 3] == 0.5 and mid[4, 4] == 1
+
+
+@pytest.mark.parametrize("epochs", [0, 1, 3])
+def test_training_keeps_matrices_dominant(tokens, epochs):
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    cfg = QuantConfig(wbits=3, abits=16, lwc=True, let=True, use_ln_matrix=True, epochs=epochs)
+    assert cfg.stability_factor == 1e-2
+    reports = quantize_blocks(model, adapter, tokens, cfg, CPU, scales, shifts)
+    for r in reports:
+        assert len(r.matrix_health) == epochs
+        for h in r.matrix_health:
+            assert all(v["dominance"] > 1 for k, v in h.items() if isinstance(v, dict))
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens[:1]).logits).all()
+    # with no off-diagonal training the matrices stay diagonal and fold into the norms: no runtime op
+    assert any(isinstance(m, TransformedNorm) for m in model.modules()) == (epochs > 1)
+
+
+def test_ill_conditioned_unlock_backs_off(tokens):
+    block, bq, *_ = _block_with_matrices("llama", tokens, epochs=4, use_ln_matrix=True)
+    with torch.no_grad():
+        bq.let.norm_params[0].copy_(torch.ones_like(bq.let.norm_params[0]))   # rank one: singular when unlocked
+    bq.let.ln_sf = bq.let.head_sf = 1.0
+    bq.let.ln_bands = 1
+    bq.let.set_epoch(0, 4)
+    health = bq.let.set_epoch(3, 4)
+    assert health["sf"][0] < 1.0 or health["ln_bands"] < 64
+    assert health["norm0"]["cond"] < 1e4
+    assert diagonal_dominance(torch.eye(3)) > 1
