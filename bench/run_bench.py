@@ -28,15 +28,25 @@ METHODS = {
     "RTN": ["--epochs", "0"],
     "LWC": ["--lwc"],
     "LWC+LET": ["--lwc", "--let"],
+    # AffineQuant's README settings: matrices after the norms weight-only, the q/k matrix for W4A4
+    "AffineQuant": ["--lwc", "--let", "--use_ln_matrix"],
+    "AffineQuant+qk": ["--lwc", "--let", "--use_matrix"],
 }
 # The acceptance comparisons first, so a cut-short bench still answers them.
 PRIORITY = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W2A16g128", "RTN"), ("W2A16g128", "LWC"),
-            ("W4A4", "RTN"), ("W4A4", "LWC+LET"), ("W4A16g128", "RTN"), ("W4A16g128", "LWC"),
+            ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
+            ("W3A16g128", "AffineQuant"), ("W2A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"),
+            ("W4A16g128", "RTN"), ("W4A16g128", "LWC"),
             ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"), ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
 
 
-def budget_flags(args) -> list[str]:
-    return ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib_dataset", args.calib_dataset,
+def nsamples_for(args, model: str) -> int:
+    overrides = dict(kv.split("=") for kv in args.model_nsamples.split(",") if kv)
+    return int(overrides.get(model, args.nsamples))
+
+
+def budget_flags(args, model: str) -> list[str]:
+    return ["--nsamples", str(nsamples_for(args, model)), "--seqlen", str(args.seqlen), "--calib_dataset", args.calib_dataset,
             "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", str(args.windows),
             "--lwc_lr", str(args.lwc_lr), "--let_lr", str(args.let_lr)]
 
@@ -47,7 +57,7 @@ def run_one(args, model: str, setting: str, method: str) -> Path:
         return out / "results.json"
     epochs = [] if method == "RTN" else ["--epochs", str(args.epochs)]
     cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(Path(args.model_dir) / f"{model}.gguf"),
-           "--output_dir", str(out), *SETTINGS[setting], *METHODS[method], *epochs, *budget_flags(args)]
+           "--output_dir", str(out), *SETTINGS[setting], *METHODS[method], *epochs, *budget_flags(args, model)]
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     print(f"[bench] {model} {setting} {method}: {' '.join(cmd[1:])}", flush=True)
@@ -65,7 +75,7 @@ def collect() -> list[dict]:
         w = res["ppl"]["wikitext2"]
         rows.append(dict(model=model, setting=setting, method=method, ppl=w["ppl"], fp_ppl=w["fp_ppl"], kl=w["kl"],
                          top1=w["top1_agreement"], windows=w["windows"], seqlen=w["seqlen"],
-                         sec_per_block=res["seconds_per_block"], peak_mib=res["calibration_peak_memory_mib"],
+                         sec_per_block=res["seconds_per_block"], eval_seconds=w["seconds"], peak_mib=res["calibration_peak_memory_mib"],
                          calibration=res["calibration"], epochs=res["config"]["epochs"],
                          nsamples=res["config"]["nsamples"]))
     return rows
@@ -74,17 +84,19 @@ def collect() -> list[dict]:
 def write_tables(rows: list[dict], header: str) -> None:
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [header, "",
-             "| model | setting | method | wikitext2 ppl | KL vs FP | top-1 agree | calib s/block | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    order = {m: i for i, m in enumerate(["RTN", "LWC", "LWC+LET"])}
+             "| model | setting | method | calib samples | wikitext2 ppl | KL vs FP | top-1 agree | calib s/block | "
+             "eval s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(METHODS)}
     settings = list(SETTINGS)
     seen_fp = set()
     for r in sorted(rows, key=lambda r: (r["model"], settings.index(r["setting"]), order[r["method"]])):
         if r["model"] not in seen_fp:
             seen_fp.add(r["model"])
-            lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | {r['fp_ppl']:.2f} | 0 | 1 | – | – |")
-        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['ppl']:.2f} | {r['kl']:.4f} | "
-                     f"{r['top1']:.3f} | {r['sec_per_block']:.1f} | {r['peak_mib']:.0f} |")
+            lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | – | {r['fp_ppl']:.2f} | 0 | 1 | – | – | – |")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['nsamples']} | {r['ppl']:.2f} | "
+                     f"{r['kl']:.4f} | {r['top1']:.3f} | {r['sec_per_block']:.1f} | {r['eval_seconds']:.0f} | "
+                     f"{r['peak_mib']:.0f} |")
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
@@ -95,6 +107,8 @@ def main():
     p.add_argument("--data_dir", default=None)
     p.add_argument("--calib_dataset", default="c4")
     p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--model_nsamples", default="qwen2.5-coder-0.5b=4",
+                   help="per-model --nsamples overrides, e.g. qwen2.5-coder-0.5b=4 (CPU time)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lwc_lr", type=float, default=5e-2)
@@ -106,14 +120,16 @@ def main():
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     todo = PRIORITY if not args.only else [tuple(x.split(":")) for x in args.only.split(",")]
-    header = (f"Budget: {args.nsamples} calibration samples x {args.seqlen} tokens ({args.calib_dataset}), "
+    header = (f"Budget: {args.nsamples} calibration samples (overrides: {args.model_nsamples or 'none'}) x "
+              f"{args.seqlen} tokens ({args.calib_dataset}), "
               f"{args.epochs} epochs, lwc_lr {args.lwc_lr}, let_lr {args.let_lr}; WikiText-2 test perplexity over "
               f"the first {args.windows} windows of {args.seqlen} tokens; KL and top-1 against the FP model on the "
               f"same windows. CPU, 2 cores, float32. The models are dequantized from GGUF, so the FP weights already "
-              f"lie on a coarse grid (SmolLM2: Q4_1, group 32).")
+              f"lie on a coarse grid (SmolLM2: Q4_1, group 32). Seconds are wall time on a shared machine: compare "
+              f"them within one model's rows only. Eval seconds include the FP reference pass for KL.")
     models = args.models.split(",")
-    # the acceptance comparisons on every model first, then the rest of the grid
-    acceptance, rest = todo[:6], todo[6:]
+    # the acceptance comparisons (OmniQuant and AffineQuant) on every model first, then the rest of the grid
+    acceptance, rest = todo[:9], todo[9:]
     for model in models:
         for setting, method in acceptance:
             run_one(args, model, setting, method)

@@ -70,3 +70,41 @@ def write_text(path, n_words: int = 6000, seed: int = 0):
     words = "the a of and to in is was for on as with by at from it that this are be".split()
     path.write_text(" ".join(rng.choice(words) for _ in range(n_words)))
     return str(path)
+
+
+def prepared_block(family: str, tokens, cfg):
+    """Block 0 of a tiny model wrapped by BlockQuantizer with `cfg`, activation quantizers off,
+    so a transform alone is under test. Returns (block, quantizer, inputs, kwargs, FP output)."""
+    import copy
+
+    from affinequant.adapters import get_adapter
+    from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs
+    from affinequant.stats import collect_act_stats
+
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, torch.device("cpu"))
+    inputs, kwargs = capture_block_inputs(model, adapter, tokens, torch.device("cpu"), torch.float32)
+    block = copy.deepcopy(adapter.layers(model)[0])
+    with torch.no_grad():
+        reference = _block_output(block(inputs, **kwargs))
+    prefix = f"{adapter.layers_path}.0."
+    strip = lambda d: {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
+    bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
+    for q in bq.linears.values():
+        q.act_quantizer = None
+    block.get_submodule(adapter.attention).qkv_quantizers = None
+    return block, bq, inputs, kwargs, reference
+
+
+def assert_transform_exact(block, bq, inputs, kwargs, reference, rtol):
+    """The differentiable (training) view and the merged weights both reproduce the FP block."""
+    from affinequant.calibrate import _block_output
+    with torch.no_grad():
+        bq.refresh()
+        trained_view = _block_output(block(inputs, **kwargs))
+        bq.finalize()
+        merged = _block_output(block(inputs, **kwargs))
+    scale = reference.abs().max()
+    assert (trained_view - reference).abs().max() / scale < rtol
+    assert (merged - reference).abs().max() / scale < rtol

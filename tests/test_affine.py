@@ -1,18 +1,16 @@
 """AffineQuant's matrices: function-preserving before quantization for every matrix kind
 (Llama with GQA, Qwen2, OPT), the gradual-mask schedule, invertibility under the sf used."""
-import copy
-
 import pytest
 import torch
 
 from affinequant.adapters import get_adapter
-from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs, quantize_blocks
+from affinequant.calibrate import quantize_blocks
 from affinequant.config import QuantConfig
 from affinequant.qmodules import TransformedNorm
 from affinequant.stats import collect_act_stats
 from affinequant.transforms import band_count, band_mask, diagonal_dominance
 
-from conftest import tiny_model
+from conftest import assert_transform_exact, prepared_block, tiny_model
 
 CPU = torch.device("cpu")
 KINDS = {"ln_matrix": dict(use_ln_matrix=True), "qk_matrix": dict(use_matrix=True),
@@ -20,20 +18,8 @@ KINDS = {"ln_matrix": dict(use_ln_matrix=True), "qk_matrix": dict(use_matrix=Tru
 
 
 def _block_with_matrices(family, tokens, epochs=4, **kinds):
-    model = tiny_model(family)
-    adapter = get_adapter(model.config)
-    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
-    inputs, kwargs = capture_block_inputs(model, adapter, tokens, CPU, torch.float32)
-    block = copy.deepcopy(adapter.layers(model)[0])
-    with torch.no_grad():
-        reference = _block_output(block(inputs, **kwargs))
-    prefix = f"{adapter.layers_path}.0."
-    strip = lambda d: {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
     cfg = QuantConfig(wbits=16, abits=8, let=True, epochs=epochs, sf=1.0, **kinds)
-    bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
-    for q in bq.linears.values():
-        q.act_quantizer = None
-    block.get_submodule(adapter.attention).qkv_quantizers = None
+    block, bq, inputs, kwargs, reference = prepared_block(family, tokens, cfg)
     bq.let.set_epoch(epochs - 1, epochs)            # every band unlocked
     torch.manual_seed(5)
     with torch.no_grad():                          # dense, well-conditioned matrices far from diagonal
@@ -53,14 +39,7 @@ def test_matrices_preserve_block_output(family, kind, tokens):
     assert bq.let.affine                            # v→o is a per-head matrix in AffineQuant mode
     off_diag = bq.let.out_param - torch.diag_embed(bq.let.out_param.diagonal(dim1=-2, dim2=-1))
     assert off_diag.abs().max() > 0
-    with torch.no_grad():
-        bq.refresh()
-        trained_view = _block_output(block(inputs, **kwargs))
-        bq.finalize()
-        merged = _block_output(block(inputs, **kwargs))
-    scale = reference.abs().max()
-    assert (trained_view - reference).abs().max() / scale < 1e-4
-    assert (merged - reference).abs().max() / scale < 1e-4
+    assert_transform_exact(block, bq, inputs, kwargs, reference, rtol=1e-4)
     runtime = [m for m in block.modules() if isinstance(m, TransformedNorm)]
     assert len(runtime) == (2 if "ln" in kind or kind == "both" else 0)
     assert all(m.inverse is not None and "inverse" in dict(m.named_buffers()) for m in runtime)

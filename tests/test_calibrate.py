@@ -113,3 +113,10 @@ def test_persistent_nan_falls_back_to_rtn(tokens, monkeypatch):
     assert all(r.fell_back_to_rtn for r in reports)
     for a, b in zip(model.parameters(), rtn_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_one_call_api_computes_statistics_for_let(tokens):
+    from affinequant import QuantConfig as Cfg, quantize
+    model = tiny_model("mistral")
+    reports = quantize(model, tokens, Cfg(wbits=4, abits=8, lwc=True, let=True, epochs=1), device="cpu")
+    assert len(reports) == 2 and all(len(r.losses) == 1 for r in reports)
