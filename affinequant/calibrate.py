@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter
 from .config import QuantConfig
 from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
+from .packing import PackedLinear, dequantize
 from .quantizer import WeightQuantizer
 from .transforms import LET
 from .utils import memory_report
@@ -136,9 +137,20 @@ class BlockQuantizer:
                 if wrapper.inverse is None:          # folded into the norm: back to the stock module
                     set_submodule(self.block, norm_name, wrapper.norm)
         for name, qlinear in self.linears.items():
-            if qlinear.weight_quantizer is not None:
-                qlinear.weight.data.copy_(qlinear.weight_quantizer(qlinear.weight.float()).to(qlinear.weight.dtype))
+            wq = qlinear.weight_quantizer
             qlinear.weight_quantizer = None
+            if wq is not None:
+                # Scales are rounded to fp16, as every deployment format stores them, and the weight is
+                # rebuilt by the same `dequantize` a packed layer uses: fake-quant and packed agree bit for bit.
+                codes, scale, zero = wq.integer_codes(qlinear.weight.float())
+                scale = scale.half().float()
+                if self.cfg.real_quant:
+                    bias = None if qlinear.bias is None else qlinear.bias.detach()
+                    packed = PackedLinear.from_codes(codes, scale, zero, wq.bits, wq.group_size, bias,
+                                                     zero_offset=0 if int(zero.min()) < 1 else 1)
+                    set_submodule(self.block, name, packed)
+                    continue
+                qlinear.weight.data.copy_(dequantize(codes, scale, zero, wq.group_size, qlinear.weight.dtype))
             if qlinear.act_quantizer is None:     # weight-only: a plain nn.Linear, loadable by anything
                 set_submodule(self.block, name, qlinear.to_linear())
 

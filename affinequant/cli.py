@@ -23,7 +23,6 @@ from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, 
 log = logging.getLogger("affinequant")
 
 NOT_YET = {  # flags whose features are tracked by later issues
-    "real_quant": "--real_quant (packed export)",
     "tasks": "--tasks (zero-shot evaluation)",
     "resume": "--resume",
     "multigpu": "--multigpu",
@@ -88,6 +87,7 @@ def config_from_args(args) -> QuantConfig:
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
                        seqlen=args.seqlen, aug_loss=args.aug_loss, deactive_amp=args.deactive_amp,
                        use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,
+                       real_quant=args.real_quant,
                        seed=args.seed).validate()
 
 

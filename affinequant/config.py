@@ -32,6 +32,7 @@ class QuantConfig:
     aug_loss: bool = False
     deactive_amp: bool = False
     seed: int = 2
+    real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
 
     def validate(self) -> "QuantConfig":
@@ -41,6 +42,10 @@ class QuantConfig:
             raise ConfigError(f"--abits {self.abits} is not supported: use one of 2..8 or 16 (no activation quantization)")
         if self.group_size is not None and self.group_size <= 0:
             self.group_size = None
+        if self.real_quant and (self.wbits not in (2, 3, 4, 8) or self.abits < 16):
+            raise ConfigError(f"--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models (got --wbits "
+                              f"{self.wbits} --abits {self.abits}): drop --real_quant, or use --abits 16 and one "
+                              f"of those bit-widths")
         if self.wbits >= 16 and self.abits >= 16:
             raise ConfigError("--wbits 16 --abits 16 quantizes nothing: lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:

@@ -1,11 +1,15 @@
-"""Saving and loading quantized models.
+"""Saving and loading quantized models. Three formats, chosen by what the model holds:
 
-A weight-only model without runtime modules holds plain nn.Linear layers with fake-quantized
-weights: it is saved as a standard Hugging Face checkpoint and reloads exactly with stock
-transformers. A model that needs modules a stock class lacks (per-token activation quantizers;
-AffineQuant's runtime inverse after a norm) would reload *silently wrong* with stock classes, so
-it is written without the standard weight file: stock `from_pretrained` fails loudly, and
-`affinequant.load_quantized(path)` rebuilds those modules from the manifest and loads strictly.
+standard  weight-only, fake-quantized floats in plain nn.Linear: a stock Hugging Face checkpoint
+          that reloads exactly with AutoModelForCausalLM.from_pretrained.
+gptq      packed weights (--real_quant) in the GPTQ layout, with config.json's
+          quantization_config (quant_method "gptq"): for transformers + GPTQModel, vLLM, SGLang.
+runtime   anything a stock class lacks (per-token activation quantizers, AffineQuant's runtime
+          inverse after a norm, a bias the architecture does not declare): such a model would
+          reload *silently wrong* with stock classes, so there is no standard weight file, stock
+          from_pretrained fails loudly, and `load_quantized(path)` rebuilds the modules and loads
+          strictly from affinequant.safetensors.
+affinequant.json (the manifest) records the format and everything load_quantized needs.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .adapters import get_adapter
+from .packing import PackedLinear
 from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
 from .utils import atomic_write, write_json
 
@@ -24,48 +29,98 @@ log = logging.getLogger("affinequant")
 
 MANIFEST = "affinequant.json"
 RUNTIME_WEIGHTS = "affinequant.safetensors"
+PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
 def runtime_norms(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, TransformedNorm) and m.inverse is not None]
 
 
+def packed_modules(model) -> dict[str, list]:
+    return {name: [m.bits, m.group_size, m.zero_offset] for name, m in model.named_modules()
+            if isinstance(m, PackedLinear)}
+
+
+def _stock_keys(config) -> set[str]:
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return set(AutoModelForCausalLM.from_config(config).state_dict())
+
+
+def _as_stock_keys(model) -> set[str]:
+    keys = set()
+    for key in model.state_dict():
+        for suffix in PACKED_SUFFIXES:
+            if key.endswith(suffix):
+                key = key[: -len(suffix)] + ".weight"
+        keys.add(key)
+    return keys
+
+
+def gptq_config(packed: dict[str, list], sym: bool) -> dict:
+    (bits, group, _), *_ = packed.values()
+    v2 = any(offset == 0 for _, _, offset in packed.values())
+    return {"quant_method": "gptq", "bits": bits, "group_size": group or -1, "sym": sym, "desc_act": False,
+            "checkpoint_format": "gptq_v2" if v2 else "gptq", "true_sequential": True,
+            "damp_percent": 0.01, "static_groups": False, "quantizer": ["affinequant"]}
+
+
 def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None) -> str:
-    """Write `model` to `save_dir`; returns 'standard' or 'runtime' (the format written)."""
+    """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
-    norms = runtime_norms(model)
-    model.config.use_cache = True
-    attn = model.config._attn_implementation
-    model.config._attn_implementation = "sdpa"
-    manifest = {"format": "runtime" if (act_quant or norms) else "standard", "config": cfg.to_dict(),
-                "model": model_id, "runtime_inverse_norms": norms, "activation_bits": cfg.abits if act_quant else 16,
-                "weights": "fake-quantized (dequantized floats)"}
+    norms, packed = runtime_norms(model), packed_modules(model)
+    extra_keys = sorted(_as_stock_keys(model) - _stock_keys(model.config)) if not (act_quant or norms) else []
+    fmt = "runtime" if (act_quant or norms or extra_keys) else ("gptq" if packed else "standard")
+    manifest = {"format": fmt, "config": cfg.to_dict(), "model": model_id, "runtime_inverse_norms": norms,
+                "activation_bits": cfg.abits if act_quant else 16, "packed": packed,
+                "weights": "packed integer codes (GPTQ layout)" if packed else "fake-quantized (dequantized floats)"}
+    config = model.config
+    saved_attn, saved_cache = config._attn_implementation, config.use_cache
+    config._attn_implementation, config.use_cache = "sdpa", True
     try:
-        if manifest["format"] == "standard":
+        if fmt == "standard":
             model.save_pretrained(save_dir)
             log.info("saved a standard checkpoint to %s (fake-quantized weights; loads with "
                      "AutoModelForCausalLM.from_pretrained)", save_dir)
+        elif fmt == "gptq":
+            qcfg = gptq_config(packed, cfg.symmetric)
+            config_dict = config.to_dict()
+            config_dict["quantization_config"] = qcfg
+            (save_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+            atomic_write(save_dir / "model.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+            ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
+                      and m.in_features % m.group_size]
+            log.info("saved a GPTQ checkpoint (%d-bit, group %s, sym %s, %s) to %s", qcfg["bits"],
+                     qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"], save_dir)
+            if ragged:
+                log.warning("%d layers have in_features not divisible by the group size %s (e.g. %s): their last "
+                            "group is shorter. g_idx describes it exactly and torch kernels run it, but fast "
+                            "kernels (GPTQModel's default CPU kernel, Marlin/Exllama) refuse such layers; load "
+                            "with GPTQModel's BACKEND.TORCH", len(ragged), qcfg["group_size"], ragged[0])
+            if qcfg["checkpoint_format"] == "gptq_v2":
+                log.warning("some zero points are 0, which GPTQ v1 ('zero - 1') cannot store: written as gptq_v2, "
+                            "which GPTQModel loads; vLLM's v1-only kernels do not")
         else:
-            model.config.save_pretrained(save_dir)
+            config.save_pretrained(save_dir)
             atomic_write(save_dir / RUNTIME_WEIGHTS, lambda tmp: save_model(model, tmp))
             what = [w for w, on in (("per-token activation quantizers", act_quant),
-                                    (f"{len(norms)} runtime inverse matrices after norms", norms)) if on]
-            log.warning("the model needs %s, which stock transformers classes lack: saved to %s in affinequant's "
-                        "format. Load it with affinequant.load_quantized(%r); plain from_pretrained refuses it "
-                        "(no model.safetensors) rather than loading it wrong", " and ".join(what), save_dir,
-                        str(save_dir))
+                                    (f"{len(norms)} runtime inverse matrices after norms", norms),
+                                    (f"tensors the stock class lacks ({', '.join(extra_keys[:3])})", extra_keys)) if on]
+            log.warning("the model needs %s: saved to %s in affinequant's format. Load it with "
+                        "affinequant.load_quantized(%r); plain from_pretrained refuses it (no model.safetensors) "
+                        "rather than loading it wrong", " and ".join(what), save_dir, str(save_dir))
     finally:
-        model.config._attn_implementation = attn
+        config._attn_implementation, config.use_cache = saved_attn, saved_cache
     if tokenizer is not None:
         tokenizer.save_pretrained(save_dir)
     write_json(save_dir / MANIFEST, manifest)
-    return manifest["format"]
+    return fmt
 
 
 def load_quantized(path: str, dtype: torch.dtype = torch.float32):
-    """Load a model written by save_quantized, with every runtime module it needs."""
+    """Load a model written by save_quantized, with every module it needs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -76,6 +131,8 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32):
     if manifest["format"] == "standard":
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config      # we rebuild the packed layers ourselves
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     adapter = get_adapter(config)
     bits = manifest["activation_bits"]
@@ -87,10 +144,14 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32):
     for name in manifest["runtime_inverse_norms"]:
         norm = model.get_submodule(name)
         set_submodule(model, name, TransformedNorm(norm, hidden_size=norm.weight.shape[0]))
+    for name, (wbits, group, offset) in manifest.get("packed", {}).items():
+        linear = model.get_submodule(name)
+        set_submodule(model, name, PackedLinear(linear.in_features, linear.out_features, wbits, group,
+                                                linear.bias is not None, offset, dtype))
+    weights = path / (RUNTIME_WEIGHTS if manifest["format"] == "runtime" else "model.safetensors")
     try:
-        missing, unexpected = load_model(model, path / RUNTIME_WEIGHTS, strict=True)
+        load_model(model, weights, strict=True)
     except Exception as exc:
-        raise RuntimeError(f"{path / RUNTIME_WEIGHTS} does not match its manifest or is corrupt ({exc}); "
-                           f"save the model again") from exc
+        raise RuntimeError(f"{weights} does not match its manifest or is corrupt ({exc}); save the model again") from exc
     model.config.use_cache = False
     return model

@@ -7,8 +7,10 @@ import torch
 from affinequant.quantizer import ActQuantizer, WeightQuantizer
 
 
-def reference_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool) -> np.ndarray:
-    """Min-max round-to-nearest written out element by element, independently of the library."""
+def reference_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool, fp16_scales: bool = False) -> np.ndarray:
+    """Min-max round-to-nearest written out element by element, independently of the library.
+    fp16_scales: codes from the exact scale, weights rebuilt with the scale rounded to fp16 (what a
+    checkpoint stores, and what the pipeline's stored weights use)."""
     out = np.empty_like(w)
     rows, cols = w.shape
     gs = group or cols
@@ -24,7 +26,8 @@ def reference_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool) 
                 scale = max((hi - lo) / qmax, 1e-5)
                 zero = min(max(np.round(-lo / scale), 0), qmax)
             q = np.clip(np.round(g / scale) + zero, 0, qmax)
-            out[r, start:start + gs] = (q - zero) * scale
+            stored = np.float32(np.float16(scale)) if fp16_scales else scale
+            out[r, start:start + gs] = (q - zero) * stored
     return out
 
 

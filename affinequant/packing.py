@@ -1,0 +1,115 @@
+"""Real low-bit weights in the GPTQ layout, and the linear layer that runs them.
+
+For an nn.Linear of shape (out, in), quantized per group of `group_size` input columns:
+    qweight  int32 (ceil(in·bits/32), out)   codes packed along the input dim, LSB first
+    qzeros   int32 (n_groups, ceil(out·bits/32))  zero points packed along the output dim;
+             checkpoint_format "gptq" (v1) stores zero − 1, "gptq_v2" stores zero
+    scales   fp16  (n_groups, out)
+    g_idx    int32 (in,)  the group of each input column: i // group_size (a shorter last group
+             where group_size does not divide in)
+The bit stream is contiguous, so 3-bit codes straddle 32-bit words exactly as GPTQ packs them.
+Weights are always dequantized by `dequantize`, for the fake-quantized model and the packed one
+alike, so the two agree bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer codes (n, m) < 2^bits along dim 0 into int32 (ceil(n·bits/32), m)."""
+    n, m = codes.shape
+    words = math.ceil(n * bits / 32)
+    c = codes.to(torch.int64)
+    offset = torch.arange(n, dtype=torch.int64) * bits
+    word, shift = offset // 32, offset % 32
+    out = torch.zeros(words + 1, m, dtype=torch.int64)
+    out.index_add_(0, word, c << shift[:, None])               # disjoint bits: adding is OR-ing
+    spill = (shift + bits) > 32                                 # codes that straddle two words
+    if spill.any():
+        out.index_add_(0, word[spill] + 1, c[spill] >> (32 - shift[spill])[:, None])
+    out = out[:words] & 0xFFFFFFFF
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: int32 (words, m) -> int32 codes (n, m)."""
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    p = torch.cat([p, torch.zeros_like(p[:1])])
+    offset = torch.arange(n, dtype=torch.int64, device=packed.device) * bits
+    word, shift = offset // 32, offset % 32
+    value = (p[word] >> shift[:, None]) | (p[word + 1] << (32 - shift)[:, None])
+    return (value & (2**bits - 1)).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """W = (q − zero[g]) · scale[g] for codes (out, in), scale/zero (out, n_groups)."""
+    in_f = codes.shape[1]
+    g = torch.arange(in_f, device=codes.device) // (group_size or in_f)
+    return ((codes.float() - zero.float()[:, g]) * scale.float()[:, g]).to(dtype).contiguous()
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight is stored packed (GPTQ layout) and unpacked on the fly
+    with torch operations, on any device."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
+                 zero_offset: int = 1, dtype=torch.float16):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size
+        self.zero_offset = zero_offset          # 1 for GPTQ v1 ("zero − 1"), 0 for v2
+        n_groups = math.ceil(in_features / group_size) if group_size else 1
+        self.register_buffer("qweight", torch.zeros(math.ceil(in_features * bits / 32), out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, math.ceil(out_features * bits / 32), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // (group_size or in_features))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.weight_dtype = dtype
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   group_size: int | None, bias: torch.Tensor | None, zero_offset: int = 1) -> "PackedLinear":
+        out_f, in_f = codes.shape
+        if zero_offset == 1 and int(zero.min()) < 1:
+            raise ValueError("a zero point of 0 cannot be stored in GPTQ v1 ('zero − 1'); use checkpoint "
+                             "format gptq_v2 (zero_offset=0)")
+        dtype = bias.dtype if bias is not None else torch.float16
+        layer = cls(in_f, out_f, bits, group_size, bias is not None, zero_offset, dtype)
+        layer.qweight.copy_(pack_bits(codes.T.contiguous(), bits))
+        stored_zero = (zero.T.to(torch.int64) - zero_offset) & (2**bits - 1)
+        layer.qzeros.copy_(pack_bits(stored_zero.T.contiguous(), bits).T.contiguous())
+        layer.scales.copy_(scale.T.to(torch.float16))
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer.to(codes.device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not change the storage format: scales stay fp16 (as in GPTQ files)
+        super()._apply(fn, recurse)
+        self.scales = self.scales.to(torch.float16)
+        return self
+
+    def codes(self) -> torch.Tensor:
+        return unpack_bits(self.qweight, self.bits, self.in_features).T
+
+    def zeros(self) -> torch.Tensor:
+        stored = unpack_bits(self.qzeros.T.contiguous(), self.bits, self.out_features)   # (out, n_groups)
+        return (stored.to(torch.int64) + self.zero_offset).to(torch.int32)
+
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # contiguous: the same memory layout as a dense weight, hence the same matmul kernel and sums
+        return dequantize(self.codes(), self.scales.T, self.zeros(), self.group_size,
+                          dtype or self.weight_dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from affinequant.packing import PackedLinear, dequantize, pack_bits, unpack_bits
+from affinequant.quantizer import WeightQuantizer
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [32, 40, 576, 7])
+def test_pack_unpack_roundtrip(bits, n):
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (n, 5), dtype=torch.int32)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (-(-n * bits // 32), 5)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_three_bit_layout_matches_gptq():
+    """GPTQ packs 3-bit codes as one bit stream: word 0 holds codes 0..9 and the low 2 bits of
+    code 10, word 1 starts with its high bit."""
+    codes = torch.arange(32, dtype=torch.int32)[:, None] % 8
+    words = pack_bits(codes, 3).to(torch.int64) & 0xFFFFFFFF
+    expected0 = sum(int(codes[j]) << (3 * j) for j in range(10)) | ((int(codes[10]) & 3) << 30)
+    assert int(words[0, 0]) == expected0
+    assert int(words[1, 0]) & 1 == (int(codes[10]) >> 2) & 1
+    assert (int(words[1, 0]) >> 1) & 7 == int(codes[11])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 16, 24])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("zero_offset", [1, 0])
+def test_packed_linear_reproduces_fake_quant_bit_for_bit(bits, group, symmetric, zero_offset):
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)
+    w[0] = w[0].abs()                              # an all-positive row: asymmetric zero point 0
+    wq = WeightQuantizer((12, 40), bits, group, symmetric, lwc=True)
+    with torch.no_grad():
+        wq.upbound_factor.uniform_(0, 4)
+    codes, scale, zero = wq.integer_codes(w)
+    scale16 = scale.half().float()
+    fake = dequantize(codes, scale16, zero, group, torch.float32)
+    bias = torch.randn(12)
+    if zero_offset == 1 and int(zero.min()) == 0:
+        with pytest.raises(ValueError, match="gptq_v2"):   # v1 cannot store it: refuse, never wrap around
+            PackedLinear.from_codes(codes, scale16, zero, bits, group, bias, zero_offset)
+        zero_offset = 0
+    packed = PackedLinear.from_codes(codes, scale16, zero, bits, group, bias, zero_offset)
+    assert torch.equal(packed.codes(), codes)
+    assert torch.equal(packed.zeros(), zero.to(torch.int32))
+    assert torch.equal(packed.weight(torch.float32), fake)
+    x = torch.randn(3, 40)
+    assert torch.equal(packed(x), torch.nn.functional.linear(x, fake, bias))
