@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_dir", default=None, help="save the quantized model here (Hugging Face format)")
     a("--resume", default=None, help="resume from saved parameters")
     a("--real_quant", action="store_true", help="pack weights into real low-bit tensors")
+    a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
+      help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
     a("--calib_dataset", default=None,
       help="wikitext2 | c4 | ptb | generated | a .txt/.jsonl/.parquet file "
            "(default: wikitext2 if reachable, else c4, else model-generated text)")
@@ -191,7 +193,7 @@ def run(argv=None) -> dict:
         results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen)
     if args.save_dir:
         results["saved"] = {"path": args.save_dir,
-                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id)}
+                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format)}
     write_json(Path(args.output_dir) / "results.json", results)
     log.info("results written to %s", Path(args.output_dir) / "results.json")
     return results

@@ -57,6 +57,25 @@ def _as_stock_keys(model) -> set[str]:
     return keys
 
 
+GPTQ_FORMATS = ("auto", "gptq", "gptq_v2")
+
+
+def choose_gptq_format(model, symmetric: bool, requested: str = "auto") -> str:
+    """auto: v1 ("gptq", every engine reads it) for symmetric models; v2 for asymmetric ones, because
+    GPTQModel refuses asymmetric v1 files it did not write itself (old AutoGPTQ corrupted their zeros).
+    v1 is impossible when a zero point is 0."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    v1_possible = all(int(m.zeros().min()) >= 1 for m in layers)
+    if requested == "gptq" and not v1_possible:
+        raise SystemExit("--gptq_format gptq: some zero points are 0, which GPTQ v1 ('zero - 1') cannot store; "
+                         "use --gptq_format gptq_v2 or auto")
+    if requested == "auto":
+        requested = "gptq" if symmetric and v1_possible else "gptq_v2"
+    for m in layers:
+        m.set_zero_offset(1 if requested == "gptq" else 0)
+    return requested
+
+
 def gptq_config(packed: dict[str, list], sym: bool) -> dict:
     (bits, group, _), *_ = packed.values()
     v2 = any(offset == 0 for _, _, offset in packed.values())
@@ -65,10 +84,14 @@ def gptq_config(packed: dict[str, list], sym: bool) -> dict:
             "damp_percent": 0.01, "static_groups": False, "quantizer": ["affinequant"]}
 
 
-def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None) -> str:
-    """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime)."""
+def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None,
+                   gptq_format: str = "auto") -> str:
+    """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime).
+    gptq_format: auto | gptq (v1) | gptq_v2, for packed models."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        choose_gptq_format(model, cfg.symmetric, gptq_format)
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
     norms, packed = runtime_norms(model), packed_modules(model)
     extra_keys = sorted(_as_stock_keys(model) - _stock_keys(model.config)) if not (act_quant or norms) else []
@@ -100,8 +123,9 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
                             "kernels (GPTQModel's default CPU kernel, Marlin/Exllama) refuse such layers; load "
                             "with GPTQModel's BACKEND.TORCH", len(ragged), qcfg["group_size"], ragged[0])
             if qcfg["checkpoint_format"] == "gptq_v2":
-                log.warning("some zero points are 0, which GPTQ v1 ('zero - 1') cannot store: written as gptq_v2, "
-                            "which GPTQModel loads; vLLM's v1-only kernels do not")
+                log.warning("written as gptq_v2 (zero points stored as they are), which transformers + GPTQModel "
+                            "load; vLLM reads only v1 for asymmetric and 2/3-bit weights: for vLLM, quantize with "
+                            "--symmetric, or pass --gptq_format gptq")
         else:
             config.save_pretrained(save_dir)
             atomic_write(save_dir / RUNTIME_WEIGHTS, lambda tmp: save_model(model, tmp))

@@ -76,14 +76,10 @@ class PackedLinear(nn.Module):
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                    group_size: int | None, bias: torch.Tensor | None, zero_offset: int = 1) -> "PackedLinear":
         out_f, in_f = codes.shape
-        if zero_offset == 1 and int(zero.min()) < 1:
-            raise ValueError("a zero point of 0 cannot be stored in GPTQ v1 ('zero − 1'); use checkpoint "
-                             "format gptq_v2 (zero_offset=0)")
         dtype = bias.dtype if bias is not None else torch.float16
         layer = cls(in_f, out_f, bits, group_size, bias is not None, zero_offset, dtype)
         layer.qweight.copy_(pack_bits(codes.T.contiguous(), bits))
-        stored_zero = (zero.T.to(torch.int64) - zero_offset) & (2**bits - 1)
-        layer.qzeros.copy_(pack_bits(stored_zero.T.contiguous(), bits).T.contiguous())
+        layer._encode_zeros(zero.to(torch.int32), zero_offset)
         layer.scales.copy_(scale.T.to(torch.float16))
         if bias is not None:
             layer.bias.copy_(bias)
@@ -94,6 +90,21 @@ class PackedLinear(nn.Module):
         super()._apply(fn, recurse)
         self.scales = self.scales.to(torch.float16)
         return self
+
+    @torch.no_grad()
+    def set_zero_offset(self, zero_offset: int) -> None:
+        """Re-encode the stored zero points for GPTQ v1 (zero − 1, offset 1) or v2 (offset 0)."""
+        if zero_offset != self.zero_offset:
+            self._encode_zeros(self.zeros(), zero_offset)
+
+    def _encode_zeros(self, zeros: torch.Tensor, zero_offset: int) -> None:
+        """zeros (out, n_groups) -> qzeros, packed along the output dim."""
+        if zero_offset == 1 and int(zeros.min()) < 1:
+            raise ValueError("a zero point of 0 cannot be stored in GPTQ v1 ('zero − 1'); use checkpoint "
+                             "format gptq_v2 (zero_offset=0)")
+        stored = (zeros.to(torch.int64) - zero_offset) & (2**self.bits - 1)
+        self.qzeros.copy_(pack_bits(stored.contiguous(), self.bits).T.contiguous())
+        self.zero_offset = zero_offset
 
     def codes(self) -> torch.Tensor:
         return unpack_bits(self.qweight, self.bits, self.in_features).T

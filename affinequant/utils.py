@@ -51,7 +51,15 @@ def resolve_device(name: str | None) -> torch.device:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    # VmHWM is this process image's peak resident memory. ru_maxrss would do elsewhere, but on Linux
+    # a child inherits its parent's maxrss across fork, so a small child of a big parent misreports.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -51,3 +51,15 @@ def test_packed_linear_reproduces_fake_quant_bit_for_bit(bits, group, symmetric,
     assert torch.equal(packed.weight(torch.float32), fake)
     x = torch.randn(3, 40)
     assert torch.equal(packed(x), torch.nn.functional.linear(x, fake, bias))
+
+
+def test_zero_offset_reencoding_keeps_weights():
+    torch.manual_seed(1)
+    w = torch.randn(8, 48)
+    codes, scale, zero = WeightQuantizer((8, 48), 3, 16).integer_codes(w)
+    v2 = PackedLinear.from_codes(codes, scale, zero, 3, 16, None, zero_offset=0)
+    before = v2.weight(torch.float32)
+    v2.set_zero_offset(1)
+    assert v2.zero_offset == 1 and torch.equal(v2.weight(torch.float32), before)
+    stored_v1 = unpack_bits(v2.qzeros.T.contiguous(), 3, 8).T
+    assert torch.equal(stored_v1.to(torch.int64), (zero.to(torch.int64).T - 1) & 7)

@@ -1,0 +1,133 @@
+"""Real quantization figures: checkpoint bytes (FP16 vs packed), peak memory of evaluating the FP
+and the packed model, and the speed of the packed linear against the dense one.
+
+    python bench/packing_bench.py --model_dir models --data_dir ../shared/data
+
+Writes bench/packing_results.json and bench/PACKING.md. RTN weights (the packing does not depend
+on how the weights were calibrated). Each peak-memory figure comes from its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def eval_peak(folder: str, data_dir: str, windows: int) -> dict:
+    """Run in a child process: load a saved model, evaluate `windows` WikiText-2 windows of 512."""
+    code = f"""
+import json, resource, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from affinequant.export import load_quantized
+from affinequant.data import eval_tokens
+from affinequant.evaluate import perplexity
+from transformers import AutoTokenizer
+model = load_quantized({folder!r})
+tok = AutoTokenizer.from_pretrained({folder!r})
+tokens, _ = eval_tokens("wikitext2", tok, 512, Path({data_dir!r}))
+res = perplexity(model, tokens, 512, torch.device("cpu"), limit={windows})
+from affinequant.utils import peak_memory_mb
+print(json.dumps({{"ppl": res["ppl"], "seconds": res["seconds"], "peak_rss_mib": peak_memory_mb(torch.device("cpu"))}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def linear_speed(shapes, repeats: int = 20) -> list[dict]:
+    import torch
+    from affinequant.packing import PackedLinear
+    from affinequant.quantizer import WeightQuantizer
+    rows = []
+    torch.manual_seed(0)
+    for in_f, out_f in shapes:
+        dense = torch.nn.Linear(in_f, out_f, bias=False)
+        codes, scale, zero = WeightQuantizer((out_f, in_f), 4, 128).integer_codes(dense.weight)
+        packed = PackedLinear.from_codes(codes, scale.half().float(), zero, 4, 128, None, zero_offset=0)
+        for tokens in (1, 512):
+            x = torch.randn(1, tokens, in_f)
+            timings = {}
+            with torch.no_grad():
+                for name, layer in (("dense", dense), ("packed", packed)):
+                    layer(x)
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        layer(x)
+                    timings[name] = (time.perf_counter() - t0) / repeats
+            rows.append({"in": in_f, "out": out_f, "tokens": tokens, "dense_ms": 1e3 * timings["dense"],
+                         "packed_ms": 1e3 * timings["packed"], "packed_over_dense": timings["packed"] / timings["dense"]})
+    return rows
+
+
+def main():
+    import torch
+    from affinequant.adapters import get_adapter
+    from affinequant.calibrate import quantize_blocks
+    from affinequant.config import QuantConfig
+    from affinequant.export import save_quantized
+    from affinequant.modeling import load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    p.add_argument("--model_dir", default=str(ROOT / "models"))
+    p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--windows", type=int, default=2)
+    args = p.parse_args()
+    results = {"models": {}, "linear_speed": None}
+    for name in args.models.split(","):
+        entry = results["models"][name] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            model, tok, _ = load_model(str(Path(args.model_dir) / f"{name}.gguf"))
+            fp_dir = Path(tmp) / "fp16"
+            model.half().save_pretrained(fp_dir)
+            tok.save_pretrained(fp_dir)
+            (fp_dir / "affinequant.json").write_text(json.dumps({"format": "standard"}))
+            entry["fp16_bytes"] = file_bytes(fp_dir)
+            model.float()
+            samples = torch.randint(0, 1000, (1, 64))
+            for bits in (4, 3, 2):
+                m = copy.deepcopy(model)
+                cfg = QuantConfig(wbits=bits, group_size=128, real_quant=True, nsamples=1, seqlen=64)
+                quantize_blocks(m, get_adapter(m.config), samples, cfg, torch.device("cpu"))
+                out = Path(tmp) / f"w{bits}"
+                m.half()
+                save_quantized(m, tok, str(out), cfg)
+                entry[f"W{bits}g128_bytes"] = file_bytes(out)
+                entry[f"W{bits}g128_over_fp16"] = entry[f"W{bits}g128_bytes"] / entry["fp16_bytes"]
+                if bits == 4:
+                    entry["eval_fp32"] = eval_peak(str(fp_dir), args.data_dir, args.windows)
+                    entry["eval_packed_w4"] = eval_peak(str(out), args.data_dir, args.windows)
+            print(name, json.dumps(entry, indent=1), flush=True)
+    results["linear_speed"] = linear_speed([(576, 1536), (896, 4864), (4096, 4096)])
+    (ROOT / "bench" / "packing_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["Checkpoint bytes (all tensors, embeddings and head stay fp16) and evaluation peak RSS "
+             f"({args.windows} WikiText-2 windows of 512 tokens, float32 compute on CPU, each in its own process).", "",
+             "| model | fp16 MB | W4g128 / fp16 | W3g128 / fp16 | W2g128 / fp16 | eval peak RSS FP MiB | packed W4 MiB | packed/FP RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in results["models"].items():
+        fp, pk = e["eval_fp32"]["peak_rss_mib"], e["eval_packed_w4"]["peak_rss_mib"]
+        lines.append(f"| {name} | {e['fp16_bytes'] / 1e6:.0f} | {e['W4g128_over_fp16']:.3f} | {e['W3g128_over_fp16']:.3f} | "
+                     f"{e['W2g128_over_fp16']:.3f} | {fp:.0f} | {pk:.0f} | {pk / fp:.2f} |")
+    lines += ["", "Packed linear (W4 g128, torch unpack + matmul) against nn.Linear, CPU, same process:", "",
+              "| in → out | tokens | dense ms | packed ms | packed / dense |", "|---|---|---|---|---|"]
+    for r in results["linear_speed"]:
+        lines.append(f"| {r['in']} → {r['out']} | {r['tokens']} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} | "
+                     f"{r['packed_over_dense']:.1f} |")
+    (ROOT / "bench" / "PACKING.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
