@@ -126,11 +126,35 @@ class BlockQuantizer:
         """Unlock this epoch's bands of the AffineQuant masks; returns the matrices' health."""
         return self.let.set_epoch(epoch, self.cfg.epochs) if self.let is not None else {}
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything learned in this block: what a checkpoint stores to rebuild it exactly."""
+        out = {f"lwc.{name}.{side}": getattr(q.weight_quantizer, side) for name, q in self.linears.items()
+               if q.weight_quantizer is not None for side in ("upbound_factor", "lowbound_factor")
+               if getattr(q.weight_quantizer, side) is not None}
+        if self.let is not None:
+            out.update({f"let.{k}": v for k, v in self.let.state_dict().items()})
+            out.update(self.let.mask_state())
+        return out
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state())
+        if set(state) != expected:
+            raise ValueError(f"checkpointed block does not match this configuration: "
+                             f"missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}")
+        for key, value in state.items():
+            if key.startswith("lwc."):
+                name, side = key[4:].rsplit(".", 1)
+                getattr(self.linears[name].weight_quantizer, side).copy_(value)
+        if self.let is not None:
+            self.let.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("let.")})
+            self.let.restore_mask(state)
+
     @torch.no_grad()
     def finalize(self) -> None:
-        """Merge the transforms, store fake-quantized weights, drop what training needed."""
+        """Merge the transforms (with the mask training ended on), store fake-quantized weights,
+        drop what training needed."""
         if self.let is not None:
-            self.let.set_epoch(self.cfg.epochs - 1, self.cfg.epochs)   # the last epoch's mask
             self.let.apply(self.block, merge=True)
             for norm_name, _ in self.adapter.norm_groups:
                 wrapper = self.block.get_submodule(norm_name)
@@ -246,8 +270,11 @@ def _restore(params, values) -> None:
 
 def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, cfg: QuantConfig,
                     device: torch.device, act_scales: dict | None = None,
-                    act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16) -> list[BlockReport]:
-    """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU."""
+                    act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16,
+                    checkpoint=None) -> list[BlockReport]:
+    """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU.
+    With a CalibrationCheckpoint, each block's learned parameters are saved once it is done, and
+    blocks already in it are rebuilt from their parameters instead of trained."""
     cfg.validate()
     cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
     model.config.use_cache = False
@@ -270,8 +297,18 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         bq = BlockQuantizer(block, adapter, model.config, cfg,
                             _block_stats(act_scales, prefix), _block_stats(act_shifts, prefix))
         report = BlockReport(index)
-        if cfg.trains:
-            train_block(bq, q_inps, fp_outs, aug, kwargs, cfg, device, ctx, report, f"block {index}")
+        if checkpoint is not None and checkpoint.done(index):
+            state, saved = checkpoint.load(index)
+            bq.load_state({k: v.to(device) for k, v in state.items()})
+            report.losses, report.nan_events = saved.get("losses", []), saved.get("nan_events", 0)
+            report.fell_back_to_rtn = saved.get("fell_back_to_rtn", False)
+            log.info("block %d: parameters restored from %s", index, checkpoint.path(index))
+        else:
+            if cfg.trains:
+                train_block(bq, q_inps, fp_outs, aug, kwargs, cfg, device, ctx, report, f"block {index}")
+            if checkpoint is not None:
+                checkpoint.save(index, bq.state(), {"losses": report.losses, "nan_events": report.nan_events,
+                                                    "fell_back_to_rtn": report.fell_back_to_rtn})
         bq.finalize()
         q_inps = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
         report.final_mse = F.mse_loss(q_inps.float(), fp_outs.float()).item()

@@ -11,6 +11,7 @@ import torch
 
 from .adapters import get_adapter
 from .calibrate import quantize_blocks
+from .checkpoint import CalibrationCheckpoint
 from .config import ConfigError, QuantConfig
 from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .evaluate import perplexity
@@ -24,7 +25,6 @@ log = logging.getLogger("affinequant")
 
 NOT_YET = {  # flags whose features are tracked by later issues
     "tasks": "--tasks (zero-shot evaluation)",
-    "resume": "--resume",
     "multigpu": "--multigpu",
 }
 
@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--net", default=None, help="short model name for statistics files (default: basename of --model)")
     a("--output_dir", default="./log/", help="where the log and results JSON go")
     a("--save_dir", default=None, help="save the quantized model here (Hugging Face format)")
-    a("--resume", default=None, help="resume from saved parameters")
+    a("--resume", nargs="?", const="", default=None, metavar="DIR",
+      help="continue an interrupted calibration from its checkpoint (default DIR: <output_dir>/checkpoint); "
+           "with --epochs 0, rebuild a finished run from its parameters")
     a("--real_quant", action="store_true", help="pack weights into real low-bit tensors")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
@@ -177,9 +179,12 @@ def run(argv=None) -> dict:
         act_scales, act_shifts = load_or_collect_stats(args, model, adapter, samples, device, net)
 
     reference = copy.deepcopy(model) if args.eval_ppl and not args.no_kl else None
+    checkpoint = CalibrationCheckpoint(args.resume or Path(args.output_dir) / "checkpoint", cfg.to_dict(), model_id,
+                                       calib_source, len(adapter.layers(model)), resume=args.resume is not None)
     t0 = time.time()
     reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
-                              amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+                              amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16,
+                              checkpoint=checkpoint)
     results["calibration_seconds"] = time.time() - t0
     results["seconds_per_block"] = results["calibration_seconds"] / len(reports)
     results["calibration_peak_memory_mib"] = peak_memory_mb(device)

@@ -232,6 +232,19 @@ class LET(nn.Module):
         self.ln_bands, self.head_bands = want_ln, want_head
         return self.health()
 
+    def mask_state(self) -> dict[str, torch.Tensor]:
+        return {"mask.ln_bands": torch.tensor(self.ln_bands), "mask.head_bands": torch.tensor(self.head_bands),
+                "mask.ln_sf": torch.tensor(self.ln_sf, dtype=torch.float64),
+                "mask.head_sf": torch.tensor(self.head_sf, dtype=torch.float64)}
+
+    def restore_mask(self, state: dict[str, torch.Tensor]) -> None:
+        dev = self.head_mask.device
+        self.ln_bands, self.head_bands = int(state["mask.ln_bands"]), int(state["mask.head_bands"])
+        self.ln_sf, self.head_sf = float(state["mask.ln_sf"]), float(state["mask.head_sf"])
+        if self.ln_matrix:
+            self.ln_mask = band_mask(self.hidden, self.ln_bands, self.ln_sf, dev)
+        self.head_mask = band_mask(self.head_dim, self.head_bands, self.head_sf, dev)
+
     @torch.no_grad()
     def health(self) -> dict:
         report = {"ln_bands": self.ln_bands, "head_bands": self.head_bands, "sf": [self.ln_sf, self.head_sf]}

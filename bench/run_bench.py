@@ -33,9 +33,9 @@ METHODS = {
     "AffineQuant+qk": ["--lwc", "--let", "--use_matrix"],
 }
 # The acceptance comparisons first, so a cut-short bench still answers them.
-PRIORITY = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W2A16g128", "RTN"), ("W2A16g128", "LWC"),
-            ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
-            ("W3A16g128", "AffineQuant"), ("W2A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"),
+PRIORITY = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
+            ("W3A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"),
+            ("W2A16g128", "RTN"), ("W2A16g128", "LWC"), ("W2A16g128", "AffineQuant"),
             ("W4A16g128", "RTN"), ("W4A16g128", "LWC"),
             ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"), ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
 

@@ -1,0 +1,99 @@
+"""Resumable calibration: the learned parameters of each finished block in a file of its own,
+written atomically, plus a manifest of the run's configuration.
+
+    <dir>/manifest.json       configuration, model, calibration source, blocks finished
+    <dir>/block_0007.safetensors
+
+A run killed at any moment and started again with --resume replays the finished blocks from their
+files (no training, same merge, same propagation) and continues at the first unfinished one, so
+it ends with the same model as an uninterrupted run. Files are never rewritten: the work per block
+is constant (the reference rewrites every earlier block's parameters after each block).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .utils import atomic_write, write_json
+
+log = logging.getLogger("affinequant")
+
+# What the stored parameters mean: these must match for any resume.
+STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "lwc", "let", "use_ln_matrix", "use_matrix")
+# What produced them: these must match too when training continues (epochs > 0).
+TRAINING = ("alpha", "let_lr", "lwc_lr", "wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "seed", "sf")
+
+
+class CheckpointError(SystemExit):
+    pass
+
+
+class CalibrationCheckpoint:
+    def __init__(self, directory: str | Path, config: dict, model: str, calibration: str, n_blocks: int,
+                 resume: bool):
+        self.dir = Path(directory)
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest = {"config": config, "model": model, "calibration": calibration, "n_blocks": n_blocks,
+                         "finished": []}
+        if resume:
+            self._check_compatible(config, model, n_blocks)
+        elif self.manifest_path.is_file():
+            log.warning("%s holds a calibration checkpoint from an earlier run: starting afresh and replacing it "
+                        "(pass --resume to continue it instead)", self.dir)
+            for old in self.dir.glob("block_*.safetensors"):
+                old.unlink()
+        self._write_manifest()
+
+    def _check_compatible(self, config: dict, model: str, n_blocks: int) -> None:
+        if not self.manifest_path.is_file():
+            raise CheckpointError(f"--resume: no calibration checkpoint in {self.dir} (no manifest.json); "
+                                  f"run without --resume to start one")
+        try:
+            saved = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"--resume: {self.manifest_path} is corrupt ({exc}); delete {self.dir} and "
+                                  f"start again") from exc
+        keys = STRUCTURE + (TRAINING if config.get("epochs", 0) > 0 else ())
+        diff = {k: (saved["config"].get(k), config.get(k)) for k in keys if saved["config"].get(k) != config.get(k)}
+        if saved.get("n_blocks") != n_blocks:
+            diff["blocks"] = (saved.get("n_blocks"), n_blocks)
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"--resume: the checkpoint in {self.dir} comes from another configuration "
+                                  f"({detail}). Resume with the same flags (or --epochs 0 to rebuild without "
+                                  f"training), or use another --output_dir")
+        if saved.get("model") != model:
+            log.warning("--resume: checkpoint made from %s, resuming with %s", saved.get("model"), model)
+        self.manifest["finished"] = sorted(saved.get("finished", []))
+        log.info("--resume: %d of %d blocks finished in %s", len(self.manifest["finished"]), n_blocks, self.dir)
+
+    def _write_manifest(self) -> None:
+        write_json(self.manifest_path, self.manifest)
+
+    def path(self, index: int) -> Path:
+        return self.dir / f"block_{index:04d}.safetensors"
+
+    def done(self, index: int) -> bool:
+        return index in self.manifest["finished"]
+
+    def save(self, index: int, state: dict[str, torch.Tensor], report: dict) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp, metadata={"report": json.dumps(report)}))
+        self.manifest["finished"] = sorted(set(self.manifest["finished"]) | {index})
+        self._write_manifest()       # after the block file: a crash between the two only loses this block
+
+    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
+        path = self.path(index)
+        try:
+            tensors = load_file(path)
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                report = json.loads((f.metadata() or {}).get("report", "{}"))
+        except Exception as exc:
+            raise CheckpointError(f"--resume: {path} is corrupt or unreadable ({exc}); delete it (and its index "
+                                  f"from {self.manifest_path}'s 'finished') to recalibrate that block") from exc
+        return tensors, report
