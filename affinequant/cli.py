@@ -25,7 +25,6 @@ log = logging.getLogger("affinequant")
 
 NOT_YET = {  # flags whose features are tracked by later issues
     "tasks": "--tasks (zero-shot evaluation)",
-    "multigpu": "--multigpu",
 }
 
 
@@ -149,6 +148,9 @@ def run(argv=None) -> dict:
     setup_logging(args.output_dir)
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    if args.multigpu and torch.cuda.device_count() < 2:
+        log.warning("--multigpu: %d CUDA device(s) visible, nothing to spread: running on %s",
+                    torch.cuda.device_count(), device)
     dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     data_dir = default_data_dir(args.data_dir)
@@ -182,9 +184,16 @@ def run(argv=None) -> dict:
     checkpoint = CalibrationCheckpoint(args.resume or Path(args.output_dir) / "checkpoint", cfg.to_dict(), model_id,
                                        calib_source, len(adapter.layers(model)), resume=args.resume is not None)
     t0 = time.time()
-    reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
-                              amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16,
-                              checkpoint=checkpoint)
+    try:
+        reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
+                                  amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16,
+                                  checkpoint=checkpoint)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise SystemExit(f"out of memory during calibration ({type(exc).__name__}). The activation caches hold "
+                         f"3-4 copies of nsamples x seqlen x hidden: lower --nsamples ({cfg.nsamples}) or --seqlen "
+                         f"({cfg.seqlen}), keep --batch_size 1, drop --aug_loss (one cache less), and on CUDA keep "
+                         f"autocast on (no --deactive_amp). Finished blocks are checkpointed: rerun with --resume "
+                         f"to continue from them") from exc
     results["calibration_seconds"] = time.time() - t0
     results["seconds_per_block"] = results["calibration_seconds"] / len(reports)
     results["calibration_peak_memory_mib"] = peak_memory_mb(device)
@@ -195,7 +204,7 @@ def run(argv=None) -> dict:
              results["seconds_per_block"], memory_report(device))
 
     if args.eval_ppl:
-        results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen)
+        results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen, adapter)
     if args.save_dir:
         results["saved"] = {"path": args.save_dir,
                             "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format)}
@@ -204,10 +213,22 @@ def run(argv=None) -> dict:
     return results
 
 
-def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen) -> dict:
-    model.to(device)
+def place_for_eval(model, device, multigpu: bool, adapter) -> None:
+    """Put the model on `device`, or with --multigpu spread its blocks over every visible GPU."""
+    if multigpu and torch.cuda.device_count() > 1:
+        from accelerate import dispatch_model, infer_auto_device_map
+        block_class = type(adapter.layers(model)[0]).__name__
+        device_map = infer_auto_device_map(model, no_split_module_classes=[block_class])
+        dispatch_model(model, device_map=device_map)
+        log.info("--multigpu: model placed over %d GPUs", torch.cuda.device_count())
+    else:
+        model.to(device)
+
+
+def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, adapter) -> dict:
+    place_for_eval(model, device, args.multigpu, adapter)
     if reference is not None:
-        reference.to(device)
+        place_for_eval(reference, device, args.multigpu, adapter)
     out = {}
     for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
         try:

@@ -172,3 +172,22 @@ def test_packed_model_equals_fake_quant_model(tiny_dir, calib, tmp_path, monkeyp
     ids = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
         assert torch.equal(fake(ids).logits, packed(ids).logits)
+
+
+def test_out_of_memory_names_the_flags_that_help(tiny_dir, calib, tmp_path, monkeypatch):
+    from affinequant import cli
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(cli, "quantize_blocks", oom)
+    with pytest.raises(SystemExit) as exc:
+        run(base(tiny_dir, calib, tmp_path, "--lwc", "--epochs", "1"))
+    msg = str(exc.value)
+    assert "out of memory" in msg and "--nsamples" in msg and "--seqlen" in msg and "--resume" in msg
+
+
+def test_multigpu_without_gpus_says_so_and_runs(tiny_dir, calib, tmp_path, capsys):
+    res = run(base(tiny_dir, calib, tmp_path, "--multigpu", "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "1",
+                   "--seqlen", "32"))
+    assert "nothing to spread" in capsys.readouterr().out
+    assert "blocks" in res
