@@ -17,6 +17,7 @@ setup(
         "pandas",
         "pyarrow",
         "datasets",
+        "lm_eval>=0.4,<0.5",
     ],
     extras_require={"test": ["pytest"]},
     py_modules=[],

@@ -23,11 +23,6 @@ from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, 
 
 log = logging.getLogger("affinequant")
 
-NOT_YET = {  # flags whose features are tracked by later issues
-    "tasks": "--tasks (zero-shot evaluation)",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main.py", description="Block-wise post-training quantization "
                                 "(OmniQuant LWC/LET, AffineQuant) of Hugging Face causal LMs.")
@@ -55,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no_kl", action="store_true", help="skip the KL/top-1 comparison with the full-precision model "
                                            "(it keeps a full-precision copy in memory)")
     a("--tasks", default="", help="lm-eval tasks, comma-separated")
-    a("--num_fewshot", type=int, default=0)
+    a("--num_fewshot", type=int, default=None, help="default: 0, and 5 for MMLU (hendrycksTest) as AffineQuant")
+    a("--eval_batch_size", type=int, default=8, help="batch size of lm-eval requests")
     a("--limit", type=int, default=-1, help="evaluate only the first N perplexity windows / task examples")
     a("--wbits", type=int, default=4)
     a("--abits", type=int, default=16)
@@ -142,9 +138,6 @@ def run(argv=None) -> dict:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    for flag, what in NOT_YET.items():
-        if getattr(args, flag):
-            parser.error(f"{what} is not implemented yet in this version")
     setup_logging(args.output_dir)
     seed_everything(args.seed)
     device = resolve_device(args.device)
@@ -205,6 +198,12 @@ def run(argv=None) -> dict:
 
     if args.eval_ppl:
         results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen, adapter)
+    if args.tasks:
+        from .tasks import run_tasks
+        place_for_eval(model, device, args.multigpu, adapter)
+        results["tasks"] = run_tasks(model, tokenizer, args.tasks, args.num_fewshot,
+                                     args.limit if args.limit > 0 else None, device, data_dir, args.eval_batch_size)
+        model.to("cpu")
     if args.save_dir:
         results["saved"] = {"path": args.save_dir,
                             "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format)}

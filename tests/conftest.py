@@ -52,13 +52,14 @@ def save_tiny(path, family: str = "llama"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(
         "the a of and to in is was for on as with by at from it that this are be has had an or".split())}}
     vocab.update({chr(97 + i) * 2: len(vocab) for i in range(26)})
     assert len(vocab) <= VOCAB
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
     tiny_model(family).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)
