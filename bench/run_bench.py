@@ -40,14 +40,21 @@ PRIORITY = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4"
             ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"), ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
 
 
-def nsamples_for(args, model: str) -> int:
-    overrides = dict(kv.split("=") for kv in args.model_nsamples.split(",") if kv)
-    return int(overrides.get(model, args.nsamples))
+def budget(args, model: str) -> dict:
+    """The budget of one model: the global flags, overridden by --model_overrides
+    ("qwen2.5-coder-0.5b:nsamples=4,epochs=2,windows=10;other:...")."""
+    out = {"nsamples": args.nsamples, "epochs": args.epochs, "windows": args.windows}
+    for spec in filter(None, args.model_overrides.split(";")):
+        name, _, kvs = spec.partition(":")
+        if name == model:
+            out.update({k: int(v) for k, v in (kv.split("=") for kv in kvs.split(","))})
+    return out
 
 
 def budget_flags(args, model: str) -> list[str]:
-    return ["--nsamples", str(nsamples_for(args, model)), "--seqlen", str(args.seqlen), "--calib_dataset", args.calib_dataset,
-            "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", str(args.windows),
+    b = budget(args, model)
+    return ["--nsamples", str(b["nsamples"]), "--seqlen", str(args.seqlen), "--calib_dataset", args.calib_dataset,
+            "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", str(b["windows"]),
             "--lwc_lr", str(args.lwc_lr), "--let_lr", str(args.let_lr)]
 
 
@@ -55,7 +62,7 @@ def run_one(args, model: str, setting: str, method: str) -> Path:
     out = OUT / f"{model}__{setting}__{method}"
     if (out / "results.json").is_file():
         return out / "results.json"
-    epochs = [] if method == "RTN" else ["--epochs", str(args.epochs)]
+    epochs = [] if method == "RTN" else ["--epochs", str(budget(args, model)["epochs"])]
     cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(Path(args.model_dir) / f"{model}.gguf"),
            "--output_dir", str(out), *SETTINGS[setting], *METHODS[method], *epochs, *budget_flags(args, model)]
     if args.data_dir:
@@ -84,8 +91,8 @@ def collect() -> list[dict]:
 def write_tables(rows: list[dict], header: str) -> None:
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [header, "",
-             "| model | setting | method | calib samples | wikitext2 ppl | KL vs FP | top-1 agree | calib s/block | "
-             "eval s | peak RSS MiB |",
+             "| model | setting | method | samples x epochs | wikitext2 ppl (windows) | KL vs FP | top-1 agree | "
+             "calib s/block | eval s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     settings = list(SETTINGS)
@@ -93,8 +100,10 @@ def write_tables(rows: list[dict], header: str) -> None:
     for r in sorted(rows, key=lambda r: (r["model"], settings.index(r["setting"]), order[r["method"]])):
         if r["model"] not in seen_fp:
             seen_fp.add(r["model"])
-            lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | – | {r['fp_ppl']:.2f} | 0 | 1 | – | – | – |")
-        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['nsamples']} | {r['ppl']:.2f} | "
+            lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | – | {r['fp_ppl']:.2f} ({r['windows']}) | 0 | 1 "
+                         f"| – | – | – |")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['nsamples']} x {r['epochs']} | "
+                     f"{r['ppl']:.2f} ({r['windows']}) | "
                      f"{r['kl']:.4f} | {r['top1']:.3f} | {r['sec_per_block']:.1f} | {r['eval_seconds']:.0f} | "
                      f"{r['peak_mib']:.0f} |")
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
@@ -107,8 +116,8 @@ def main():
     p.add_argument("--data_dir", default=None)
     p.add_argument("--calib_dataset", default="c4")
     p.add_argument("--nsamples", type=int, default=8)
-    p.add_argument("--model_nsamples", default="qwen2.5-coder-0.5b=4",
-                   help="per-model --nsamples overrides, e.g. qwen2.5-coder-0.5b=4 (CPU time)")
+    p.add_argument("--model_overrides", default="qwen2.5-coder-0.5b:nsamples=4,epochs=2,windows=10",
+                   help="per-model budget overrides (CPU time): 'model:nsamples=N,epochs=E,windows=W;...'")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lwc_lr", type=float, default=5e-2)
@@ -120,7 +129,7 @@ def main():
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     todo = PRIORITY if not args.only else [tuple(x.split(":")) for x in args.only.split(",")]
-    header = (f"Budget: {args.nsamples} calibration samples (overrides: {args.model_nsamples or 'none'}) x "
+    header = (f"Budget: {args.nsamples} calibration samples (per-model overrides: {args.model_overrides or 'none'}) x "
               f"{args.seqlen} tokens ({args.calib_dataset}), "
               f"{args.epochs} epochs, lwc_lr {args.lwc_lr}, let_lr {args.let_lr}; WikiText-2 test perplexity over "
               f"the first {args.windows} windows of {args.seqlen} tokens; KL and top-1 against the FP model on the "
