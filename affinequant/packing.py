@@ -38,6 +38,12 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: int32 (words, m) -> int32 codes (n, m)."""
+    if 32 % bits == 0:
+        # 2/4/8 bits: whole codes per word; a broadcast shift and mask (int32 arithmetic shift, the mask
+        # drops the sign bits) unpacks without gathers or int64 temporaries.
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)
+        return codes.reshape(-1, packed.shape[1])[:n]
     p = packed.to(torch.int64) & 0xFFFFFFFF
     p = torch.cat([p, torch.zeros_like(p[:1])])
     offset = torch.arange(n, dtype=torch.int64, device=packed.device) * bits
@@ -114,9 +120,23 @@ class PackedLinear(nn.Module):
         return (stored.to(torch.int64) + self.zero_offset).to(torch.int32)
 
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        # contiguous: the same memory layout as a dense weight, hence the same matmul kernel and sums
-        return dequantize(self.codes(), self.scales.T, self.zeros(), self.group_size,
-                          dtype or self.weight_dtype).contiguous()
+        """The dense (out, in) weight, equal bit for bit to `dequantize` of the same codes. Computed in
+        the stored (in, out) orientation, each group's zero and scale broadcast over its rows (no
+        gathers); one contiguous transpose at the end gives the memory layout of a dense weight, hence
+        the same matmul kernel and the same sums."""
+        dtype = dtype or self.weight_dtype
+        codes = unpack_bits(self.qweight, self.bits, self.in_features)                  # (in, out)
+        zeros = unpack_bits(self.qzeros.T.contiguous(), self.bits, self.out_features).T  # (groups, out)
+        zeros = zeros.float() + self.zero_offset
+        scales = self.scales.float()
+        gs = self.group_size or self.in_features
+        full = self.in_features // gs * gs
+        parts = [(codes[:full].view(-1, gs, self.out_features).float() - zeros[: full // gs, None])
+                 .mul_(scales[: full // gs, None]).view(full, self.out_features)]
+        if full < self.in_features:                                                       # shorter last group
+            parts.append((codes[full:].float() - zeros[-1]).mul_(scales[-1]))
+        w_t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return w_t.to(dtype).T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
