@@ -1,8 +1,0 @@
-#!/usr/bin/env bash
-# llama-2-7b_affine_w3a16: --wbits 3 --abits 16 --lwc --let --use_ln_matrix --sf 1e-2 --epochs 20
-# Usage: CUDA_VISIBLE_DEVICES=0 bash scripts/llama-2-7b_affine_w3a16.sh [extra flags]   (runs on CPU when no GPU is visible)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
-$PY main.py --model "$MODEL" --output_dir ./log/llama-2-7b_affine_w3a16 --wbits 3 --abits 16 --lwc --let --use_ln_matrix --sf 1e-2 --epochs 20 --eval_ppl "$@"
