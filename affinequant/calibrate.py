@@ -244,8 +244,9 @@ def train_block(bq: BlockQuantizer, q_inps, targets, aug_targets, kwargs, cfg: Q
             if report.nan_events > cfg.max_nan_retries:
                 _restore(params, initial)
                 report.fell_back_to_rtn = True
-                log.warning("%s: loss is NaN/Inf again after %d retries: keeping the block's untrained "
-                            "(round-to-nearest) parameters", progress_desc, cfg.max_nan_retries)
+                log.warning("%s: loss is NaN/Inf again after %d retries: keeping the block's initial parameters "
+                            "(round-to-nearest weights, and the initial LET scales when --let)",
+                            progress_desc, cfg.max_nan_retries)
                 break
             lr_scale *= 0.5
             optimizer = make_optimizer()

@@ -32,12 +32,12 @@ METHODS = {
     "AffineQuant": ["--lwc", "--let", "--use_ln_matrix"],
     "AffineQuant+qk": ["--lwc", "--let", "--use_matrix"],
 }
-# The acceptance comparisons first, so a cut-short bench still answers them.
-PRIORITY = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
-            ("W3A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"),
-            ("W2A16g128", "RTN"), ("W2A16g128", "LWC"), ("W2A16g128", "AffineQuant"),
-            ("W4A16g128", "RTN"), ("W4A16g128", "LWC"),
-            ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"), ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
+# The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
+OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
+                   ("W2A16g128", "RTN"), ("W2A16g128", "LWC")]
+AFFINE_ACCEPTANCE = [("W3A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"), ("W2A16g128", "AffineQuant")]
+REST = [("W4A16g128", "RTN"), ("W4A16g128", "LWC"), ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"),
+        ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
 
 
 def budget(args, model: str) -> dict:
@@ -128,7 +128,6 @@ def main():
     p.add_argument("--only", default="", help="comma-separated SETTING:METHOD pairs to run (default: all)")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    todo = PRIORITY if not args.only else [tuple(x.split(":")) for x in args.only.split(",")]
     header = (f"Budget: {args.nsamples} calibration samples (per-model overrides: {args.model_overrides or 'none'}) x "
               f"{args.seqlen} tokens ({args.calib_dataset}), "
               f"{args.epochs} epochs, lwc_lr {args.lwc_lr}, let_lr {args.let_lr}; WikiText-2 test perplexity over "
@@ -137,16 +136,15 @@ def main():
               f"lie on a coarse grid (SmolLM2: Q4_1, group 32). Seconds are wall time on a shared machine: compare "
               f"them within one model's rows only. Eval seconds include the FP reference pass for KL.")
     models = args.models.split(",")
-    # the acceptance comparisons (OmniQuant and AffineQuant) on every model first, then the rest of the grid
-    acceptance, rest = todo[:9], todo[9:]
-    for model in models:
-        for setting, method in acceptance:
-            run_one(args, model, setting, method)
-            write_tables(collect(), header)
-    for model in models[: args.full_grid_models]:
-        for setting, method in rest:
-            run_one(args, model, setting, method)
-            write_tables(collect(), header)
+    if args.only:
+        queue = [(m, *x.split(":")) for m in models for x in args.only.split(",")]
+    else:   # OmniQuant's acceptance comparisons on every model, then AffineQuant's, then the rest of the grid
+        queue = [(m, *sm) for m in models for sm in OMNI_ACCEPTANCE]
+        queue += [(m, *sm) for m in models for sm in AFFINE_ACCEPTANCE]
+        queue += [(m, *sm) for m in models[: args.full_grid_models] for sm in REST]
+    for model, setting, method in queue:
+        run_one(args, model, setting, method)
+        write_tables(collect(), header)
     write_tables(collect(), header)
 
 
