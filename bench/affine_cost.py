@@ -1,0 +1,108 @@
+"""The cost of AffineQuant's matrices against OmniQuant mode, measured in one process, alternating
+between modes so machine noise hits all of them alike.
+
+    python bench/affine_cost.py --model models/smollm2-135m.gguf
+
+For block 0 of the model: seconds per training step (refresh transforms + forward + backward +
+AdamW) for LWC, LWC+LET, AffineQuant (--use_ln_matrix) and AffineQuant (--use_matrix); and the
+merged block's forward time with and without the runtime inverse after its norms.
+Writes bench/affine_cost.json.
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from affinequant.adapters import get_adapter  # noqa: E402
+from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs  # noqa: E402
+from affinequant.config import QuantConfig  # noqa: E402
+from affinequant.modeling import load_model  # noqa: E402
+from affinequant.stats import collect_act_stats  # noqa: E402
+
+MODES = {
+    "LWC (OmniQuant)": dict(lwc=True),
+    "LWC+LET (OmniQuant)": dict(lwc=True, let=True),
+    "AffineQuant --use_ln_matrix": dict(lwc=True, let=True, use_ln_matrix=True),
+    "AffineQuant --use_matrix": dict(lwc=True, let=True, use_matrix=True),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m.gguf"))
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model, _, _ = load_model(args.model)
+    adapter = get_adapter(model.config)
+    samples = torch.randint(0, model.config.vocab_size, (2, args.seqlen))
+    scales, shifts = collect_act_stats(model, adapter, samples, torch.device("cpu"))
+    inputs, kwargs = capture_block_inputs(model, adapter, samples, torch.device("cpu"), torch.float32)
+    prefix = f"{adapter.layers_path}.0."
+    strip = lambda d: {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
+    target = inputs[:1]
+    setups = {}
+    for name, flags in MODES.items():
+        block = copy.deepcopy(adapter.layers(model)[0])
+        cfg = QuantConfig(wbits=3, group_size=128, epochs=4, **flags)
+        bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
+        bq.start_epoch(3)                                  # every band unlocked: the most expensive step
+        params = bq.trainable()
+        for q in params:
+            q.requires_grad_(True)
+        setups[name] = (bq, torch.optim.AdamW(params, lr=1e-3))
+    step_times = {name: [] for name in MODES}
+    for r in range(args.rounds + 1):                       # round 0 is a warm-up, not recorded
+        for name, (bq, opt) in setups.items():
+            t0 = time.perf_counter()
+            bq.refresh()
+            loss = F.mse_loss(_block_output(bq.block(inputs[:1], **kwargs)), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if r:
+                step_times[name].append(time.perf_counter() - t0)
+    # merged blocks: plain (OmniQuant LET) against one that keeps runtime inverses after its norms
+    merged = {}
+    for name in ("LWC+LET (OmniQuant)", "AffineQuant --use_ln_matrix"):
+        bq = setups[name][0]
+        with torch.no_grad():
+            for p_ in bq.trainable():
+                p_.requires_grad_(False)
+            if bq.let.ln_matrix:                          # trained matrices have off-diagonal entries
+                for m in bq.let.norm_params:
+                    m.add_(1e-3 * torch.randn_like(m))
+        bq.finalize()
+        merged[name] = bq.block
+    fwd = {name: [] for name in merged}
+    with torch.no_grad():
+        for block in merged.values():                      # warm-up
+            block(inputs[:1], **kwargs)
+        for _ in range(4 * args.rounds):
+            for name, block in merged.items():
+                t0 = time.perf_counter()
+                block(inputs[:1], **kwargs)
+                fwd[name].append(time.perf_counter() - t0)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    base_step = med(step_times["LWC+LET (OmniQuant)"])
+    base_fwd = med(fwd["LWC+LET (OmniQuant)"])
+    result = {"model": args.model, "seqlen": args.seqlen, "hidden": model.config.hidden_size,
+              "train_step_seconds": {k: med(v) for k, v in step_times.items()},
+              "train_step_over_let": {k: med(v) / base_step for k, v in step_times.items()},
+              "merged_block_forward_seconds": {k: med(v) for k, v in fwd.items()},
+              "runtime_inverse_forward_overhead": med(fwd["AffineQuant --use_ln_matrix"]) / base_fwd}
+    (ROOT / "bench" / "affine_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
