@@ -84,9 +84,13 @@ def main():
     p.add_argument("--model_dir", default=str(ROOT / "models"))
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--speed_only", action="store_true",
+                   help="re-measure only the linear speed, keeping the model figures of packing_results.json")
     args = p.parse_args()
     results = {"models": {}, "linear_speed": None}
-    for name in args.models.split(","):
+    if args.speed_only:
+        results["models"] = json.loads((ROOT / "bench" / "packing_results.json").read_text())["models"]
+    for name in [] if args.speed_only else args.models.split(","):
         entry = results["models"][name] = {}
         with tempfile.TemporaryDirectory() as tmp:
             model, tok, _ = load_model(str(Path(args.model_dir) / f"{name}.gguf"))

@@ -1,0 +1,42 @@
+"""Copy the benchmark tables (bench/RESULTS.md, PACKING.md, affine_cost.json, gptqmodel_check.json)
+into README.md between the bench markers."""
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def section() -> str:
+    bench = ROOT / "bench"
+    parts = ["### Quantization quality (`bench/run_bench.py`)", "", (bench / "RESULTS.md").read_text().strip()]
+    parts += ["", "Per-block output MSE and training-loss curves: `bench/plots/<model>__<setting>.svg` "
+              "(`bench/plot_losses.py`)."]
+    if (bench / "affine_cost.json").is_file():
+        c = json.loads((bench / "affine_cost.json").read_text())
+        steps = ", ".join(f"{k} {v:.2f}x" for k, v in c["train_step_over_let"].items())
+        parts += ["", "### Cost of the AffineQuant matrices (`bench/affine_cost.py`, one process, SmolLM2 block 0, "
+                  f"{c['seqlen']} tokens)", "",
+                  f"Training step time relative to LWC+LET: {steps}. Forward time of a merged block with the runtime "
+                  f"inverses after its norms, relative to the LET-merged block: {c['runtime_inverse_forward_overhead']:.2f}x."]
+    if (bench / "PACKING.md").is_file():
+        parts += ["", "### Real quantization (`bench/packing_bench.py`)", "", (bench / "PACKING.md").read_text().strip()]
+    if (bench / "gptqmodel_check.json").is_file():
+        g = json.loads((bench / "gptqmodel_check.json").read_text())
+        parts += ["", "### Loading our GPTQ export with GPTQModel 7.7 (`bench/gptqmodel_check.py`)", "",
+                  f"SmolLM2-135M, W4 g128 asymmetric (gptq_v2), kernel {g['kernel']}: logits against our packed "
+                  f"model's: max |diff| {g['max_abs_diff']:.3f} (logit scale {g['logit_scale']:.1f}), mean "
+                  f"{g['mean_abs_diff']:.4f}, top-1 agreement {g['top1_agreement']:.3f} (fp16 arithmetic on its side)."]
+    return "\n".join(parts)
+
+
+def main():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(START) if START in text else text.split("BENCH_TABLE")
+    tail = rest.split(END, 1)[1] if END in rest else rest
+    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
