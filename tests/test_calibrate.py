@@ -106,9 +106,9 @@ def test_persistent_nan_falls_back_to_rtn(tokens, monkeypatch):
     model = tiny_model("llama")
     rtn_model = copy.deepcopy(model)
     adapter = get_adapter(model.config)
-    monkeypatch.setattr(calibrate.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("inf"))
-    reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=2), CPU)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("inf"))
+        reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=2), CPU)
     quantize_blocks(rtn_model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=0), CPU)
     assert all(r.fell_back_to_rtn for r in reports)
     for a, b in zip(model.parameters(), rtn_model.parameters()):

@@ -1,5 +1,7 @@
 """A run killed mid-way and resumed ends with exactly the model of an uninterrupted run (CPU);
 --resume --epochs 0 rebuilds it without training; foreign or corrupt checkpoints are refused."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,10 +39,10 @@ def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
         real_save(self, index, *a, **k)
         if index == 0:
             raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(ckpt_module.CalibrationCheckpoint, "save", crash_after_block_0)
-    with pytest.raises(KeyboardInterrupt):
-        run(setup + FLAGS + ["--output_dir", str(tmp_path / "b")])
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:       # scoped: undo() would also undo the fixture's chdir
+        patch.setattr(ckpt_module.CalibrationCheckpoint, "save", crash_after_block_0)
+        with pytest.raises(KeyboardInterrupt):
+            run(setup + FLAGS + ["--output_dir", str(tmp_path / "b")])
     assert (tmp_path / "b" / "checkpoint" / "block_0000.safetensors").is_file()
     assert not (tmp_path / "b" / "checkpoint" / "block_0001.safetensors").exists()
 
@@ -52,6 +54,7 @@ def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
         trained.append(a[-1])
         return real_train_block(bq, *a, **k)
     monkeypatch.setattr(calibrate, "train_block", count)
+    assert Path.cwd() == tmp_path
     resumed = _state(_run_keeping_model(setup + FLAGS + ["--output_dir", str(tmp_path / "b"), "--resume"]))
     assert trained == ["block 1"]                       # block 0 came from its checkpoint
     assert resumed.keys() == full.keys()
