@@ -84,6 +84,7 @@ class BlockReport:
     losses: list[float] = field(default_factory=list)
     final_mse: float = float("nan")
     nan_events: int = 0
+    let_init: str = ""
     matrix_health: list[dict] = field(default_factory=list)
     fell_back_to_rtn: bool = False
 
@@ -121,6 +122,28 @@ class BlockQuantizer:
         """Recompute the transformed weights from the current parameters (once per step)."""
         if self.let is not None:
             self.let.apply(self.block, merge=False)
+
+    @torch.no_grad()
+    def choose_let_init(self, inputs, targets, kwargs, device, ctx_factory, probe: int = 4) -> str:
+        """Start LET from the SmoothQuant initialisation or from the identity, whichever gives the lower
+        block loss on the first `probe` samples (a guard in the spirit of AWQ's scale search: with
+        outlier-heavy blocks and short budgets the migration can start worse than no transform at all)."""
+        def loss() -> float:
+            total = 0.0
+            for i in range(min(probe, inputs.shape[0])):
+                with ctx_factory():
+                    self.refresh()
+                    out = _block_output(self.block(inputs[i:i + 1].to(device), **kwargs)).float()
+                    total += F.mse_loss(out, targets[i:i + 1].to(device).float()).item()
+            return total
+        smooth_state = {k: v.clone() for k, v in self.let.state_dict().items()}
+        smooth = loss()
+        self.let.reset_to_identity()
+        identity = loss()
+        if smooth <= identity:
+            self.let.load_state_dict(smooth_state)
+            return "smoothquant"
+        return "identity"
 
     def start_epoch(self, epoch: int) -> dict:
         """Unlock this epoch's bands of the AffineQuant masks; returns the matrices' health."""
@@ -306,6 +329,11 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
             log.info("block %d: parameters restored from %s", index, checkpoint.path(index))
         else:
             if cfg.trains:
+                if bq.let is not None:
+                    report.let_init = bq.choose_let_init(q_inps, fp_outs, kwargs, device, ctx)
+                    if report.let_init == "identity":
+                        log.info("block %d: LET starts from the identity (lower block loss than the SmoothQuant "
+                                 "initialisation)", index)
                 train_block(bq, q_inps, fp_outs, aug, kwargs, cfg, device, ctx, report, f"block {index}")
             if checkpoint is not None:
                 checkpoint.save(index, bq.state(), {"losses": report.losses, "nan_events": report.nan_events,

@@ -191,6 +191,21 @@ class LET(nn.Module):
         self.register_buffer("head_mask", band_mask(self.head_dim, 1, self.head_sf, dev), persistent=False)
         self.ln_bands = self.head_bands = 1
 
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Every transform to the identity (scales 1, shifts 0): the block's own weights."""
+        for p in list(self.norm_params) + [self.out_param]:
+            p.copy_(torch.eye(p.shape[-1], device=p.device).expand_as(p) if p.dim() >= 2 else torch.ones_like(p))
+        for p in list(self.norm_shifts) + ([self.out_shift] if self.out_shift is not None else []):
+            p.zero_()
+        if self.qk_matrix and self.adapter.rope:
+            self.qk_param.zero_()
+            self.qk_param[..., 0] = 1.0
+        elif self.qk_matrix:
+            self.qk_param.copy_(torch.eye(self.head_dim, device=self.qk_param.device).expand_as(self.qk_param))
+        else:
+            self.qk_param.fill_(1.0)
+
     # ----- the gradual mask -------------------------------------------------------------------
     def masked_matrices(self, ln_mask=None, head_mask=None) -> list[tuple[str, torch.Tensor]]:
         ln_mask = self.ln_mask if ln_mask is None else ln_mask

@@ -120,3 +120,18 @@ def test_one_call_api_computes_statistics_for_let(tokens):
     model = tiny_model("mistral")
     reports = quantize(model, tokens, Cfg(wbits=4, abits=8, lwc=True, let=True, epochs=1), device="cpu")
     assert len(reports) == 2 and all(len(r.losses) == 1 for r in reports)
+
+
+def test_let_init_guard_falls_back_to_identity_when_smoothing_hurts(tokens):
+    """Absurd statistics make the SmoothQuant initialisation useless: training starts from the identity."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    absurd = {k: torch.where(torch.arange(v.numel()) % 7 == 0, torch.full_like(v, 1e6), torch.full_like(v, 1e-6))
+              for k, v in scales.items()}
+    reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1),
+                              CPU, absurd, shifts)
+    assert all(r.let_init == "identity" for r in reports)
+    sane = quantize_blocks(tiny_model("llama"), adapter, tokens,
+                           QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1), CPU, scales, shifts)
+    assert all(r.let_init in ("smoothquant", "identity") for r in sane)
