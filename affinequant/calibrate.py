@@ -8,7 +8,6 @@ moves activations, so other algorithms can run inside the same loop.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .config import QuantConfig
-from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
+from .qmodules import TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
 from .packing import PackedLinear, dequantize
 from .quantizer import WeightQuantizer
 from .transforms import LET

@@ -81,7 +81,7 @@ def load_model(path_or_id: str | None, dtype: torch.dtype = torch.float32, trust
         if not path.is_file():
             raise SystemExit(f"--model {path_or_id}: no such GGUF file")
         try:
-            import gguf  # noqa: F401
+            import gguf  # noqa: F401  (only checks that it is installed)
         except ImportError as exc:
             raise SystemExit("loading a .gguf model needs the gguf package: pip install gguf") from exc
         kwargs = dict(gguf_file=path.name)

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .utils import hub_reachable, write_json
+from .utils import hub_reachable
 
 log = logging.getLogger("affinequant")
 

@@ -51,7 +51,7 @@ def plot(model: str, setting: str, runs: dict[str, dict], path: Path) -> None:
                 pts += [(b["index"] + e / len(b["losses"]), l / b["losses"][0]) for e, l in enumerate(b["losses"])]
         if pts:
             curves[m] = pts
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="360" font-family="sans-serif">',
+    svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="360" font-family="sans-serif">',
            '<rect width="100%" height="100%" fill="white"/>',
            *_panel(0, 0, 500, 360, mse, f"{model} {setting}: block output MSE vs FP", "block", True),
            *_panel(500, 0, 500, 360, curves, "training loss / first epoch, each block's epochs", "block (+ epoch)", False),

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from affinequant.data import DataError, _wikitext_rows, calibration_samples, document_windows, load_text
 from affinequant.evaluate import perplexity

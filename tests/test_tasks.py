@@ -1,7 +1,6 @@
 """--tasks runs lm-eval on the in-memory model, offline from a local task file, and its accuracy
 equals an independent computation of the same 0-shot multiple-choice protocol."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
