@@ -161,6 +161,35 @@ def run(argv=None) -> dict:
         parser.error(str(exc))
     results: dict = {"model": model_id, "net": net, "config": cfg.to_dict(), "device": str(device)}
 
+    if cfg.full_precision:
+        if not (args.eval_ppl or args.tasks) or args.save_dir:
+            parser.error("--wbits 16 --abits 16 quantizes nothing: it only evaluates the full-precision model, so "
+                         "give --eval_ppl or --tasks (and no --save_dir), or lower --wbits or --abits")
+        log.info("--wbits 16 --abits 16: nothing to quantize, evaluating the full-precision model")
+        reference = None   # KL against itself would be 0
+    else:
+        reference = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results)
+
+    if args.eval_ppl:
+        results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen, adapter)
+    if args.tasks:
+        from .tasks import run_tasks
+        place_for_eval(model, device, args.multigpu, adapter)
+        results["tasks"] = run_tasks(model, tokenizer, args.tasks, args.num_fewshot,
+                                     args.limit if args.limit > 0 else None, device, data_dir, args.eval_batch_size)
+        model.to("cpu")
+    if args.save_dir:
+        results["saved"] = {"path": args.save_dir,
+                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format)}
+    write_json(Path(args.output_dir) / "results.json", results)
+    log.info("results written to %s", Path(args.output_dir) / "results.json")
+    return results
+
+
+
+def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results) -> torch.nn.Module | None:
+    """Calibrate and quantize `model` in place, recording into `results`; returns the FP copy kept
+    as the reference for KL (None without --eval_ppl or with --no_kl)."""
     try:
         samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
                                                     cfg.seed, data_dir, model)
@@ -195,21 +224,7 @@ def run(argv=None) -> dict:
         results["blocks_fell_back_to_rtn"] = [r.index for r in reports if r.fell_back_to_rtn]
     log.info("calibration done in %.1fs (%.2fs per block), %s", results["calibration_seconds"],
              results["seconds_per_block"], memory_report(device))
-
-    if args.eval_ppl:
-        results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen, adapter)
-    if args.tasks:
-        from .tasks import run_tasks
-        place_for_eval(model, device, args.multigpu, adapter)
-        results["tasks"] = run_tasks(model, tokenizer, args.tasks, args.num_fewshot,
-                                     args.limit if args.limit > 0 else None, device, data_dir, args.eval_batch_size)
-        model.to("cpu")
-    if args.save_dir:
-        results["saved"] = {"path": args.save_dir,
-                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format)}
-    write_json(Path(args.output_dir) / "results.json", results)
-    log.info("results written to %s", Path(args.output_dir) / "results.json")
-    return results
+    return reference
 
 
 def place_for_eval(model, device, multigpu: bool, adapter) -> None:

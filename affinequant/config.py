@@ -35,6 +35,11 @@ class QuantConfig:
     real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
 
+    @property
+    def full_precision(self) -> bool:
+        """W16A16: nothing is quantized; main.py only evaluates (the FP baseline of a results table)."""
+        return self.wbits >= 16 and self.abits >= 16
+
     def validate(self) -> "QuantConfig":
         if self.wbits not in VALID_BITS:
             raise ConfigError(f"--wbits {self.wbits} is not supported: use one of 2..8 or 16 (no weight quantization)")
@@ -46,8 +51,9 @@ class QuantConfig:
             raise ConfigError(f"--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models (got --wbits "
                               f"{self.wbits} --abits {self.abits}): drop --real_quant, or use --abits 16 and one "
                               f"of those bit-widths")
-        if self.wbits >= 16 and self.abits >= 16:
-            raise ConfigError("--wbits 16 --abits 16 quantizes nothing: lower --wbits or --abits")
+        if self.full_precision and (self.let or self.real_quant):
+            raise ConfigError("--wbits 16 --abits 16 quantizes nothing (it evaluates the full-precision model), so "
+                              "there is nothing to transform or pack: drop --let/--real_quant, or lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:
             raise ConfigError("--lwc learns weight clipping but --wbits is 16: drop --lwc or lower --wbits")
         for name in ("epochs", "nsamples", "batch_size", "seqlen"):

