@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lwc", action="store_true", help="learnable weight clipping")
     a("--let", action="store_true", help="learnable equivalent transformation")
     a("--aug_loss", action="store_true", help="also match the FP block applied to the quantized input")
+    a("--loss", default="mse", choices=["mse", "token_rel"],
+      help="block objective: mse (OmniQuant's) or token_rel, each token's squared error relative to its target's "
+           "squared norm, so outlier tokens (an attention sink's massive activations) do not dominate")
     a("--deactive_amp", action="store_true", help="train in float32 without autocast on CUDA")
     a("--act-scales", dest="act_scales", default=None, help="default ./act_scales/<net>.pt")
     a("--act-shifts", dest="act_shifts", default=None, help="default ./act_shifts/<net>.pt")
@@ -84,7 +87,7 @@ def config_from_args(args) -> QuantConfig:
     return QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
-                       seqlen=args.seqlen, aug_loss=args.aug_loss, deactive_amp=args.deactive_amp,
+                       seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, deactive_amp=args.deactive_amp,
                        use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,
                        real_quant=args.real_quant,
                        seed=args.seed).validate()

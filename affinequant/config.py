@@ -10,6 +10,8 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the fix."""
 
 
+LOSSES = ("mse", "token_rel")
+
 @dataclass
 class QuantConfig:
     wbits: int = 4
@@ -30,6 +32,7 @@ class QuantConfig:
     batch_size: int = 1
     seqlen: int = 2048
     aug_loss: bool = False
+    loss: str = "mse"                  # block objective: "mse" (OmniQuant) or "token_rel" (see calibrate.block_loss)
     deactive_amp: bool = False
     seed: int = 2
     real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)
@@ -56,6 +59,8 @@ class QuantConfig:
                               "there is nothing to transform or pack: drop --let/--real_quant, or lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:
             raise ConfigError("--lwc learns weight clipping but --wbits is 16: drop --lwc or lower --wbits")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss {self.loss!r} is not known: use one of {', '.join(LOSSES)}")
         for name in ("epochs", "nsamples", "batch_size", "seqlen"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
                 raise ConfigError(f"--{name} must be positive (got {getattr(self, name)})")

@@ -31,6 +31,8 @@ METHODS = {
     # AffineQuant's README settings: matrices after the norms weight-only, the q/k matrix for W4A4
     "AffineQuant": ["--lwc", "--let", "--use_ln_matrix"],
     "AffineQuant+qk": ["--lwc", "--let", "--use_matrix"],
+    # OmniQuant with each token's error relative to its norm (calibrate.block_loss): for attention-sink models
+    "LWC+LET+token_rel": ["--lwc", "--let", "--loss", "token_rel"],
 }
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from affinequant import calibrate
 from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
+from affinequant.calibrate import block_loss, quantize_blocks
 from affinequant.config import QuantConfig
 from affinequant.qmodules import QuantLinear, use_quantized_attention
 from affinequant.stats import collect_act_stats
@@ -47,15 +47,31 @@ def test_quantized_attention_keeps_causal_mask(family, tokens):
         assert torch.allclose(model(changed).logits[0, :-1], got[0, :-1], atol=1e-5)
 
 
-def test_loss_decreases_with_lwc_and_let(tokens):
+@pytest.mark.parametrize("loss", ["mse", "token_rel"])
+def test_loss_decreases_with_lwc_and_let(tokens, loss):
     model = tiny_model("llama")
     adapter = get_adapter(model.config)
     scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
-    cfg = QuantConfig(wbits=2, abits=16, group_size=16, lwc=True, let=True, epochs=8, nsamples=8, lwc_lr=5e-2)
+    cfg = QuantConfig(wbits=2, abits=16, group_size=16, lwc=True, let=True, epochs=8, nsamples=8, lwc_lr=5e-2,
+                      loss=loss)
     reports = quantize_blocks(model, adapter, tokens, cfg, CPU, scales, shifts)
     for r in reports:
         assert len(r.losses) == 8
         assert r.losses[-1] < 0.95 * r.losses[0], r.losses
+
+
+def test_token_relative_loss_weighs_every_token_alike():
+    """Under token_rel a token with a 1000x larger residual (an attention sink) counts as much as any
+    other at the same relative error; under MSE it swamps the rest."""
+    target = torch.randn(1, 6, 32)
+    target[0, 0] *= 1000
+    out = target * 1.1                      # 10% error on every token: relative error 0.01 each
+    assert block_loss(out, target, "token_rel").item() == pytest.approx(0.01, rel=1e-5)
+    out2 = out.clone()
+    out2[0, 1:] = target[0, 1:]             # exact on all but the sink: token_rel drops by 5/6, MSE barely
+    assert block_loss(out2, target, "token_rel").item() == pytest.approx(0.01 / 6, rel=1e-4)
+    assert block_loss(out2, target, "mse").item() > 0.99 * block_loss(out, target, "mse").item()
+    assert block_loss(out, target, "mse").item() == pytest.approx(F.mse_loss(out, target).item())
 
 
 def test_training_beats_rtn_on_block_output(tokens):
