@@ -41,6 +41,11 @@ AFFINE_ACCEPTANCE = [("W3A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"), (
 REST = [("W4A16g128", "RTN"), ("W4A16g128", "LWC"), ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"),
         ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
 
+# What the table cannot say by itself (rows run under older code, results of superseded runs)
+NOTES = ("The SmolLM2 W4A4 LWC+LET row was run before the LET init guard existed; Qwen W4A4 LWC+LET without the "
+         "guard gave 789.50 (KL 3.0511). LWC+LET+token_rel is LWC+LET with `--loss token_rel` (each token's error "
+         "relative to its norm) instead of OmniQuant's MSE.")
+
 
 def budget(args, model: str) -> dict:
     """The budget of one model: the global flags, overridden by --model_overrides
@@ -136,7 +141,7 @@ def main():
               f"the first {args.windows} windows of {args.seqlen} tokens; KL and top-1 against the FP model on the "
               f"same windows. CPU, 2 cores, float32. The models are dequantized from GGUF, so the FP weights already "
               f"lie on a coarse grid (SmolLM2: Q4_1, group 32). Seconds are wall time on a shared machine: compare "
-              f"them within one model's rows only. Eval seconds include the FP reference pass for KL.")
+              f"them within one model's rows only. Eval seconds include the FP reference pass for KL. {NOTES}")
     models = args.models.split(",")
     if args.only:
         queue = [(m, *x.split(":")) for m in models for x in args.only.split(",")]

@@ -12,6 +12,8 @@ def section() -> str:
     parts = ["### Quantization quality (`bench/run_bench.py`)", "", (bench / "RESULTS.md").read_text().strip()]
     parts += ["", "Per-block output MSE and training-loss curves: `bench/plots/<model>__<setting>.svg` "
               "(`bench/plot_losses.py`)."]
+    if (bench / "ZEROSHOT.md").is_file():
+        parts += ["", "### Zero-shot accuracy (`bench/run_zeroshot.py`)", "", (bench / "ZEROSHOT.md").read_text().strip()]
     if (bench / "affine_cost.json").is_file():
         c = json.loads((bench / "affine_cost.json").read_text())
         steps = ", ".join(f"{k} {v:.2f}x" for k, v in c["train_step_over_let"].items())
