@@ -33,6 +33,8 @@ METHODS = {
     "AffineQuant+qk": ["--lwc", "--let", "--use_matrix"],
     # OmniQuant with each token's error relative to its norm (calibrate.block_loss): for attention-sink models
     "LWC+LET+token_rel": ["--lwc", "--let", "--loss", "token_rel"],
+    # OmniQuant at its default lwc_lr (the bench's global 5e-2 suits low-bit weight-only clipping)
+    "LWC+LET@lwc_lr1e-2": ["--lwc", "--let", "--lwc_lr", "1e-2"],
 }
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
@@ -44,7 +46,8 @@ REST = [("W4A16g128", "RTN"), ("W4A16g128", "LWC"), ("W4A4", "LWC"), ("W4A16g128
 # What the table cannot say by itself (rows run under older code, results of superseded runs)
 NOTES = ("The SmolLM2 W4A4 LWC+LET row was run before the LET init guard existed; Qwen W4A4 LWC+LET without the "
          "guard gave 789.50 (KL 3.0511). LWC+LET+token_rel is LWC+LET with `--loss token_rel` (each token's error "
-         "relative to its norm) instead of OmniQuant's MSE.")
+         "relative to its norm) instead of OmniQuant's MSE; LWC+LET@lwc_lr1e-2 is LWC+LET at OmniQuant's default "
+         "lwc_lr 1e-2 instead of the bench's 5e-2.")
 
 
 def budget(args, model: str) -> dict:
@@ -71,7 +74,7 @@ def run_one(args, model: str, setting: str, method: str) -> Path:
         return out / "results.json"
     epochs = [] if method == "RTN" else ["--epochs", str(budget(args, model)["epochs"])]
     cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(Path(args.model_dir) / f"{model}.gguf"),
-           "--output_dir", str(out), *SETTINGS[setting], *METHODS[method], *epochs, *budget_flags(args, model)]
+           "--output_dir", str(out), *SETTINGS[setting], *epochs, *budget_flags(args, model), *METHODS[method]]
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     print(f"[bench] {model} {setting} {method}: {' '.join(cmd[1:])}", flush=True)
