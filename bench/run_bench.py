@@ -87,6 +87,8 @@ def run_one(args, model: str, setting: str, method: str) -> Path:
 def collect() -> list[dict]:
     rows = []
     for path in sorted(OUT.glob("*/results.json")):
+        if path.parent.name.startswith("zeroshot__"):   # bench/run_zeroshot.py's runs
+            continue
         model, setting, method = path.parent.name.split("__")
         res = json.loads(path.read_text())
         w = res["ppl"]["wikitext2"]
