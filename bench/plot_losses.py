@@ -9,12 +9,12 @@ method; right, the training loss of every block over its epochs (normalised by i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from run_bench import ROOT, quality_runs
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
@@ -66,10 +66,9 @@ def main():
     p.add_argument("--setting", default=None)
     args = p.parse_args()
     groups = defaultdict(dict)
-    for path in sorted((ROOT / "bench" / "out").glob("*/results.json")):
-        model, setting, method = path.parent.name.split("__")
+    for model, setting, method, res in quality_runs():
         if (args.model in (None, model)) and (args.setting in (None, setting)):
-            groups[(model, setting)][method] = json.loads(path.read_text())
+            groups[(model, setting)][method] = res
     for (model, setting), runs in groups.items():
         out = ROOT / "bench" / "plots" / f"{model}__{setting}.svg"
         plot(model, setting, runs, out)

@@ -84,13 +84,17 @@ def run_one(args, model: str, setting: str, method: str) -> Path:
     return out / "results.json"
 
 
+def quality_runs():
+    """(model, setting, method, results) of every finished quality run (not the zero-shot runs)."""
+    for path in sorted(OUT.glob("*/results.json")):
+        if not path.parent.name.startswith("zeroshot__"):
+            model, setting, method = path.parent.name.split("__")
+            yield model, setting, method, json.loads(path.read_text())
+
+
 def collect() -> list[dict]:
     rows = []
-    for path in sorted(OUT.glob("*/results.json")):
-        if path.parent.name.startswith("zeroshot__"):   # bench/run_zeroshot.py's runs
-            continue
-        model, setting, method = path.parent.name.split("__")
-        res = json.loads(path.read_text())
+    for model, setting, method, res in quality_runs():
         w = res["ppl"]["wikitext2"]
         rows.append(dict(model=model, setting=setting, method=method, ppl=w["ppl"], fp_ppl=w["fp_ppl"], kl=w["kl"],
                          top1=w["top1_agreement"], windows=w["windows"], seqlen=w["seqlen"],
