@@ -50,7 +50,8 @@ NOTES = ("The SmolLM2 W4A4 LWC+LET row was run before the LET init guard existed
          "guard gave 789.50 (KL 3.0511). LWC+LET+token_rel is LWC+LET with `--loss token_rel` (each token's error "
          "relative to its norm) instead of OmniQuant's MSE; LWC+LET@lwc_lr1e-2 is LWC+LET at OmniQuant's default "
          "lwc_lr 1e-2 instead of the bench's 5e-2. Qwen W4A4 on the first 10 C4 windows (the calibration "
-         "distribution) instead of WikiText-2: RTN 460.53 (KL 2.7162), LWC+LET@lwc_lr1e-2 357.92 (KL 2.5067).")
+         "distribution) instead of WikiText-2: RTN 460.53 (KL 2.7162), LWC+LET@lwc_lr1e-2 357.92 (KL 2.5067). "
+         "LWC+LET@lwc_lr1e-2+8samples used the LET statistics of the 4-sample runs.")
 
 
 def budget(args, model: str) -> dict:
