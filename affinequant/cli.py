@@ -12,7 +12,7 @@ import torch
 from .adapters import get_adapter
 from .calibrate import quantize_blocks
 from .checkpoint import CalibrationCheckpoint
-from .config import ConfigError, QuantConfig
+from .config import LOSSES, ConfigError, QuantConfig
 from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .evaluate import perplexity
 from .export import save_quantized
@@ -22,6 +22,7 @@ from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, 
     setup_logging, write_json
 
 log = logging.getLogger("affinequant")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main.py", description="Block-wise post-training quantization "
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lwc", action="store_true", help="learnable weight clipping")
     a("--let", action="store_true", help="learnable equivalent transformation")
     a("--aug_loss", action="store_true", help="also match the FP block applied to the quantized input")
-    a("--loss", default="mse", choices=["mse", "token_rel"],
+    a("--loss", default="mse", choices=LOSSES,
       help="block objective: mse (OmniQuant's) or token_rel, each token's squared error relative to its target's "
            "squared norm, so outlier tokens (an attention sink's massive activations) do not dominate")
     a("--deactive_amp", action="store_true", help="train in float32 without autocast on CUDA")
@@ -187,7 +188,6 @@ def run(argv=None) -> dict:
     write_json(Path(args.output_dir) / "results.json", results)
     log.info("results written to %s", Path(args.output_dir) / "results.json")
     return results
-
 
 
 def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results) -> torch.nn.Module | None:

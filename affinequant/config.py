@@ -10,7 +10,8 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the fix."""
 
 
-LOSSES = ("mse", "token_rel")
+LOSSES = ("mse", "token_rel")      # block objectives: calibrate.block_loss
+
 
 @dataclass
 class QuantConfig:

@@ -62,29 +62,24 @@ def hf_dataset_roots(data_dir: Path | None) -> list[Path]:
 
 
 def _find_saved(rel: str, roots: list[Path]) -> Path | None:
-    for root in roots:
-        arrows = sorted((root / rel).glob("data-*.arrow"))
-        if arrows:
-            return root / rel
-    return None
+    """The first root's save_to_disk folder `rel` that holds data."""
+    return next((root / rel for root in roots if any((root / rel).glob("data-*.arrow"))), None)
 
 
-def _task_yaml(include: Path, task: str, splits: dict[str, Path], saved: bool, overrides: dict[str, str],
-               extra: str = "") -> str:
-    """A task file: lm-eval's definition with the data pointed at local files. Splits lm-eval's file
-    names but that have no local copy are switched off."""
+def _task_yaml(include: Path, task: str, splits: dict[str, Path], saved: bool, overrides: dict[str, str]) -> str:
+    """A task file: lm-eval's definition with the data pointed at local files. Splits that lm-eval's
+    file names but that have no local copy are switched off."""
     lines = [f"include: {include}", f"task: {task}", "tag: []",
              f"dataset_path: {'arrow' if saved else 'json'}", "dataset_name: null", "dataset_kwargs:",
              "  data_files:"]
     for split, path in splits.items():
         files = sorted(path.glob("data-*.arrow")) if saved else [path]
         lines.append(f"    {split}: [{', '.join(repr(str(f)) for f in files)}]")
-    for split in ("training_split", "validation_split", "test_split"):
-        name = split.split("_")[0].replace("training", "train")
-        if name not in splits:
-            lines.append(f"{split}: null")
+    for key, split in (("training_split", "train"), ("validation_split", "validation"), ("test_split", "test")):
+        if split not in splits:
+            lines.append(f"{key}: null")
     lines += [f"{k}: {v}" for k, v in overrides.items()]
-    return "\n".join(lines) + "\n" + extra
+    return "\n".join(lines) + "\n"
 
 
 def write_local_tasks(names: list[str], data_dir: Path | None, out: Path) -> dict[str, str]:

@@ -72,20 +72,27 @@ def budget_flags(args, model: str) -> list[str]:
             "--lwc_lr", str(args.lwc_lr), "--let_lr", str(args.let_lr)]
 
 
-def run_one(args, model: str, setting: str, method: str) -> Path:
-    out = OUT / f"{model}__{setting}__{method}"
-    if (out / "results.json").is_file():
-        return out / "results.json"
+def run_main(out: Path, flags: list[str], label: str) -> dict:
+    """main.py with `flags` in its own process, writing into `out` (its log beside it, as out.log);
+    skipped when out/results.json already exists. Returns the results."""
+    if not (out / "results.json").is_file():
+        cmd = [sys.executable, str(ROOT / "main.py"), "--output_dir", str(out), *flags]
+        print(f"[bench] {label}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{out}.log", "w") as log:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        print(f"[bench]   done in {time.time() - t0:.0f}s", flush=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def run_one(args, model: str, setting: str, method: str) -> dict:
     epochs = [] if method == "RTN" else ["--epochs", str(budget(args, model)["epochs"])]
-    cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(Path(args.model_dir) / f"{model}.gguf"),
-           "--output_dir", str(out), *SETTINGS[setting], *epochs, *budget_flags(args, model), *METHODS[method]]
+    flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
+             *budget_flags(args, model), *METHODS[method]]
     if args.data_dir:
-        cmd += ["--data_dir", args.data_dir]
-    print(f"[bench] {model} {setting} {method}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=open(OUT / f"{out.name}.log", "w"), stderr=subprocess.STDOUT)
-    print(f"[bench]   done in {time.time() - t0:.0f}s", flush=True)
-    return out / "results.json"
+        flags += ["--data_dir", args.data_dir]
+    return run_main(OUT / f"{model}__{setting}__{method}", flags, f"{model} {setting} {method}")
 
 
 def quality_runs():

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from run_bench import OUT, ROOT, SETTINGS
+from run_bench import OUT, ROOT, SETTINGS, run_main
 
 RUNS = {  # name: flags
     "FP": ["--wbits", "16", "--abits", "16", "--epochs", "0"],
@@ -37,21 +34,14 @@ def main():
     model = Path(args.model).stem
     rows = []
     for name, flags in RUNS.items():
-        out = OUT / f"zeroshot__{model}__{name.replace(' ', '_')}"
-        if not (out / "results.json").is_file():
-            cmd = [sys.executable, str(ROOT / "main.py"), "--model", args.model, "--output_dir", str(out), *flags,
-                   "--tasks", args.tasks, "--limit", str(args.limit), "--nsamples", str(args.nsamples),
-                   "--seqlen", str(args.seqlen), "--calib_dataset", "c4", "--lwc_lr", str(args.lwc_lr)]
-            if "--lwc" in flags:
-                cmd += ["--epochs", str(args.epochs)]
-            if args.data_dir:
-                cmd += ["--data_dir", args.data_dir]
-            print(f"[zeroshot] {name}: {' '.join(cmd[1:])}", flush=True)
-            t0 = time.time()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT)
-            print(f"[zeroshot]   done in {time.time() - t0:.0f}s", flush=True)
-        res = json.loads((out / "results.json").read_text())
+        flags = ["--model", args.model, *flags, "--tasks", args.tasks, "--limit", str(args.limit),
+                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib_dataset", "c4",
+                 "--lwc_lr", str(args.lwc_lr)]
+        if "--lwc" in flags:
+            flags += ["--epochs", str(args.epochs)]
+        if args.data_dir:
+            flags += ["--data_dir", args.data_dir]
+        res = run_main(OUT / f"zeroshot__{model}__{name.replace(' ', '_')}", flags, f"zero-shot {name}")
         rows.append({"model": model, "run": name, "tasks": res["tasks"]})
     tasks = args.tasks.split(",")
     (ROOT / "bench" / "zeroshot.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -14,13 +14,20 @@ from test_cli import _run_keeping_model
 pytest.importorskip("lm_eval")
 
 
+WORDS = "the a of and to in is was for on as with by at from it that this are be".split()
+
+
+def _phrase(start: int, n: int) -> str:
+    """n words of the tiny tokenizer's vocabulary from position `start`: text with no unknown tokens."""
+    return " ".join(WORDS[(start + k) % len(WORDS)] for k in range(n))
+
+
 def _arc_docs(n):
-    """A tiny ARC file in the HF schema, in the tiny tokenizer's vocabulary."""
-    words = "the a of and to in is was for on as with by at from it that this are be".split()
+    """A tiny ARC file in the HF schema."""
     docs = []
     for i in range(n):
-        q = " ".join(words[(i + k) % len(words)] for k in range(5))
-        choices = [" ".join(words[(i * 3 + j + k) % len(words)] for k in range(2)) for j in range(4)]
+        q = _phrase(i, 5)
+        choices = [_phrase(i * 3 + j, 2) for j in range(4)]
         docs.append({"id": str(i), "question": q, "choices": {"text": choices, "label": list("ABCD")},
                      "answerKey": "ABCD"[i % 4]})
     return docs
@@ -86,12 +93,10 @@ def test_saved_hf_copies_run_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("AFFINEQUANT_OFFLINE", "1")
     from affinequant.utils import hub_reachable
     hub_reachable.cache_clear()
-    words = "the a of and to in is was for on as with by at from it that this are be".split()
-    phrase = lambda i, n: " ".join(words[(i + k) % len(words)] for k in range(n))  # noqa: E731
     root = tmp_path / "data" / "hf_datasets"
-    piqa = [{"goal": phrase(i, 4), "sol1": phrase(2 * i, 3), "sol2": phrase(3 * i + 1, 3), "label": i % 2}
+    piqa = [{"goal": _phrase(i, 4), "sol1": _phrase(2 * i, 3), "sol2": _phrase(3 * i + 1, 3), "label": i % 2}
             for i in range(8)]
-    boolq = [{"question": phrase(i, 4), "passage": phrase(5 * i, 6), "answer": bool(i % 3)} for i in range(9)]
+    boolq = [{"question": _phrase(i, 4), "passage": _phrase(5 * i, 6), "answer": bool(i % 3)} for i in range(9)]
     datasets.Dataset.from_list(piqa).save_to_disk(str(root / "piqa/plain_text/validation"))
     datasets.Dataset.from_list(boolq).save_to_disk(str(root / "boolq/none/validation"))
     model_dir = save_tiny(tmp_path / "tiny-llama")
