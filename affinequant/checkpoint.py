@@ -69,6 +69,9 @@ class CalibrationCheckpoint:
         if saved.get("model") != model:
             log.warning("--resume: checkpoint made from %s, resuming with %s", saved.get("model"), model)
         self.manifest["finished"] = sorted(saved.get("finished", []))
+        # The stored parameters were produced by the saved configuration: keep it, so that a rebuild
+        # with --epochs 0 does not turn the manifest into one that refuses the original flags later.
+        self.manifest["config"] = saved["config"]
         log.info("--resume: %d of %d blocks finished in %s", len(self.manifest["finished"]), n_blocks, self.dir)
 
     def _write_manifest(self) -> None:

@@ -67,6 +67,11 @@ def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
     assert trained == []
     for k in full:
         assert torch.equal(rebuilt[k], full[k]), k
+    # ... and leaves the checkpoint resumable with the flags that trained it
+    again = _state(_run_keeping_model(setup + FLAGS + ["--output_dir", str(tmp_path / "b"), "--resume"]))
+    assert trained == []
+    for k in full:
+        assert torch.equal(again[k], full[k]), k
 
 
 def test_foreign_and_corrupt_checkpoints_are_refused(setup, tmp_path, capsys):
