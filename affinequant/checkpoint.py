@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import QuantConfig
 from .utils import atomic_write, write_json
 
 log = logging.getLogger("affinequant")
@@ -58,7 +59,9 @@ class CalibrationCheckpoint:
             raise CheckpointError(f"--resume: {self.manifest_path} is corrupt ({exc}); delete {self.dir} and "
                                   f"start again") from exc
         keys = STRUCTURE + (TRAINING if config.get("epochs", 0) > 0 else ())
-        diff = {k: (saved["config"].get(k), config.get(k)) for k in keys if saved["config"].get(k) != config.get(k)}
+        # a key that a manifest predates (--loss, added later) had its default then
+        saved_config = {**QuantConfig().to_dict(), **saved["config"]}
+        diff = {k: (saved_config.get(k), config.get(k)) for k in keys if saved_config.get(k) != config.get(k)}
         if saved.get("n_blocks") != n_blocks:
             diff["blocks"] = (saved.get("n_blocks"), n_blocks)
         if diff:

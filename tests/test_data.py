@@ -54,6 +54,9 @@ def test_perplexity_matches_hf_loss():
                   for i in range(5)]
     assert res["windows"] == 5
     assert math.isclose(res["ppl"], math.exp(torch.stack(losses).mean().item()), rel_tol=1e-5)
+    assert len(res["window_nll"]) == 5
+    for kept, loss in zip(res["window_nll"], losses):       # per window, for paired comparisons of runs
+        assert math.isclose(kept, loss.item(), rel_tol=1e-5)
 
 
 def test_kl_is_zero_against_itself_and_positive_otherwise():

@@ -86,3 +86,18 @@ def test_foreign_and_corrupt_checkpoints_are_refused(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(setup + FLAGS + ["--output_dir", str(tmp_path / "nothing"), "--resume"])
     assert "no calibration checkpoint" in str(exc.value)
+
+
+def test_manifest_from_before_a_config_key_existed(setup, tmp_path):
+    """A checkpoint written before --loss existed was trained with its default (mse): it resumes with
+    that and is refused with another loss."""
+    import json
+    run(setup + FLAGS + ["--output_dir", str(tmp_path / "a")])
+    manifest = tmp_path / "a" / "checkpoint" / "manifest.json"
+    saved = json.loads(manifest.read_text())
+    del saved["config"]["loss"]
+    manifest.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as exc:
+        run(setup + FLAGS + ["--loss", "token_rel", "--output_dir", str(tmp_path / "a"), "--resume"])
+    assert "loss: checkpoint 'mse' vs now 'token_rel'" in str(exc.value)
+    run(setup + FLAGS + ["--output_dir", str(tmp_path / "a"), "--resume"])
