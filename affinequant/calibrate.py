@@ -42,9 +42,14 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> to
     its target's squared norm, averaged over tokens: every later reader sees the residual stream
     through an RMSNorm, so what matters per token is the relative error. Under plain MSE, a model
     with an attention sink (Qwen2.5: the first token holds 68-93% of the residual stream's energy
-    in blocks 3-18) spends the whole budget on that one token."""
+    in blocks 3-18) spends the whole budget on that one token.
+    "token_cos" is each token's 1 - cos(output, target), averaged: the error in the direction the next
+    RMSNorm passes on. It is bounded by 2 per token, so a token the quantized trajectory has pushed far
+    off (a spurious sink, relative error ~1e3) cannot dominate it as it dominates token_rel."""
     if kind == "mse":
         return F.mse_loss(out, target)
+    if kind == "token_cos":
+        return (1 - F.cosine_similarity(out, target, dim=-1, eps=1e-12)).mean()
     err = (out - target).pow(2).sum(-1)
     return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 

@@ -18,6 +18,7 @@ from .evaluate import perplexity
 from .export import save_quantized
 from .modeling import load_config, load_model, model_name, resolve_model_path
 from .stats import collect_act_stats
+from .transforms import QK_OUTPUT
 from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, save_tensors, seed_everything, \
     setup_logging, write_json
 
@@ -126,6 +127,10 @@ def load_or_collect_stats(args, model, adapter, samples, device, net: str):
             raise SystemExit(f"{scales_path} does not hold statistics for this model (no '{expected}' of size "
                              f"{model.config.hidden_size}): delete it, or pass --act-scales for this model")
         log.info("LET init from %s and %s", scales_path, shifts_path)
+        if not any(k.endswith(QK_OUTPUT) for k in scales):
+            log.info("%s has no q/k output statistics (written by the reference code or before they were "
+                     "recorded): the q <-> k scales start at 1, as in OmniQuant. Delete it (or rerun "
+                     "generate_act_scale_shift.py) for their SmoothQuant-style start", scales_path)
         return scales, shifts
     log.info("activation statistics %s not found: computing them on the calibration set", scales_path)
     scales, shifts = collect_act_stats(model, adapter, samples, device)

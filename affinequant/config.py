@@ -10,7 +10,7 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the fix."""
 
 
-LOSSES = ("mse", "token_rel")      # block objectives: calibrate.block_loss
+LOSSES = ("mse", "token_rel", "token_cos")      # block objectives: calibrate.block_loss
 
 
 @dataclass
@@ -33,7 +33,7 @@ class QuantConfig:
     batch_size: int = 1
     seqlen: int = 2048
     aug_loss: bool = False
-    loss: str = "mse"                  # block objective: "mse" (OmniQuant) or "token_rel" (see calibrate.block_loss)
+    loss: str = "mse"                  # block objective: "mse" (OmniQuant), "token_rel" or "token_cos" (calibrate.block_loss)
     deactive_amp: bool = False
     seed: int = 2
     real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)

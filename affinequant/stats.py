@@ -4,6 +4,9 @@ act_scales[name] = max |x| over all tokens, per input channel;
 act_shifts[name] = (max + min) / 2 per channel, averaged over samples as an EMA (0.99 old + 0.01 new),
 as the reference's generate_act_scale_shift.py does. Keys are full module names
 (model.layers.0.self_attn.q_proj). Computed block by block, so only one block is ever on the device.
+
+Beyond the reference, act_scales["<q_proj or k_proj>" + QK_OUTPUT] = max |y| per output channel of the
+adapter's q and k projections: the statistics the q ↔ k scale starts from (transforms.LET).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .calibrate import _block_output, capture_block_inputs
+from .transforms import QK_OUTPUT
 
 
 @torch.no_grad()
@@ -35,6 +39,11 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
                     scales[key] = absmax if key not in scales else torch.maximum(scales[key], absmax)
                     shifts[key] = mid if key not in shifts else 0.99 * shifts[key] + 0.01 * mid
                 handles.append(module.register_forward_pre_hook(hook))
+                if name in adapter.qk_pair:
+                    def out_hook(mod, args, out, key=key + QK_OUTPUT):
+                        absmax = out.detach().reshape(-1, out.shape[-1]).float().abs().amax(0).cpu()
+                        scales[key] = absmax if key not in scales else torch.maximum(scales[key], absmax)
+                    handles.append(module.register_forward_hook(out_hook))
         for i in range(inputs.shape[0]):
             inputs[i:i + 1] = _block_output(block(inputs[i:i + 1].to(device), **kwargs)).float().cpu()
         for h in handles:

@@ -28,6 +28,7 @@ from .qmodules import QuantLinear, TransformedNorm
 log = logging.getLogger("affinequant")
 
 SCALE_FLOOR = 1e-5
+QK_OUTPUT = ":output"    # act_scales key suffix of the q/k output statistics (stats.collect_act_stats)
 MAX_CONDITION = 1e4      # beyond this an effective matrix is "heading towards singular": back off
 
 
@@ -183,13 +184,32 @@ class LET(nn.Module):
         elif qk_matrix:
             self.qk_param = nn.Parameter(torch.eye(self.head_dim, device=dev).repeat(self.n_kv, 1, 1))
         else:
-            pair_dim = self.head_dim // 2 if adapter.rope else self.head_dim
-            self.qk_param = nn.Parameter(torch.ones(self.n_kv, pair_dim, device=dev))
+            q_name, k_name = adapter.qk_pair
+            q_out, k_out = act_scales.get(q_name + QK_OUTPUT), act_scales.get(k_name + QK_OUTPUT)
+            if q_out is not None and k_out is not None:
+                s_qk = self.qk_smooth_scale(q_out.to(dev).float(), k_out.to(dev).float(), alpha)
+            else:    # statistics written before q/k outputs were recorded: OmniQuant's start, all ones
+                s_qk = torch.ones(self.n_kv, self.head_dim // 2 if adapter.rope else self.head_dim, device=dev)
+            self.qk_param = nn.Parameter(s_qk)
         # masks start at the diagonal; set_epoch unlocks bands
         self.register_buffer("ln_mask", band_mask(self.hidden, 1, self.ln_sf, dev) if ln_matrix else None,
                              persistent=False)
         self.register_buffer("head_mask", band_mask(self.head_dim, 1, self.head_sf, dev), persistent=False)
         self.ln_bands = self.head_bands = 1
+
+    def qk_smooth_scale(self, q_absmax: torch.Tensor, k_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The q ↔ k scale s (q/s, k·s) that migrates k's outlier channels into q, as SmoothQuant does
+        for x and W (QServe's SmoothAttention): s = max|q|^(1−α) / max|k|^α, per KV head and channel,
+        q's maximum taken over the query heads that share the KV head. For RoPE models a pair
+        (i, i + head_dim/2) rotates together, so it takes one scale, from the larger of its two maxima.
+        Without it OmniQuant starts this scale at 1, and a short calibration leaves it there."""
+        q = reduce_to_kv(q_absmax, self.n_kv, self.n_heads).view(self.n_kv, self.head_dim)
+        k = k_absmax.view(self.n_kv, self.head_dim)
+        if self.adapter.rope:
+            q = q.view(self.n_kv, 2, -1).amax(1)
+            k = k.view(self.n_kv, 2, -1).amax(1)
+        q, k = q.clamp(min=SCALE_FLOOR), k.clamp(min=SCALE_FLOOR)
+        return (q.pow(1 - alpha) / k.pow(alpha)).clamp(min=SCALE_FLOOR)
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:

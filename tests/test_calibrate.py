@@ -47,7 +47,7 @@ def test_quantized_attention_keeps_causal_mask(family, tokens):
         assert torch.allclose(model(changed).logits[0, :-1], got[0, :-1], atol=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["mse", "token_rel"])
+@pytest.mark.parametrize("loss", ["mse", "token_rel", "token_cos"])
 def test_loss_decreases_with_lwc_and_let(tokens, loss):
     model = tiny_model("llama")
     adapter = get_adapter(model.config)
@@ -72,6 +72,19 @@ def test_token_relative_loss_weighs_every_token_alike():
     assert block_loss(out2, target, "token_rel").item() == pytest.approx(0.01 / 6, rel=1e-4)
     assert block_loss(out2, target, "mse").item() > 0.99 * block_loss(out, target, "mse").item()
     assert block_loss(out, target, "mse").item() == pytest.approx(F.mse_loss(out, target).item())
+
+
+def test_token_cos_loss_is_bounded_per_token_and_ignores_scale():
+    """token_cos: 1 - cos per token, averaged. A token blown up along another direction (a spurious
+    sink) costs at most 2, however large it is; a token right in direction but off in scale costs 0."""
+    target = torch.randn(1, 4, 32)
+    assert block_loss(target * 3.0, target, "token_cos").item() == pytest.approx(0.0, abs=1e-6)
+    out = target.clone()
+    out[0, 1] = -1e6 * target[0, 1]          # opposite direction, 1e6x the norm
+    assert block_loss(out, target, "token_cos").item() == pytest.approx(2 / 4, rel=1e-5)
+    assert block_loss(out, target, "token_rel").item() > 1e11     # token_rel is swamped by that one token
+    expected = (1 - F.cosine_similarity(out + 0.1, target, dim=-1)).mean()
+    assert block_loss(out + 0.1, target, "token_cos").item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_training_beats_rtn_on_block_output(tokens):

@@ -7,7 +7,11 @@ from affinequant.calibrate import _block_output
 from affinequant.config import QuantConfig
 from affinequant.qmodules import QuantLinear, TransformedNorm
 
-from conftest import FAMILIES, assert_transform_exact, prepared_block
+from affinequant.adapters import get_adapter
+from affinequant.stats import collect_act_stats
+from affinequant.transforms import LET, expand_kv
+
+from conftest import FAMILIES, assert_transform_exact, prepared_block, tiny_model
 
 
 def _prepared_block(family, tokens):
@@ -58,3 +62,37 @@ def test_let_gradients_reach_all_parameters(tokens):
     (out - reference).pow(2).mean().add(out.pow(2).mean()).backward()
     for name, p in bq.let.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "opt"])
+def test_qk_scale_starts_from_q_and_k_statistics(family, tokens):
+    """The q ↔ k scale starts SmoothQuant-style from max|q| and max|k| (per KV head, tied per RoPE
+    pair): with alpha 0.5, q/s and k·s end up with equal maxima in every (pair of) channel(s), and the
+    block's function is unchanged. Statistics without q/k outputs (older files) start it at 1."""
+    from affinequant.transforms import QK_OUTPUT
+    block, bq, inputs, kwargs, reference = prepared_block(family, tokens, QuantConfig(wbits=16, abits=8, let=True))
+    let = bq.let
+    q_name, k_name = let.adapter.qk_pair
+    with torch.no_grad():       # the recorded statistic is max |q_proj(x)| per output channel
+        normed = block.get_submodule(let.adapter.norm_groups[0][0])(inputs)
+        q = block.get_submodule(q_name)(normed).reshape(-1, let.n_heads * let.head_dim)
+        k = block.get_submodule(k_name)(normed).reshape(-1, let.n_kv * let.head_dim)
+    q_rows, k_rows = let.qk_rows()
+    q_max = (q * expand_kv(q_rows, let.n_kv, let.n_heads)).abs().amax(0)
+    q_max = q_max.view(let.n_kv, let.n_heads // let.n_kv, let.head_dim).amax(1)
+    k_max = (k * k_rows).abs().amax(0).view(let.n_kv, let.head_dim)
+    if let.adapter.rope:
+        q_max, k_max = q_max.view(let.n_kv, 2, -1).amax(1), k_max.view(let.n_kv, 2, -1).amax(1)
+    assert not torch.allclose(let.qk_param, torch.ones_like(let.qk_param))
+    assert torch.allclose(q_max, k_max, rtol=1e-4)
+    assert_transform_exact(block, bq, inputs, kwargs, reference, rtol=1e-5)
+
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    scales, _ = collect_act_stats(model, adapter, tokens, torch.device("cpu"))
+    assert f"model.layers.0.{q_name}{QK_OUTPUT}" in scales or f"model.decoder.layers.0.{q_name}{QK_OUTPUT}" in scales
+    old = {k: v for k, v in scales.items() if not k.endswith(QK_OUTPUT)}
+    prefix = adapter.layers_path + ".0."
+    let_old = LET(adapter.layers(model)[0], adapter, model.config, 0.5,
+                  {k[len(prefix):]: v for k, v in old.items() if k.startswith(prefix)}, None, False)
+    assert torch.equal(let_old.qk_param, torch.ones_like(let_old.qk_param))
