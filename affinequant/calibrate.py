@@ -120,7 +120,8 @@ class BlockQuantizer:
                 set_submodule(block, norm_name, TransformedNorm(block.get_submodule(norm_name)))
             use_shift = adapter.norm_has_bias and cfg.abits < 16   # as OmniQuant: shifts only where a norm bias absorbs them
             self.let = LET(block, adapter, model_config, cfg.alpha, act_scales, act_shifts, use_shift,
-                           ln_matrix=cfg.use_ln_matrix, affine=cfg.affine, qk_matrix=cfg.use_matrix, sf=cfg.stability_factor)
+                           ln_matrix=cfg.use_ln_matrix, affine=cfg.affine, qk_matrix=cfg.use_matrix, sf=cfg.stability_factor,
+                           qk_from_stats=cfg.qk_init == "stats")
         for p in block.parameters():
             p.requires_grad_(False)
 

@@ -26,7 +26,7 @@ log = logging.getLogger("affinequant")
 # What the stored parameters mean: these must match for any resume.
 STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "lwc", "let", "use_ln_matrix", "use_matrix")
 # What produced them: these must match too when training continues (epochs > 0).
-TRAINING = ("alpha", "let_lr", "lwc_lr", "wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed", "sf")
+TRAINING = ("alpha", "let_lr", "lwc_lr", "wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed", "sf", "qk_init")
 
 
 class CheckpointError(SystemExit):

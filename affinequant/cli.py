@@ -12,7 +12,7 @@ import torch
 from .adapters import get_adapter
 from .calibrate import quantize_blocks
 from .checkpoint import CalibrationCheckpoint
-from .config import LOSSES, ConfigError, QuantConfig
+from .config import LOSSES, QK_INITS, ConfigError, QuantConfig
 from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .evaluate import perplexity
 from .export import save_quantized
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", default="mse", choices=LOSSES,
       help="block objective: mse (OmniQuant's) or token_rel, each token's squared error relative to its target's "
            "squared norm, so outlier tokens (an attention sink's massive activations) do not dominate")
+    a("--qk_init", default="stats", choices=QK_INITS,
+      help="where the LET q<->k scale starts: stats (SmoothQuant-style from q/k output statistics) or ones "
+           "(OmniQuant)")
     a("--deactive_amp", action="store_true", help="train in float32 without autocast on CUDA")
     a("--act-scales", dest="act_scales", default=None, help="default ./act_scales/<net>.pt")
     a("--act-shifts", dest="act_shifts", default=None, help="default ./act_shifts/<net>.pt")
@@ -89,7 +92,8 @@ def config_from_args(args) -> QuantConfig:
     return QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
-                       seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, deactive_amp=args.deactive_amp,
+                       seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, qk_init=args.qk_init,
+                       deactive_amp=args.deactive_amp,
                        use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,
                        real_quant=args.real_quant,
                        seed=args.seed).validate()

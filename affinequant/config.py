@@ -11,6 +11,7 @@ class ConfigError(ValueError):
 
 
 LOSSES = ("mse", "token_rel", "token_cos")      # block objectives: calibrate.block_loss
+QK_INITS = ("stats", "ones")                    # where the LET q <-> k scale starts: transforms.LET
 
 
 @dataclass
@@ -33,6 +34,7 @@ class QuantConfig:
     batch_size: int = 1
     seqlen: int = 2048
     aug_loss: bool = False
+    qk_init: str = "stats"             # LET q<->k scale: from q/k statistics, or 1 as OmniQuant
     loss: str = "mse"                  # block objective: "mse" (OmniQuant), "token_rel" or "token_cos" (calibrate.block_loss)
     deactive_amp: bool = False
     seed: int = 2
@@ -60,6 +62,8 @@ class QuantConfig:
                               "there is nothing to transform or pack: drop --let/--real_quant, or lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:
             raise ConfigError("--lwc learns weight clipping but --wbits is 16: drop --lwc or lower --wbits")
+        if self.qk_init not in QK_INITS:
+            raise ConfigError(f"--qk_init {self.qk_init!r} is not known: use one of {', '.join(QK_INITS)}")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss!r} is not known: use one of {', '.join(LOSSES)}")
         for name in ("epochs", "nsamples", "batch_size", "seqlen"):

@@ -150,7 +150,7 @@ class LET(nn.Module):
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, alpha: float,
                  act_scales: dict[str, torch.Tensor], act_shifts: dict[str, torch.Tensor] | None,
                  use_shift: bool, ln_matrix: bool = False, affine: bool = False, qk_matrix: bool = False,
-                 sf: float = 1.0):
+                 sf: float = 1.0, qk_from_stats: bool = True):
         super().__init__()
         self.adapter = adapter
         self.n_heads, self.n_kv, self.head_dim = adapter.heads(model_config)
@@ -186,9 +186,9 @@ class LET(nn.Module):
         else:
             q_name, k_name = adapter.qk_pair
             q_out, k_out = act_scales.get(q_name + QK_OUTPUT), act_scales.get(k_name + QK_OUTPUT)
-            if q_out is not None and k_out is not None:
+            if qk_from_stats and q_out is not None and k_out is not None:
                 s_qk = self.qk_smooth_scale(q_out.to(dev).float(), k_out.to(dev).float(), alpha)
-            else:    # statistics written before q/k outputs were recorded: OmniQuant's start, all ones
+            else:    # --qk_init ones, or statistics without q/k outputs: OmniQuant's start, all ones
                 s_qk = torch.ones(self.n_kv, self.head_dim // 2 if adapter.rope else self.head_dim, device=dev)
             self.qk_param = nn.Parameter(s_qk)
         # masks start at the diagonal; set_epoch unlocks bands

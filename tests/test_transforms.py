@@ -96,3 +96,7 @@ def test_qk_scale_starts_from_q_and_k_statistics(family, tokens):
     let_old = LET(adapter.layers(model)[0], adapter, model.config, 0.5,
                   {k[len(prefix):]: v for k, v in old.items() if k.startswith(prefix)}, None, False)
     assert torch.equal(let_old.qk_param, torch.ones_like(let_old.qk_param))
+    let_ones = LET(adapter.layers(model)[0], adapter, model.config, 0.5,           # --qk_init ones
+                   {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}, None, False,
+                   qk_from_stats=False)
+    assert torch.equal(let_ones.qk_param, torch.ones_like(let_ones.qk_param))
