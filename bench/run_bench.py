@@ -50,7 +50,10 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "the mean per-window NLL difference to RTN on the same windows, ± its standard error. Runs finished "
          "before the window count changed were re-evaluated from their checkpoints (the same model; the calibration "
          "figures are the original run's). The LET rows at W4A4 start the q<->k scale from q/k statistics; the "
-         "AffineQuant+qk rows start their q/k transform at the identity, as the reference does. Superseded Qwen W4A4 "
+         "AffineQuant+qk rows start their q/k transform at the identity, as the reference does. That start "
+         "(--qk_init stats) is model-dependent: SmolLM2 W4A4 with the q<->k scale at 1 (--qk_init ones) gives "
+         "661.90 (KL 2.9740) with LWC+LET and 462.65 (KL 2.5961) with the W4A4 recipe; Qwen W4A4 on 40 windows gives "
+         "705.28 (KL 3.1879) and 616.43 (KL 3.0242). Superseded Qwen W4A4 "
          "LWC+LET runs with the q<->k scale starting at 1 (10 windows, RTN 702.36): OmniQuant's MSE 899.17, "
          "--loss token_rel 817.20, lwc_lr 1e-2 803.68, with 8 samples 844.24.")
 
