@@ -33,16 +33,14 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
                 key = f"{adapter.layers_path}.{index}.{name}"
 
                 def hook(mod, args, key=key):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    absmax = x.abs().amax(0).cpu()
+                    x = _rows(args[0])
+                    _keep_max(scales, key, x.abs().amax(0).cpu())
                     mid = ((x.amax(0) + x.amin(0)) / 2).cpu()
-                    scales[key] = absmax if key not in scales else torch.maximum(scales[key], absmax)
                     shifts[key] = mid if key not in shifts else 0.99 * shifts[key] + 0.01 * mid
                 handles.append(module.register_forward_pre_hook(hook))
                 if name in adapter.qk_pair:
                     def out_hook(mod, args, out, key=key + QK_OUTPUT):
-                        absmax = out.detach().reshape(-1, out.shape[-1]).float().abs().amax(0).cpu()
-                        scales[key] = absmax if key not in scales else torch.maximum(scales[key], absmax)
+                        _keep_max(scales, key, _rows(out).abs().amax(0).cpu())
                     handles.append(module.register_forward_hook(out_hook))
         for i in range(inputs.shape[0]):
             inputs[i:i + 1] = _block_output(block(inputs[i:i + 1].to(device), **kwargs)).float().cpu()
@@ -50,3 +48,12 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
             h.remove()
         block.to(device="cpu", dtype=orig_dtype)
     return scales, shifts
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., channels) -> (tokens, channels), float32."""
+    return t.detach().reshape(-1, t.shape[-1]).float()
+
+
+def _keep_max(stats: dict, key: str, value: torch.Tensor) -> None:
+    stats[key] = value if key not in stats else torch.maximum(stats[key], value)
