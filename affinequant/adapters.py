@@ -31,6 +31,15 @@ class Adapter:
             obj = getattr(obj, part)
         return obj
 
+    def sequential_groups(self, names: list[str]) -> list[list[str]]:
+        """GPTQ's true-sequential order over the linears `names`: the consumers of the first norm (q/k/v),
+        the consumer of v (o), the consumers of each later norm (gate/up, fc1), then the rest (down, fc2).
+        A linear's inputs depend only on the groups before its own."""
+        order = [list(self.norm_groups[0][1]), [self.out_pair[1]], *[list(c) for _, c in self.norm_groups[1:]]]
+        placed = {n for group in order for n in group}
+        order.append([n for n in names if n not in placed])
+        return [[n for n in group if n in names] for group in order if any(n in names for n in group)]
+
     def heads(self, config) -> tuple[int, int, int]:
         n_heads = config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads

@@ -23,10 +23,41 @@ from .utils import atomic_write, write_json
 
 log = logging.getLogger("affinequant")
 
-# What the stored parameters mean: these must match for any resume.
-STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "lwc", "let", "use_ln_matrix", "use_matrix")
-# What produced them: these must match too when training continues (epochs > 0).
-TRAINING = ("alpha", "let_lr", "lwc_lr", "wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed", "sf", "qk_init")
+# What the stored parameters mean: these and the recipe's stages (less the rounder, which stores
+# nothing) with their structural options must match for any resume.
+STRUCTURE = ("wbits", "abits", "group_size", "symmetric")
+# What produced them: these and the whole recipe must match too when training continues (epochs > 0).
+TRAINING = ("wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed")
+# Options that change what a stage stores (its tensors' meaning or shapes); other options change only
+# how the values were reached, or, for the rounder, how a rebuild rounds.
+STRUCTURAL_OPTIONS = {"let": ("ln_matrix", "qk_matrix")}
+
+
+def _saved_recipe(saved: dict) -> list[dict]:
+    """The manifest's recipe; a manifest from before recipes existed gets its flags' recipe."""
+    if "recipe" in saved:
+        return saved["recipe"]
+    from dataclasses import fields
+    known = {f.name for f in fields(QuantConfig)}
+    return QuantConfig(**{k: v for k, v in saved["config"].items() if k in known}).recipe_data()
+
+
+def recipe_differences(saved: list[dict], now: list[dict], whole: bool) -> dict:
+    """{what: (checkpoint, now)} between two recipes; without `whole`, only what the stored tensors depend on."""
+    from .stages import STAGES
+
+    def kept(recipe):
+        return recipe if whole else [e for e in recipe if not STAGES[e["stage"]].is_rounder]
+    saved, now = kept(saved), kept(now)
+    if [e["stage"] for e in saved] != [e["stage"] for e in now]:
+        return {"recipe": (" -> ".join(e["stage"] for e in saved), " -> ".join(e["stage"] for e in now))}
+    diff = {}
+    for a, b in zip(saved, now):
+        keys = set(a) | set(b) if whole else STRUCTURAL_OPTIONS.get(a["stage"], ())
+        for k in sorted(keys):
+            if a.get(k) != b.get(k):
+                diff[f"{a['stage']}.{k}"] = (a.get(k), b.get(k))
+    return diff
 
 
 class CheckpointError(SystemExit):
@@ -34,14 +65,14 @@ class CheckpointError(SystemExit):
 
 
 class CalibrationCheckpoint:
-    def __init__(self, directory: str | Path, config: dict, model: str, calibration: str, n_blocks: int,
+    def __init__(self, directory: str | Path, cfg: QuantConfig, model: str, calibration: str, n_blocks: int,
                  resume: bool):
         self.dir = Path(directory)
         self.manifest_path = self.dir / "manifest.json"
-        self.manifest = {"config": config, "model": model, "calibration": calibration, "n_blocks": n_blocks,
-                         "finished": []}
+        self.manifest = {"config": cfg.to_dict(), "recipe": cfg.recipe_data(), "model": model,
+                         "calibration": calibration, "n_blocks": n_blocks, "finished": []}
         if resume:
-            self._check_compatible(config, model, n_blocks)
+            self._check_compatible(cfg.to_dict(), self.manifest["recipe"], model, n_blocks)
         elif self.manifest_path.is_file():
             log.warning("%s holds a calibration checkpoint from an earlier run: starting afresh and replacing it "
                         "(pass --resume to continue it instead)", self.dir)
@@ -49,7 +80,7 @@ class CalibrationCheckpoint:
                 old.unlink()
         self._write_manifest()
 
-    def _check_compatible(self, config: dict, model: str, n_blocks: int) -> None:
+    def _check_compatible(self, config: dict, recipe: list[dict], model: str, n_blocks: int) -> None:
         if not self.manifest_path.is_file():
             raise CheckpointError(f"--resume: no calibration checkpoint in {self.dir} (no manifest.json); "
                                   f"run without --resume to start one")
@@ -58,10 +89,13 @@ class CalibrationCheckpoint:
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"--resume: {self.manifest_path} is corrupt ({exc}); delete {self.dir} and "
                                   f"start again") from exc
-        keys = STRUCTURE + (TRAINING if config.get("epochs", 0) > 0 else ())
+        training = config.get("epochs", 0) > 0
+        keys = STRUCTURE + (TRAINING if training else ())
         # a key that a manifest predates (--loss, added later) had its default then
         saved_config = {**QuantConfig().to_dict(), **saved["config"]}
         diff = {k: (saved_config.get(k), config.get(k)) for k in keys if saved_config.get(k) != config.get(k)}
+        saved_recipe = _saved_recipe(saved)
+        diff.update(recipe_differences(saved_recipe, recipe, whole=training))
         if saved.get("n_blocks") != n_blocks:
             diff["blocks"] = (saved.get("n_blocks"), n_blocks)
         if diff:
@@ -75,6 +109,10 @@ class CalibrationCheckpoint:
         # The stored parameters were produced by the saved configuration: keep it, so that a rebuild
         # with --epochs 0 does not turn the manifest into one that refuses the original flags later.
         self.manifest["config"] = saved["config"]
+        self.manifest["recipe"] = saved_recipe
+        if saved_recipe[-1]["stage"] != recipe[-1]["stage"]:
+            log.info("--resume: rebuilding with rounder %s (the checkpoint's run rounded with %s)",
+                     recipe[-1]["stage"], saved_recipe[-1]["stage"])
         log.info("--resume: %d of %d blocks finished in %s", len(self.manifest["finished"]), n_blocks, self.dir)
 
     def _write_manifest(self) -> None:

@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--use_ln_matrix", action="store_true", help="AffineQuant: matrices after the norms")
     a("--sf", type=float, default=None, help="AffineQuant stability factor of the gradual mask "
                                             "(default: 1e-2 weight-only, 0.1 with activation quantization)")
+    a("--recipe", default=None, metavar="FILE",
+      help="YAML or JSON list of stages (let, lwc, clip_search, gptq, rtn ...) that replaces the algorithm flags "
+           "(--lwc --let --use_ln_matrix --use_matrix --clip_search --gptq)")
+    a("--clip_search", action="store_true",
+      help="search each weight group's clipping ratio on the calibration inputs before training (alone, "
+           "as LWC's start, or before --gptq)")
+    a("--gptq", action="store_true", help="round the weights with GPTQ after the transforms (instead of to nearest)")
+    a("--percdamp", type=float, default=0.01, help="GPTQ dampening: fraction of the Hessian's mean diagonal")
+    a("--act_order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order (static groups)")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU)")
@@ -89,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> QuantConfig:
-    return QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
+    from .recipe import load_recipe_file
+    return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
+                       clip_search=args.clip_search, gptq=args.gptq, percdamp=args.percdamp, act_order=args.act_order,
+                       wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
                        seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, qk_init=args.qk_init,
@@ -172,7 +184,8 @@ def run(argv=None) -> dict:
         check_group_size(model, adapter, cfg.group_size)
     except ConfigError as exc:
         parser.error(str(exc))
-    results: dict = {"model": model_id, "net": net, "config": cfg.to_dict(), "device": str(device)}
+    results: dict = {"model": model_id, "net": net, "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
+                     "device": str(device)}
 
     if cfg.full_precision:
         if not (args.eval_ppl or args.tasks) or args.save_dir:
@@ -211,11 +224,11 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     log.info("calibration: %d x %d tokens from %s", cfg.nsamples, cfg.seqlen, calib_source)
 
     act_scales = act_shifts = None
-    if cfg.let:
+    if cfg.needs_statistics:
         act_scales, act_shifts = load_or_collect_stats(args, model, adapter, samples, device, net)
 
     reference = copy.deepcopy(model) if args.eval_ppl and not args.no_kl else None
-    checkpoint = CalibrationCheckpoint(args.resume or Path(args.output_dir) / "checkpoint", cfg.to_dict(), model_id,
+    checkpoint = CalibrationCheckpoint(args.resume or Path(args.output_dir) / "checkpoint", cfg, model_id,
                                        calib_source, len(adapter.layers(model)), resume=args.resume is not None)
     t0 = time.time()
     try:

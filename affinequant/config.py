@@ -14,6 +14,12 @@ LOSSES = ("mse", "token_rel", "token_cos")      # block objectives: calibrate.bl
 QK_INITS = ("stats", "ones")                    # where the LET q <-> k scale starts: transforms.LET
 
 
+def default_sf(abits: int) -> float:
+    """AffineQuant's README value of the gradual mask's stability factor: 1e-2 weight-only, 0.1 with
+    activation quantization."""
+    return 1e-2 if abits >= 16 else 0.1
+
+
 @dataclass
 class QuantConfig:
     wbits: int = 4
@@ -39,6 +45,11 @@ class QuantConfig:
     deactive_amp: bool = False
     seed: int = 2
     real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)
+    clip_search: bool = False          # search each group's clipping ratio before training (stages.clip_search)
+    gptq: bool = False                 # round the weights with GPTQ instead of to nearest (stages.rounding)
+    percdamp: float = 0.01             # GPTQ's dampening, a fraction of the Hessian's mean diagonal
+    act_order: bool = False            # GPTQ columns by descending Hessian diagonal (static groups)
+    recipe: list | None = None         # the stages as data (recipe.py); None: from the flags above
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
 
     @property
@@ -57,9 +68,9 @@ class QuantConfig:
             raise ConfigError(f"--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models (got --wbits "
                               f"{self.wbits} --abits {self.abits}): drop --real_quant, or use --abits 16 and one "
                               f"of those bit-widths")
-        if self.full_precision and (self.let or self.real_quant):
+        if self.full_precision and (self.let or self.real_quant or self.recipe is not None):
             raise ConfigError("--wbits 16 --abits 16 quantizes nothing (it evaluates the full-precision model), so "
-                              "there is nothing to transform or pack: drop --let/--real_quant, or lower --wbits or --abits")
+                              "there is nothing to transform or pack: drop --let/--real_quant/--recipe, or lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:
             raise ConfigError("--lwc learns weight clipping but --wbits is 16: drop --lwc or lower --wbits")
         if self.qk_init not in QK_INITS:
@@ -71,8 +82,6 @@ class QuantConfig:
                 raise ConfigError(f"--{name} must be positive (got {getattr(self, name)})")
         if self.nsamples % self.batch_size:
             raise ConfigError(f"--nsamples {self.nsamples} is not a multiple of --batch_size {self.batch_size}")
-        if self.epochs > 0 and not (self.lwc or self.let):
-            raise ConfigError("--epochs > 0 trains nothing without --lwc or --let: add one, or use --epochs 0 (RTN)")
         if (self.use_ln_matrix or self.use_matrix) and not self.let:
             flag = "--use_ln_matrix" if self.use_ln_matrix else "--use_matrix"
             raise ConfigError(f"{flag} learns AffineQuant's matrices, which extend LET: add --let")
@@ -80,23 +89,47 @@ class QuantConfig:
             raise ConfigError(f"--sf must lie in (0, 1] (got {self.sf}); AffineQuant uses 1e-2 weight-only, 0.1 for W4A4")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
+        if self.recipe is not None:
+            flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq", "act_order")
+                     if getattr(self, k)]
+            if flags:
+                raise ConfigError(f"--recipe names the stages, so {' '.join(flags)} would be ignored: drop them, or "
+                                  f"put them in the recipe")
+        if self.act_order and not self.gptq:
+            raise ConfigError("--act_order orders GPTQ's columns: add --gptq, or drop --act_order")
+        if not 0.0 <= self.percdamp < 1.0:
+            raise ConfigError(f"--percdamp must lie in [0, 1) (got {self.percdamp}); GPTQ uses 0.01")
+        from .recipe import learns, resolve
+        stages = resolve(self)
+        if self.epochs > 0 and not learns(stages):
+            raise ConfigError("--epochs > 0 trains nothing without --lwc or --let (no stage of the recipe learns): "
+                              "add one, or use --epochs 0")
         return self
 
     @property
     def stability_factor(self) -> float:
-        """--sf, or AffineQuant's README value: 1e-2 weight-only, 0.1 with activation quantization."""
-        if self.sf is not None:
-            return self.sf
-        return 1e-2 if self.abits >= 16 else 0.1
+        """--sf, or AffineQuant's README value (default_sf)."""
+        return self.sf if self.sf is not None else default_sf(self.abits)
 
-    @property
-    def affine(self) -> bool:
-        """AffineQuant mode: the v→o transform becomes a per-head matrix as well."""
-        return self.let and (self.use_ln_matrix or self.use_matrix)
+    def stages(self) -> list:
+        """The run's recipe: typed stage configs, from --recipe or from the flags (recipe.resolve)."""
+        from .recipe import resolve
+        return resolve(self)
+
+    def recipe_data(self) -> list[dict]:
+        """The resolved recipe as data: what results.json and the checkpoint manifest record."""
+        from .recipe import recipe_data
+        return recipe_data(self.stages())
 
     @property
     def trains(self) -> bool:
-        return self.epochs > 0 and (self.lwc or self.let)
+        from .recipe import learns
+        return self.epochs > 0 and learns(self.stages())
+
+    @property
+    def needs_statistics(self) -> bool:
+        from .recipe import needs_statistics
+        return not self.full_precision and needs_statistics(self.stages())
 
     def to_dict(self) -> dict:
         return asdict(self)

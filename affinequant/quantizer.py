@@ -63,30 +63,49 @@ def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tens
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel or per-group weight quantizer, with optional LWC factors."""
+    """Per-output-channel or per-group weight quantizer. Each (row, group) range [min, max] can be
+    narrowed by a fixed clipping ratio (`clip_ratio`, from the clipping search) and by LWC's learned
+    factors sigmoid(upbound_factor), sigmoid(lowbound_factor); both multiply the range when present."""
 
     def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None,
                  symmetric: bool = False, lwc: bool = False):
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        out_f, in_f = shape
-        n_groups = math.ceil(in_f / group_size) if group_size else 1
+        self.shape = tuple(shape)
+        self.upbound_factor = self.lowbound_factor = None
+        self.clip_ratio: torch.Tensor | None = None       # (out, n_groups, 1), set by the clipping search
         if lwc:
-            init = torch.full((out_f, n_groups, 1), LWC_INIT)
-            self.upbound_factor = nn.Parameter(init.clone())
-            self.lowbound_factor = nn.Parameter(init.clone())
-        else:
-            self.upbound_factor = self.lowbound_factor = None
+            self.enable_lwc()
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.shape[1] / self.group_size) if self.group_size else 1
+
+    def enable_lwc(self, device=None) -> None:
+        init = torch.full((self.shape[0], self.n_groups, 1), LWC_INIT, device=device)
+        self.upbound_factor = nn.Parameter(init.clone())
+        self.lowbound_factor = nn.Parameter(init.clone())
+
+    def _range(self, xmin: torch.Tensor, xmax: torch.Tensor, groups=slice(None)):
+        if self.clip_ratio is not None:
+            ratio = self.clip_ratio[:, groups]
+            xmax, xmin = ratio * xmax, ratio * xmin
+        if self.upbound_factor is not None:
+            xmax = torch.sigmoid(self.upbound_factor[:, groups]) * xmax
+            xmin = torch.sigmoid(self.lowbound_factor[:, groups]) * xmin
+        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric)
 
     def scale_zero(self, weight: torch.Tensor):
         """Scale and zero of each (row, group): tensors of shape (out, n_groups, 1)."""
         w, _ = group_view(weight, self.group_size)
-        xmax = w.amax(dim=-1, keepdim=True)
-        xmin = w.amin(dim=-1, keepdim=True)
-        if self.upbound_factor is not None:
-            xmax = torch.sigmoid(self.upbound_factor) * xmax
-            xmin = torch.sigmoid(self.lowbound_factor) * xmin
-        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric)
+        return self._range(w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True))
+
+    def group_scale_zero(self, columns: torch.Tensor, group: int):
+        """Scale and zero (out,) of group `group` from its current columns (out, <= group_size):
+        the grid GPTQ rounds onto, with the same clipping as the fake quantizer."""
+        scale, zero = self._range(columns.amin(-1, keepdim=True)[:, None], columns.amax(-1, keepdim=True)[:, None],
+                                  slice(group, group + 1))
+        return scale[:, 0, 0], zero[:, 0, 0]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:

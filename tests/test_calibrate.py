@@ -105,13 +105,22 @@ def test_w4a4_with_gqa_runs_and_quantizes_activations(family, tokens):
         ref = model(tokens[:2]).logits
     quantize_blocks(model, adapter, tokens, QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=2), CPU,
                     scales, shifts)
-    attn = adapter.layers(model)[0].get_submodule(adapter.attention)
-    assert attn.qkv_quantizers is not None
-    assert all(isinstance(m, QuantLinear) and m.act_quantizer is not None
-               for m in adapter.layers(model).modules() if isinstance(m, QuantLinear))
+    n_linears = sum(isinstance(m, torch.nn.Linear) for m in tiny_model(family).modules()) - 1   # less the head
+    for block in adapter.layers(model):
+        attn = block.get_submodule(adapter.attention)
+        assert attn.qkv_quantizers is not None and attn.qkv_quantizers.q.bits == 4
+    linears = [m for m in adapter.layers(model).modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == n_linears and all(m.act_quantizer is not None and m.act_quantizer.bits == 4
+                                             for m in linears)
     with torch.no_grad():
         got = model(tokens[:2]).logits
+        for m in linears:                   # the activation quantizers are what is running: without them
+            m.act_quantizer.bits = 16       # the same weights give other logits
+        for block in adapter.layers(model):
+            block.get_submodule(adapter.attention).qkv_quantizers = None
+        weight_only = model(tokens[:2]).logits
     assert torch.isfinite(got).all() and not torch.allclose(got, ref)
+    assert not torch.allclose(got, weight_only, atol=1e-4)
 
 
 def test_transient_nan_is_rolled_back_and_training_continues(tokens, monkeypatch):
@@ -144,23 +153,87 @@ def test_persistent_nan_falls_back_to_rtn(tokens, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_one_call_api_computes_statistics_for_let(tokens):
-    from affinequant import QuantConfig as Cfg, quantize
-    model = tiny_model("mistral")
-    reports = quantize(model, tokens, Cfg(wbits=4, abits=8, lwc=True, let=True, epochs=1), device="cpu")
-    assert len(reports) == 2 and all(len(r.losses) == 1 for r in reports)
+def test_one_call_api_computes_statistics_for_let(tokens, monkeypatch):
+    """quantize() computes the LET statistics on the samples when none are given, and LET starts from
+    them: the same call with those statistics passed in gives the same model."""
+    from affinequant import QuantConfig as Cfg, api, quantize
+    computed = []
+    real = api.collect_act_stats
+
+    def spy(*a, **k):
+        computed.append(real(*a, **k))
+        return computed[-1]
+    monkeypatch.setattr(api, "collect_act_stats", spy)
+    model, twin = tiny_model("mistral"), tiny_model("mistral")
+    cfg = dict(wbits=4, abits=8, lwc=True, let=True, epochs=1)
+    reports = quantize(model, tokens, Cfg(**cfg), device="cpu")
+    assert len(computed) == 1 and any(k.endswith("q_proj") for k in computed[0][0])
+    assert len(reports) == 2 and all(len(r.losses) == 1 and r.stages["let"]["init"] for r in reports)
+    quantize(twin, tokens, Cfg(**cfg), device="cpu", act_stats=computed[0])
+    assert len(computed) == 1                                        # given statistics are not recomputed
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b)
+    ones = ({k: torch.ones_like(v) for k, v in computed[0][0].items()}, computed[0][1])
+    other = tiny_model("mistral")
+    quantize(other, tokens, Cfg(**cfg), device="cpu", act_stats=ones)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
-def test_let_init_guard_falls_back_to_identity_when_smoothing_hurts(tokens):
-    """Absurd statistics make the SmoothQuant initialisation useless: training starts from the identity."""
+def _guard_case(tokens, outlier: bool, absurd: bool):
+    """Block 0 of a W4A4 LET+LWC run, ready for the LET init guard: (BlockQuantizer, LET stage, data)."""
+    import contextlib
+    from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs
+    from affinequant.stages import BlockData
+    model = tiny_model("llama")
+    if outlier:          # one massive channel into q/k/v: per-token 4-bit activations lose everything else
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.input_layernorm.weight[3] *= 40
+    adapter = get_adapter(model.config)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    if absurd:
+        scales = {k: torch.where(torch.arange(v.numel()) % 7 == 0, torch.full_like(v, 1e6), torch.full_like(v, 1e-6))
+                  for k, v in scales.items()}
+    inputs, kwargs = capture_block_inputs(model, adapter, tokens, CPU, torch.float32)
+    block = adapter.layers(model)[0]
+    with torch.no_grad():
+        target = _block_output(block(inputs, **kwargs))
+    strip = lambda d: {k[len("model.layers.0."):]: v for k, v in d.items() if k.startswith("model.layers.0.")}  # noqa
+    cfg = QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1)
+    bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
+    stage = next(s for s in bq.stages if s.config.name == "let")
+    return bq, stage, BlockData(inputs, [target], kwargs, CPU, contextlib.nullcontext, 1, True)
+
+
+@pytest.mark.parametrize("outlier, absurd, expected", [(False, True, "identity"), (True, False, "smoothquant")])
+def test_let_init_guard_picks_the_start_with_the_lower_block_loss(tokens, outlier, absurd, expected):
+    """The guard's choice equals an independent comparison of the two starts' block losses, and the LET
+    parameters are those of the chosen start: absurd statistics lose to the identity, SmoothQuant's
+    migration of a massive input channel beats it."""
+    bq, stage, data = _guard_case(tokens, outlier, absurd)
+    smooth_state = {k: v.clone() for k, v in stage.let.state_dict().items()}
+
+    def probe_loss():
+        with torch.no_grad():
+            return sum(bq.loss(data.inputs[i:i + 1], [data.targets[0][i:i + 1]], data.kwargs, CPU).item()
+                       for i in range(4))
+    smooth = probe_loss()
+    stage.let.reset_to_identity()
+    identity_state = {k: v.clone() for k, v in stage.let.state_dict().items()}
+    identity = probe_loss()
+    stage.let.load_state_dict(smooth_state)
+    assert (smooth <= identity) == (expected == "smoothquant")          # the case is what it claims to be
+    stage.prepare(bq, data)
+    assert stage.init == expected
+    chosen = smooth_state if expected == "smoothquant" else identity_state
+    for k, v in stage.let.state_dict().items():
+        assert torch.equal(v, chosen[k]), k
+
+
+def test_let_init_guard_is_reported_per_block(tokens):
     model = tiny_model("llama")
     adapter = get_adapter(model.config)
     scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
-    absurd = {k: torch.where(torch.arange(v.numel()) % 7 == 0, torch.full_like(v, 1e6), torch.full_like(v, 1e-6))
-              for k, v in scales.items()}
     reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1),
-                              CPU, absurd, shifts)
-    assert all(r.let_init == "identity" for r in reports)
-    sane = quantize_blocks(tiny_model("llama"), adapter, tokens,
-                           QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1), CPU, scales, shifts)
-    assert all(r.let_init in ("smoothquant", "identity") for r in sane)
+                              CPU, scales, shifts)
+    assert all(r.stages["let"]["init"] in ("smoothquant", "identity") for r in reports)

@@ -189,11 +189,19 @@ def test_out_of_memory_names_the_flags_that_help(tiny_dir, calib, tmp_path, monk
     assert "out of memory" in msg and "--nsamples" in msg and "--seqlen" in msg and "--resume" in msg
 
 
-def test_multigpu_without_gpus_says_so_and_runs(tiny_dir, calib, tmp_path, capsys):
-    res = run(base(tiny_dir, calib, tmp_path, "--multigpu", "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "1",
-                   "--seqlen", "32"))
-    assert "nothing to spread" in capsys.readouterr().out
-    assert "blocks" in res
+def test_multigpu_without_gpus_says_so_and_runs(tiny_dir, calib, tmp_path, capsys, monkeypatch):
+    """With fewer than two GPUs --multigpu says so, never tries to spread the model, and the run gives
+    exactly the figures of the same run without the flag."""
+    import accelerate
+    monkeypatch.setattr(accelerate, "dispatch_model", lambda *a, **k: pytest.fail("dispatch_model called"))
+    eval_flags = ["--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "1", "--seqlen", "32",
+                  "--data_dir", str(Path(calib).parent)]
+    Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
+    res = run(base(tiny_dir, calib, tmp_path / "multi", "--multigpu", *eval_flags))
+    assert "CUDA device(s) visible, nothing to spread" in capsys.readouterr().out
+    plain = run(base(tiny_dir, calib, tmp_path / "plain", *eval_flags))
+    assert res["ppl"]["wikitext2"]["ppl"] == plain["ppl"]["wikitext2"]["ppl"]
+    assert [b["final_mse"] for b in res["blocks"]] == [b["final_mse"] for b in plain["blocks"]]
 
 
 def test_full_precision_baseline_evaluates_the_unquantized_model(tiny_dir, calib, tmp_path):

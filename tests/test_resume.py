@@ -1,5 +1,6 @@
 """A run killed mid-way and resumed ends with exactly the model of an uninterrupted run (CPU);
 --resume --epochs 0 rebuilds it without training; foreign or corrupt checkpoints are refused."""
+import json
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,68 @@ def test_manifest_from_before_a_config_key_existed(setup, tmp_path):
         run(setup + FLAGS + ["--loss", "token_rel", "--output_dir", str(tmp_path / "a"), "--resume"])
     assert "loss: checkpoint 'mse' vs now 'token_rel'" in str(exc.value)
     run(setup + FLAGS + ["--output_dir", str(tmp_path / "a"), "--resume"])
+
+
+RECIPE_FLAGS = ["--wbits", "3", "--group_size", "16", "--epochs", "2", "--nsamples", "4", "--seqlen", "32"]
+RECIPE = {"version": 1, "stages": [{"let": {"ln_matrix": True, "lr": 5e-3}}, "clip_search", {"lwc": {"lr": 5e-2}},
+                                   {"gptq": {"act_order": True}}]}
+SAME_AS_FLAGS = ["--let", "--use_ln_matrix", "--clip_search", "--lwc", "--lwc_lr", "5e-2", "--gptq", "--act_order"]
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_recipe_file_and_flags_give_identical_models(setup, tmp_path, suffix):
+    import yaml
+    path = tmp_path / f"recipe{suffix}"
+    path.write_text(yaml.safe_dump(RECIPE) if suffix == ".yaml" else json.dumps(RECIPE))
+    from_file = _run_keeping_model(setup + RECIPE_FLAGS + ["--recipe", str(path), "--output_dir", str(tmp_path / "f")])
+    from_flags = _run_keeping_model(setup + RECIPE_FLAGS + SAME_AS_FLAGS + ["--output_dir", str(tmp_path / "g")])
+    a, b = _state(from_file), _state(from_flags)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    results = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert [e["stage"] for e in results["recipe"]] == ["let", "clip_search", "lwc", "gptq"]
+    manifest = json.loads((tmp_path / "f" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["recipe"] == results["recipe"]
+
+
+def test_killed_recipe_with_gptq_resumes_to_identical_model(setup, tmp_path, monkeypatch):
+    flags = setup + RECIPE_FLAGS + SAME_AS_FLAGS
+    full = _state(_run_keeping_model(flags + ["--output_dir", str(tmp_path / "a")]))
+    real_save = ckpt_module.CalibrationCheckpoint.save
+
+    def crash_after_block_0(self, index, *a, **k):
+        real_save(self, index, *a, **k)
+        if index == 0:
+            raise KeyboardInterrupt("killed")
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt_module.CalibrationCheckpoint, "save", crash_after_block_0)
+        with pytest.raises(KeyboardInterrupt):
+            run(flags + ["--output_dir", str(tmp_path / "b")])
+    resumed = _state(_run_keeping_model(flags + ["--output_dir", str(tmp_path / "b"), "--resume"]))
+    for k in full:
+        assert torch.equal(resumed[k], full[k]), k
+    # the whole recipe is compared: another GPTQ option is another run
+    with pytest.raises(SystemExit) as exc:
+        run(setup + RECIPE_FLAGS + SAME_AS_FLAGS[:-1] + ["--output_dir", str(tmp_path / "b"), "--resume"])
+    assert "gptq.act_order: checkpoint True vs now False" in str(exc.value)
+    # ... but a rebuild without training may round the learned parameters another way
+    rebuilt = _state(_run_keeping_model(setup + RECIPE_FLAGS[:4] + ["--epochs", "0", "--nsamples", "4", "--seqlen",
+                                                                     "32"] + SAME_AS_FLAGS[:-2]
+                                        + ["--output_dir", str(tmp_path / "b"), "--resume"]))
+    assert any(not torch.equal(rebuilt[k], full[k]) for k in full)
+
+
+def test_checkpoint_from_before_recipes_resumes(setup, tmp_path):
+    """A manifest written before recipes existed (no "recipe") is read through its flags."""
+    run(setup + FLAGS + ["--output_dir", str(tmp_path / "a")])
+    manifest = tmp_path / "a" / "checkpoint" / "manifest.json"
+    saved = json.loads(manifest.read_text())
+    del saved["recipe"]
+    for key in ("clip_search", "gptq", "percdamp", "act_order", "recipe"):
+        del saved["config"][key]
+    manifest.write_text(json.dumps(saved))
+    run(setup + FLAGS + ["--output_dir", str(tmp_path / "a"), "--resume"])
+    with pytest.raises(SystemExit) as exc:
+        run(setup + [f for f in FLAGS if f != "--use_ln_matrix"] + ["--output_dir", str(tmp_path / "a"), "--resume"])
+    assert "let.ln_matrix: checkpoint True vs now False" in str(exc.value)

@@ -1,0 +1,121 @@
+"""OmniQuant's learnable equivalent transformation (LET), and AffineQuant's matrices as its options:
+`ln_matrix` (d×d matrices after the norms, runtime inverse) and `qk_matrix` (per-head q ↔ k matrix,
+a complex scale per RoPE pair for RoPE models); either makes v → o a per-head matrix, all under the
+gradual mask. The math is in transforms.LET; this is its life in the block loop."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import QK_INITS, ConfigError, default_sf
+from ..qmodules import TransformedNorm, set_submodule
+from ..transforms import LET as LETModule
+from .base import Stage, StageConfig, register
+
+log = logging.getLogger("affinequant")
+
+
+@dataclass(frozen=True)
+class LETConfig(StageConfig):
+    name = "let"
+    lr: float = 5e-3
+    alpha: float = 0.5                  # SmoothQuant migration strength of the initialisation
+    qk_init: str = "stats"              # q <-> k scale start: "stats" (SmoothAttention) or "ones" (OmniQuant)
+    ln_matrix: bool = False             # AffineQuant --use_ln_matrix
+    qk_matrix: bool = False             # AffineQuant --use_matrix
+    sf: float | None = None             # gradual mask's stability factor; None: 1e-2 weight-only, 0.1 with activations
+
+    def __post_init__(self):
+        if self.qk_init not in QK_INITS:
+            raise ConfigError(f"let: qk_init {self.qk_init!r} is not known: use one of {', '.join(QK_INITS)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"let: alpha must lie in [0, 1] (got {self.alpha})")
+        if self.sf is not None and not 0.0 < self.sf <= 1.0:
+            raise ConfigError(f"let: sf must lie in (0, 1] (got {self.sf}); AffineQuant uses 1e-2 weight-only, "
+                              f"0.1 for W4A4")
+
+
+@register
+class LET(Stage):
+    config_class = LETConfig
+    learns = True
+    needs_statistics = True
+
+    def __init__(self, config: LETConfig, ctx):
+        super().__init__(config, ctx)
+        cfg, adapter, block = ctx.cfg, ctx.adapter, ctx.block
+        if ctx.act_scales is None:
+            raise ConfigError("LET needs activation statistics (act_scales): compute them with "
+                              "affinequant.stats.collect_act_stats or generate_act_scale_shift.py")
+        for norm_name, _ in adapter.norm_groups:
+            set_submodule(block, norm_name, TransformedNorm(block.get_submodule(norm_name)))
+        use_shift = adapter.norm_has_bias and cfg.abits < 16   # as OmniQuant: shifts only where a norm bias absorbs them
+        sf = config.sf if config.sf is not None else default_sf(cfg.abits)
+        affine = config.ln_matrix or config.qk_matrix
+        self.let = LETModule(block, adapter, ctx.model_config, config.alpha, ctx.act_scales, ctx.act_shifts,
+                             use_shift, ln_matrix=config.ln_matrix, affine=affine, qk_matrix=config.qk_matrix,
+                             sf=sf, qk_from_stats=config.qk_init == "stats")
+        self.init = ""
+        self.matrix_health: list[dict] = []
+
+    def prepare(self, bq, data) -> None:
+        if data.trains:
+            self.init = self.choose_init(bq, data)
+            if self.init == "identity":
+                log.info("LET starts from the identity (lower block loss than the SmoothQuant initialisation)")
+
+    @torch.no_grad()
+    def choose_init(self, bq, data, probe: int = 4) -> str:
+        """Start from the SmoothQuant initialisation or from the identity, whichever gives the lower
+        block loss on the first `probe` samples (a guard in the spirit of AWQ's scale search: with
+        outlier-heavy blocks and short budgets the migration can start worse than no transform)."""
+        def loss() -> float:
+            total = 0.0
+            for i in range(min(probe, data.inputs.shape[0])):
+                with data.ctx_factory():
+                    total += bq.loss(data.inputs[i:i + 1], [data.targets[0][i:i + 1]], data.kwargs, data.device).item()
+            return total
+        smooth_state = {k: v.clone() for k, v in self.let.state_dict().items()}
+        smooth = loss()
+        self.let.reset_to_identity()
+        identity = loss()
+        if smooth <= identity:
+            self.let.load_state_dict(smooth_state)
+            return "smoothquant"
+        return "identity"
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.let.parameters()), "lr": self.config.lr}]
+
+    def start_epoch(self, epoch: int, epochs: int) -> dict:
+        health = self.let.set_epoch(epoch, epochs)
+        if health:
+            self.matrix_health.append(health)
+        return health
+
+    def refresh(self) -> None:
+        self.let.apply(self.ctx.block, merge=False)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.let.apply(self.ctx.block, merge=True)
+        for norm_name, _ in self.ctx.adapter.norm_groups:
+            wrapper = self.ctx.block.get_submodule(norm_name)
+            if wrapper.inverse is None:          # folded into the norm: back to the stock module
+                set_submodule(self.ctx.block, norm_name, wrapper.norm)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"let.{k}": v for k, v in self.let.state_dict().items()}, **self.let.mask_state()}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.let.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("let.")})
+        self.let.restore_mask(state)
+
+    def report(self) -> dict:
+        out = {"init": self.init} if self.init else {}
+        if self.matrix_health:
+            out["matrix_health"] = self.matrix_health
+        return out

@@ -1,0 +1,65 @@
+"""Rounders: the last stage of a recipe. Each turns every quantized linear's (merged) weight into
+integer codes on its WeightQuantizer's grid and hands them to the block loop's `commit`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+from ..gptq import GPTQ, fp16_scale
+from .base import Rounder, StageConfig, linear_hessians, quantized_linears, register
+
+
+@dataclass(frozen=True)
+class RTNConfig(StageConfig):
+    name = "rtn"
+
+
+@register
+class RTN(Rounder):
+    """Round to nearest on the calibrated grid (with LWC's and the clipping search's clipping)."""
+    config_class = RTNConfig
+
+    @torch.no_grad()
+    def round(self, bq, data, commit) -> None:
+        for name, qlinear in quantized_linears(self.ctx).items():
+            codes, scale, zero = qlinear.weight_quantizer.integer_codes(qlinear.weight.float())
+            commit(name, codes, fp16_scale(scale), zero)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(StageConfig):
+    name = "gptq"
+    quantizes_weights = True
+    percdamp: float = 0.01
+    act_order: bool = False             # columns by descending Hessian diagonal, static groups
+    blocksize: int = 128
+    true_sequential: bool = True        # q/k/v, then o, then up/gate, then down, each on the inputs the
+                                        # rounded earlier ones give
+
+    def __post_init__(self):
+        if not 0.0 <= self.percdamp < 1.0:
+            raise ConfigError(f"gptq: percdamp must lie in [0, 1) (got {self.percdamp}); GPTQ uses 0.01")
+        if self.blocksize < 1:
+            raise ConfigError(f"gptq: blocksize must be positive (got {self.blocksize})")
+
+
+@register
+class GPTQRounder(Rounder):
+    """GPTQ on the block's own inputs on the quantized trajectory, after the transforms are merged."""
+    config_class = GPTQConfig
+
+    @torch.no_grad()
+    def round(self, bq, data, commit) -> None:
+        if data is None:
+            raise ValueError("GPTQ rounds with the block's calibration inputs: pass BlockData to finalize")
+        linears = quantized_linears(self.ctx)
+        groups = self.ctx.adapter.sequential_groups(list(linears)) if self.config.true_sequential else [list(linears)]
+        for group in groups:
+            hessians = linear_hessians(self.ctx, data, group)
+            for name in group:
+                qlinear = linears[name]
+                gptq = GPTQ(hessians.pop(name), self.config.percdamp, self.config.act_order, self.config.blocksize)
+                codes, scale, zero = gptq.quantize(qlinear.weight, qlinear.weight_quantizer)
+                commit(name, codes, scale, zero)

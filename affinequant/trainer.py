@@ -1,0 +1,91 @@
+"""The one trainer of every stage that learns: AdamW over the stages' parameter groups (each with its
+own learning rate), `epochs` passes over the calibration samples, the stages' schedule hooks at each
+epoch, AMP on CUDA, and NaN/Inf handling: roll back to the epoch's start with halved learning rates,
+and after `max_nan_retries` keep the block's initial (round-to-nearest) parameters."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from .utils import memory_report
+
+log = logging.getLogger("affinequant")
+
+
+def _describe(health: dict) -> str:
+    parts = []
+    for key, value in health.items():
+        if isinstance(value, dict):
+            parts.append(f"{key} " + " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in value.items()))
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def train_block(bq, data, cfg, report, progress_desc: str) -> None:
+    """Train the learning stages of `bq` (a calibrate.BlockQuantizer) on `data` (stages.BlockData)."""
+    params = [g for g in bq.param_groups() if g["params"]]
+    for g in params:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    initial = [p.detach().clone() for g in params for p in g["params"]]
+    lr_scale = 1.0
+    use_scaler = data.device.type == "cuda" and not cfg.deactive_amp
+    n = data.inputs.shape[0]
+    epoch = 0
+
+    def make_optimizer():  # a fresh one per block, and after each NaN rollback at the lowered LR
+        return torch.optim.AdamW([{**g, "lr": g["lr"] * lr_scale} for g in params], weight_decay=cfg.wd)
+
+    optimizer = make_optimizer()
+    while epoch < cfg.epochs:
+        for name, health in bq.start_epoch(epoch).items():
+            log.info("%s epoch %d: %s: %s", progress_desc, epoch, name, _describe(health))
+        good = [p.detach().clone() for g in params for p in g["params"]]
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        t0, total, finite = time.time(), 0.0, True
+        for i in range(0, n, cfg.batch_size):
+            batch = slice(i, i + cfg.batch_size)
+            with data.ctx_factory():
+                loss = bq.loss(data.inputs[batch], [t[batch] for t in data.targets], data.kwargs, data.device)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item()
+        if not finite:
+            report.nan_events += 1
+            _restore(params, good)
+            if report.nan_events > cfg.max_nan_retries:
+                _restore(params, initial)
+                report.fell_back_to_rtn = True
+                log.warning("%s: loss is NaN/Inf again after %d retries: keeping the block's initial parameters "
+                            "(round-to-nearest weights, and the initial transforms)", progress_desc,
+                            cfg.max_nan_retries)
+                break
+            lr_scale *= 0.5
+            optimizer = make_optimizer()
+            log.warning("%s epoch %d: loss is NaN/Inf; rolled back to the epoch's start, learning rates x%.3g, retrying",
+                        progress_desc, epoch, lr_scale)
+            continue
+        steps = math.ceil(n / cfg.batch_size)
+        report.losses.append(total / steps)
+        log.info("%s epoch %d/%d  loss %.6g  %.1fs  %s", progress_desc, epoch + 1, cfg.epochs,
+                 total / steps, time.time() - t0, memory_report(data.device))
+        epoch += 1
+    for g in params:
+        for p in g["params"]:
+            p.requires_grad_(False)
+
+
+def _restore(params, values) -> None:
+    with torch.no_grad():
+        for p, v in zip((p for g in params for p in g["params"]), values):
+            p.copy_(v)
