@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,12 +36,28 @@ METHODS = {
     # OmniQuant with the hyperparameters of the reference scripts for W4A4 (Llama-2 / llama-30b):
     # alpha 0.75, let_lr 1e-3, and OmniQuant's default lwc_lr 1e-2 instead of the bench's 5e-2
     "LWC+LET@W4A4-recipe": ["--lwc", "--let", "--alpha", "0.75", "--let_lr", "1e-3", "--lwc_lr", "1e-2"],
+    # stages that learn nothing (no --epochs): the clipping search, GPTQ rounding (columns in act-order, as
+    # GPTQModel's default group-aware reordering), and both
+    "clip search": ["--clip_search"],
+    "GPTQ": ["--gptq", "--act_order"],
+    "clip search+GPTQ": ["--clip_search", "--gptq", "--act_order"],
+    # AffineQuant's transforms and LWC, then GPTQ rounding on the merged weights (FlatQuant's composition)
+    "AffineQuant+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--gptq", "--act_order"],
+    # the clipping search as LWC's start
+    "clip search+LWC": ["--clip_search", "--lwc"],
+    # the tools users would pick instead (bench/peers.py, each in its own environment)
+    "GPTQModel GPTQ": [],
+    "AutoRound": [],
 }
+TRAINLESS = {"RTN", "clip search", "GPTQ", "clip search+GPTQ"}
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
                    ("W2A16g128", "RTN"), ("W2A16g128", "LWC")]
 AFFINE_ACCEPTANCE = [("W3A16g128", "AffineQuant"), ("W4A4", "AffineQuant+qk"), ("W2A16g128", "AffineQuant")]
 RECIPES = [("W4A4", "LWC+LET@W4A4-recipe")]
+# The stages issue's rows: GPTQ and the clipping search alone, together, and after AffineQuant
+STAGE_ROWS = [(s, m) for s in ("W3A16g128", "W2A16g128") for m in ("GPTQ", "clip search", "clip search+GPTQ",
+                                                                    "AffineQuant+GPTQ")]
 REST = [("W4A16g128", "RTN"), ("W4A16g128", "LWC"), ("W4A4", "LWC"), ("W4A16g128", "LWC+LET"),
         ("W3A16g128", "LWC+LET"), ("W2A16g128", "LWC+LET")]
 
@@ -78,13 +95,17 @@ def budget_flags(args, model: str, setting: str) -> list[str]:
             "--lwc_lr", str(args.lwc_lr), "--let_lr", str(args.let_lr)]
 
 
+THREADS = None     # --threads: torch threads of each run (two runs side by side: 1 each)
+
+
 def _main_py(out: Path, flags: list[str], label: str, log_path: str) -> None:
     cmd = [sys.executable, str(ROOT / "main.py"), "--output_dir", str(out), *flags]
     print(f"[bench] {label}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(THREADS)} if THREADS else {})}
     with open(log_path, "w") as log:
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     print(f"[bench]   done in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -122,7 +143,7 @@ def reevaluate(out: Path, flags: list[str], label: str, windows: int) -> None:
 
 def run_one(args, model: str, setting: str, method: str) -> dict:
     b = budget(args, model, setting)
-    epochs = [] if method == "RTN" else ["--epochs", str(b["epochs"])]
+    epochs = [] if method in TRAINLESS else ["--epochs", str(b["epochs"])]
     flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
              *budget_flags(args, model, setting), *METHODS[method]]
     if args.data_dir:
@@ -142,6 +163,8 @@ def quality_runs():
 
 
 def collect() -> list[dict]:
+    """Every finished run's row: those in bench/out, and the committed bench/results.json's rows of runs
+    whose folders are not here (bench/out is not committed: a fresh checkout keeps its table)."""
     rows = []
     for model, setting, method, res in quality_runs():
         w = res["ppl"]["wikitext2"]
@@ -150,6 +173,10 @@ def collect() -> list[dict]:
                          sec_per_block=res["seconds_per_block"], eval_seconds=w["seconds"], peak_mib=res["calibration_peak_memory_mib"],
                          calibration=res["calibration"], epochs=res["config"]["epochs"],
                          nsamples=res["config"]["nsamples"], window_nll=w.get("window_nll")))
+    here = {(r["model"], r["setting"], r["method"]) for r in rows}
+    committed = ROOT / "bench" / "results.json"
+    if committed.is_file():
+        rows += [r for r in json.loads(committed.read_text()) if (r["model"], r["setting"], r["method"]) not in here]
     return rows
 
 
@@ -178,7 +205,7 @@ def write_tables(rows: list[dict], header: str) -> None:
     order = {m: i for i, m in enumerate(METHODS)}
     settings = list(SETTINGS)
     seen_fp = set()
-    for r in sorted(rows, key=lambda r: (r["model"], settings.index(r["setting"]), order[r["method"]])):
+    for r in sorted(rows, key=lambda r: (r["model"], settings.index(r["setting"]), order.get(r["method"], len(order)))):
         if (r["model"], r["windows"]) not in seen_fp:      # the FP reference on each set of windows
             seen_fp.add((r["model"], r["windows"]))
             lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | – | {r['fp_ppl']:.2f} ({r['windows']}) | – | 0 "
@@ -208,8 +235,11 @@ def main():
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--full_grid_models", type=int, default=2,
                    help="how many of --models also run the non-acceptance settings (the grid is slow on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--only", default="", help="comma-separated SETTING:METHOD pairs to run (default: all)")
     args = p.parse_args()
+    global THREADS
+    THREADS = args.threads
     OUT.mkdir(parents=True, exist_ok=True)
     header = (f"Budget: {args.nsamples} calibration samples (per-model overrides: {args.model_overrides or 'none'}) x "
               f"{args.seqlen} tokens ({args.calib_dataset}), "
@@ -223,7 +253,7 @@ def main():
         queue = [(m, *x.split(":")) for m in models for x in args.only.split(",")]
     else:   # OmniQuant's acceptance comparisons on every model, then AffineQuant's, then the rest of the grid
         queue = [(m, *sm) for m in models for sm in OMNI_ACCEPTANCE]
-        queue += [(m, *sm) for m in models for sm in AFFINE_ACCEPTANCE + RECIPES]
+        queue += [(m, *sm) for m in models for sm in AFFINE_ACCEPTANCE + RECIPES + STAGE_ROWS]
         queue += [(m, *sm) for m in models[: args.full_grid_models] for sm in REST]
     for model, setting, method in queue:
         run_one(args, model, setting, method)

@@ -32,7 +32,7 @@ def _layer_case(seed=0, out_f=12, in_f=40, n=400):
     return w, x
 
 
-def reference_gptq(W, X, bits, gs, up, low, percdamp, act_order):
+def reference_gptq(W, X, bits, gs, up, low, percdamp, act_order, static_groups):
     """GPTQ written out column by column, in float64, with the OBS update of the explicit inverse
     Hessian instead of GPTQ's Cholesky form and lazy blocks: the same algorithm, computed otherwise."""
     W = W.double().clone()
@@ -55,7 +55,7 @@ def reference_gptq(W, X, bits, gs, up, low, percdamp, act_order):
     n_groups = -(-n // gs)
     scale, zero = torch.zeros(out_f, n_groups, dtype=torch.double), torch.zeros(out_f, n_groups, dtype=torch.double)
     order = torch.argsort(H.diag(), descending=True).tolist() if act_order else list(range(n))
-    if act_order:
+    if static_groups:
         for g in range(n_groups):
             scale[:, g], zero[:, g] = grid(W[:, g * gs:(g + 1) * gs], g)
     H += percdamp * H.diag().mean() * torch.eye(n, dtype=torch.double)
@@ -63,7 +63,7 @@ def reference_gptq(W, X, bits, gs, up, low, percdamp, act_order):
     codes = torch.zeros(out_f, n, dtype=torch.int32)
     for idx, col in enumerate(order):
         g = col // gs
-        if not act_order and col % gs == 0:
+        if not static_groups and col % gs == 0:
             scale[:, g], zero[:, g] = grid(W[:, col:col + gs], g)
         q = (W[:, col] / scale[:, g]).round().add(zero[:, g]).clamp(0, maxq)
         codes[:, col] = q.int()
@@ -74,8 +74,10 @@ def reference_gptq(W, X, bits, gs, up, low, percdamp, act_order):
     return codes, scale.float(), zero.float()
 
 
-@pytest.mark.parametrize("group_size, act_order", [(8, False), (8, True), (None, False), (16, False), (12, True)])
-def test_gptq_equals_an_independent_gptq(group_size, act_order):
+@pytest.mark.parametrize("group_size, act_order, static_groups", [
+    (8, False, True), (8, False, False), (8, True, True), (None, False, False), (16, False, False), (12, True, True),
+    (12, False, False)])
+def test_gptq_equals_an_independent_gptq(group_size, act_order, static_groups):
     w, x = _layer_case()
     wq = WeightQuantizer(tuple(w.shape), 3, group_size, lwc=True)
     with torch.no_grad():                      # learned clipping, different per row and group
@@ -84,9 +86,9 @@ def test_gptq_equals_an_independent_gptq(group_size, act_order):
     h = Hessian(w.shape[1])
     for chunk in x.split(64):
         h.add_batch(chunk)
-    codes, scale, zero = GPTQ(h, 0.01, act_order, blocksize=16).quantize(w, wq)
+    codes, scale, zero = GPTQ(h, 0.01, act_order, blocksize=16, static_groups=static_groups).quantize(w, wq)
     ref_codes, ref_scale, ref_zero = reference_gptq(w, x, 3, group_size, wq.upbound_factor, wq.lowbound_factor,
-                                                    0.01, act_order)
+                                                    0.01, act_order, static_groups)
     assert torch.equal(zero, ref_zero)
     assert torch.allclose(scale, ref_scale, rtol=1e-3)
     assert (codes == ref_codes).float().mean() >= 0.99      # float32 vs float64 may flip a rare tie

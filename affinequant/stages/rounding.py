@@ -33,7 +33,8 @@ class GPTQConfig(StageConfig):
     name = "gptq"
     quantizes_weights = True
     percdamp: float = 0.01
-    act_order: bool = False             # columns by descending Hessian diagonal, static groups
+    act_order: bool = False             # columns by descending Hessian diagonal (needs static groups)
+    static_groups: bool = True          # grids from the weights before GPTQ's updates (gptq.py says why)
     blocksize: int = 128
     true_sequential: bool = True        # q/k/v, then o, then up/gate, then down, each on the inputs the
                                         # rounded earlier ones give
@@ -41,6 +42,8 @@ class GPTQConfig(StageConfig):
     def __post_init__(self):
         if not 0.0 <= self.percdamp < 1.0:
             raise ConfigError(f"gptq: percdamp must lie in [0, 1) (got {self.percdamp}); GPTQ uses 0.01")
+        if self.act_order and not self.static_groups:
+            raise ConfigError("gptq: act_order needs static_groups (g_idx stays i // group_size): drop one")
         if self.blocksize < 1:
             raise ConfigError(f"gptq: blocksize must be positive (got {self.blocksize})")
 
@@ -60,6 +63,7 @@ class GPTQRounder(Rounder):
             hessians = linear_hessians(self.ctx, data, group)
             for name in group:
                 qlinear = linears[name]
-                gptq = GPTQ(hessians.pop(name), self.config.percdamp, self.config.act_order, self.config.blocksize)
+                gptq = GPTQ(hessians.pop(name), self.config.percdamp, self.config.act_order, self.config.blocksize,
+                            self.config.static_groups)
                 codes, scale, zero = gptq.quantize(qlinear.weight, qlinear.weight_quantizer)
                 commit(name, codes, scale, zero)
