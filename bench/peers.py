@@ -97,13 +97,17 @@ def autoround(args):
     tok = AutoTokenizer.from_pretrained(work / "fp")
     ids = _ids(work)
     calib = [torch.tensor([x]) for x in ids]
-    t0 = time.time()
-    ar = AutoRound(model, tok, bits=args.wbits, group_size=args.group_size, sym=False, iters=args.iters,
-                   nsamples=len(ids), seqlen=len(ids[0]), batch_size=1, dataset=calib, device_map="cpu", amp=False,
-                   enable_torch_compile=False)
-    ar.quantize_and_save(str(work / run / "fake"), format="fake")
-    seconds = time.time() - t0
-    dense = AutoModelForCausalLM.from_pretrained(work / run / "fake", dtype=torch.float32)
+    fake = work / run / "fake"
+    if not fake.exists():
+        t0 = time.time()
+        ar = AutoRound(model, tok, bits=args.wbits, group_size=args.group_size, sym=False, iters=args.iters,
+                       nsamples=len(ids), seqlen=len(ids[0]), batch_size=1, dataset=calib, device_map="cpu",
+                       amp=False, enable_torch_compile=False)
+        ar.quantize_and_save(str(fake), format="fake")
+        (work / run / "seconds.txt").write_text(str(time.time() - t0))
+    seconds = float((work / run / "seconds.txt").read_text()) if (work / run / "seconds.txt").is_file() else float("nan")
+    # the fake format holds dense quantized-dequantized weights, in a sub-folder named after the model
+    dense = AutoModelForCausalLM.from_pretrained(next(fake.rglob("config.json")).parent, dtype=torch.float32)
     _write(work, run, dense, {"tool": "auto-round", "calibration_seconds": seconds, "iters": args.iters,
                               "peak_rss_mib": _peak_mib(), "config": {"bits": args.wbits, "group_size": args.group_size,
                                                                       "sym": False, "batch_size": 1}})
