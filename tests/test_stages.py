@@ -206,3 +206,13 @@ def test_sequential_groups_follow_gptq_true_sequential():
     opt = get_adapter(tiny_model("opt").config)
     opt_names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
     assert opt.sequential_groups(opt_names) == [opt_names[:3], opt_names[3:4], ["fc1"], ["fc2"]]
+
+
+def test_the_shipped_recipes_parse():
+    from pathlib import Path
+    from affinequant.recipe import load_recipe_file
+    files = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert files
+    for path in files:
+        stages = [e["stage"] for e in load_recipe_file(path)]
+        assert stages[-1] in ("rtn", "gptq"), path
