@@ -44,6 +44,8 @@ def base(tiny_dir, calib, tmp_path, *extra):
     (["--real_quant", "--abits", "8"], "--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models"),
     (["--wbits", "16", "--abits", "16"], "give --eval_ppl or --tasks"),
     (["--wbits", "16", "--abits", "16", "--let"], "nothing to transform"),
+    (["--recipe", "no-such-recipe.yaml"], "--recipe no-such-recipe.yaml: no such file"),
+    (["--act_order"], "add --gptq"),
 ])
 def test_bad_flags(capsys, tiny_dir, calib, tmp_path, flags, expect):
     assert expect in _error(capsys, base(tiny_dir, calib, tmp_path, *flags))
