@@ -43,8 +43,9 @@ METHODS = {
     "clip search+GPTQ": ["--clip_search", "--gptq", "--act_order"],
     # AffineQuant's transforms and LWC, then GPTQ rounding on the merged weights (FlatQuant's composition)
     "AffineQuant+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--gptq", "--act_order"],
-    # the clipping search as LWC's start
+    # the clipping search as LWC's start, alone and inside AffineQuant+GPTQ (recipes/affinequant-clip-gptq.yaml)
     "clip search+LWC": ["--clip_search", "--lwc"],
+    "AffineQuant+clip search+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--clip_search", "--gptq", "--act_order"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
