@@ -73,7 +73,15 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "661.90 (KL 2.9740) with LWC+LET and 462.65 (KL 2.5961) with the W4A4 recipe; Qwen W4A4 on 40 windows gives "
          "705.28 (KL 3.1879) and 616.43 (KL 3.0242). Superseded Qwen W4A4 "
          "LWC+LET runs with the q<->k scale starting at 1 (10 windows, RTN 702.36): OmniQuant's MSE 899.17, "
-         "--loss token_rel 817.20, lwc_lr 1e-2 803.68, with 8 samples 844.24.")
+         "--loss token_rel 817.20, lwc_lr 1e-2 803.68, with 8 samples 844.24. "
+         "GPTQ rows use --act_order (static groups); on 12 SmolLM2 W3 windows GPTQ in natural column order gave 171 "
+         "(static grids) and 185 (GPTQ's original dynamic grids) against RTN 167 and act-order 122. The GPTQModel "
+         "GPTQ (gptqmodel 7.7.0, its defaults: damp 0.05, group-aware act reorder, desc_act off) and AutoRound "
+         "(auto-round 0.16.1, 24 steps per block at batch 1, as many as our 8 x 3 training steps) rows quantize "
+         "asymmetrically on the same token ids (bench/peers.py), each in its own environment; their seconds are "
+         "their own wall time for the whole model divided by the block count, peak RSS their own process's. "
+         "The rows of this session ran up to four processes of one thread each on the 2 cores: compare seconds only "
+         "between rows run side by side.")
 
 
 def budget(args, model: str, setting: str) -> dict:
