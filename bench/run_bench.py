@@ -40,6 +40,7 @@ METHODS = {
     # GPTQModel's default group-aware reordering), and both
     "clip search": ["--clip_search"],
     "GPTQ": ["--gptq", "--act_order"],
+    "GPTQ@damp0.05": ["--gptq", "--act_order", "--percdamp", "0.05"],    # GPTQModel's default dampening
     "clip search+GPTQ": ["--clip_search", "--gptq", "--act_order"],
     # AffineQuant's transforms and LWC, then GPTQ rounding on the merged weights (FlatQuant's composition)
     "AffineQuant+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--gptq", "--act_order"],
