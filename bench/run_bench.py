@@ -51,7 +51,7 @@ METHODS = {
     "GPTQModel GPTQ": [],
     "AutoRound": [],
 }
-TRAINLESS = {"RTN", "clip search", "GPTQ", "clip search+GPTQ"}
+TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ"}
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
                    ("W2A16g128", "RTN"), ("W2A16g128", "LWC")]
@@ -78,11 +78,13 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "GPTQ rows use --act_order (static groups); on 12 SmolLM2 W3 windows GPTQ in natural column order gave 171 "
          "(static grids) and 185 (GPTQ's original dynamic grids) against RTN 167 and act-order 122. The GPTQModel "
          "GPTQ (gptqmodel 7.7.0, its defaults: damp 0.05, group-aware act reorder, desc_act off) and AutoRound "
-         "(auto-round 0.16.1, 24 steps per block at batch 1, as many as our 8 x 3 training steps) rows quantize "
+         "(auto-round 0.16.1 at batch 1: on SmolLM2 24 steps per block, as many as our 8 x 3 training steps; on Qwen "
+         "16, twice our 4 x 2, far below its default 200, which is where it lost to RTN) rows quantize "
          "asymmetrically on the same token ids (bench/peers.py), each in its own environment; their seconds are "
          "their own wall time for the whole model divided by the block count, peak RSS their own process's. "
          "The rows of this session ran up to four processes of one thread each on the 2 cores: compare seconds only "
-         "between rows run side by side.")
+         "between rows run side by side. GPTQ@64 samples is GPTQ with 8x the calibration tokens (64 x 512), the "
+         "check that GPTQ is data-starved at W2 with 8 samples.")
 
 
 def budget(args, model: str, setting: str) -> dict:
