@@ -1,8 +1,6 @@
 """The stages of the block loop: GPTQ and the clipping search against independent computations,
 packed == fake-quant for every stage composition, recipes as data (files equal flags, bad recipes
 refused), resume of a recipe with GPTQ."""
-import copy
-import json
 
 import pytest
 import torch
