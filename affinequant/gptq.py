@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .quantizer import grid_codes
+
 
 class Hessian:
     """Running H = 2/n · Σ xᵀx of a linear's inputs (GPTQ's add_batch)."""
@@ -57,8 +59,7 @@ class GPTQ:
         H = self.hessian.H.clone()
         rows, columns = W.shape
         gs = quantizer.group_size or columns
-        n_groups = math.ceil(columns / gs)
-        maxq = 2**quantizer.bits - 1
+        n_groups = quantizer.n_groups
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
@@ -94,7 +95,7 @@ class GPTQ:
                     s, z = quantizer.group_scale_zero(cols, g)
                     scale[:, g], zero[:, g] = fp16_scale(s), z
                 w = W1[:, i]
-                q = (w / scale[:, g]).round().add(zero[:, g]).clamp(0, maxq)
+                q = grid_codes(w, scale[:, g], zero[:, g], quantizer.bits)
                 codes[:, col] = q.to(torch.int32)
                 dq = (q - zero[:, g]) * scale[:, g]
                 err = (w - dq) / Hinv1[i, i]

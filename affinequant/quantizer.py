@@ -41,6 +41,11 @@ def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetr
     return scale, zero
 
 
+def grid_codes(x: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
+    """The integer codes of x on the grid (float tensor, no gradient path): what every rounder stores."""
+    return (x / scale).round().add(zero).clamp(0, 2**bits - 1)
+
+
 def fake_quant(x, scale, zero, bits: int):
     q = (round_ste(x / scale) + zero).clamp(0, 2**bits - 1)
     return (q - zero) * scale
@@ -120,7 +125,7 @@ class WeightQuantizer(nn.Module):
         """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer."""
         scale, zero = self.scale_zero(weight)
         w, _ = group_view(weight, self.group_size)
-        q = (w / scale).round().add(zero).clamp(0, 2**self.bits - 1)
+        q = grid_codes(w, scale, zero, self.bits)
         return q.reshape(weight.shape[0], -1)[:, : weight.shape[1]].to(torch.int32), scale[..., 0], zero[..., 0]
 
 

@@ -12,13 +12,12 @@ before it: the transformed weights and inputs at LET's initialisation).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import ConfigError
-from ..quantizer import minmax_scale_zero
+from ..quantizer import grid_codes, minmax_scale_zero
 from .base import Stage, StageConfig, block_device, linear_hessians, quantized_linears, register
 
 METRICS = ("output", "weight")
@@ -46,10 +45,9 @@ def search_clip_ratio(weight: torch.Tensor, quantizer, hessian: torch.Tensor | N
     """The best ratio per (row, group): (out, n_groups, 1). hessian None: weight error."""
     out_f, in_f = weight.shape
     gs = quantizer.group_size or in_f
-    n_groups = math.ceil(in_f / gs)
+    n_groups = quantizer.n_groups
     ratios = torch.linspace(1.0, min_ratio, grid).tolist() if grid > 1 else [1.0]
     best = torch.ones(out_f, n_groups, 1, device=weight.device)
-    maxq = 2**quantizer.bits - 1
     for g in range(n_groups):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
         w = weight[:, cols].float()
@@ -58,7 +56,7 @@ def search_clip_ratio(weight: torch.Tensor, quantizer, hessian: torch.Tensor | N
         best_err = torch.full((out_f,), float("inf"), device=weight.device)
         for r in ratios:
             scale, zero = minmax_scale_zero(wmin * r, wmax * r, quantizer.bits, quantizer.symmetric)
-            delta = ((w / scale).round().add(zero).clamp(0, maxq).sub(zero).mul(scale)) - w
+            delta = (grid_codes(w, scale, zero, quantizer.bits) - zero) * scale - w
             err = (delta.pow(2) if h is None else (delta @ h) * delta).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
