@@ -24,6 +24,9 @@ class Adapter:
     attention: str                          # the attention module inside a block
     rope: bool                              # q/k rotate in pairs (i, i + head_dim/2): scales must be tied per pair
     norm_has_bias: bool                     # LayerNorm-style norms can absorb LET shifts; RMSNorm cannot
+    # the linear of each norm group whose weight the reference code's LET initialisation reads
+    # (q_proj; up_proj for Llama, fc1 for OPT): --reference_compat
+    reference_init_linears: tuple[str, ...] = ()
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -56,6 +59,7 @@ _LLAMA_LIKE = dict(
     attention="self_attn",
     rope=True,
     norm_has_bias=False,
+    reference_init_linears=("self_attn.q_proj", "mlp.up_proj"),
 )
 
 ADAPTERS = [
@@ -72,6 +76,7 @@ ADAPTERS = [
         attention="self_attn",
         rope=False,
         norm_has_bias=True,
+        reference_init_linears=("self_attn.q_proj", "fc1"),
     ),
 ]
 

@@ -18,12 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .config import QuantConfig
+from .config import ConfigError, QuantConfig
 from .packing import PackedLinear, dequantize
 from .qmodules import install_quantizers, set_submodule, use_quantized_attention
 from .quantizer import WeightQuantizer
 from .stages import STAGES, BlockContext, BlockData
 from .trainer import train_block
+from .utils import round_to_half_
 
 log = logging.getLogger("affinequant")
 
@@ -112,7 +113,8 @@ class BlockQuantizer:
                  act_scales: dict | None, act_shifts: dict | None, stages: list | None = None):
         self.block, self.adapter, self.cfg = block, adapter, cfg
         self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda w: (
-            WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric) if cfg.wbits < 16 else None))
+            WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, reference=cfg.reference_compat)
+            if cfg.wbits < 16 else None), reference=cfg.reference_compat)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
         for p in block.parameters():
@@ -180,10 +182,15 @@ class BlockQuantizer:
         committed: dict[str, tuple] = {}
 
         def commit(name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-            # Scales are fp16 values (every deployment format stores them so) and the weight is rebuilt by
-            # the same `dequantize` a packed layer uses: fake-quant and packed agree bit for bit.
+            # The weight is rebuilt by the same `dequantize` a packed layer uses, from the rounder's scales
+            # (fp16 values, as every deployment format stores them, except under --reference_compat without
+            # --real_quant): fake-quant and packed agree bit for bit.
             qlinear = self.linears[name]
             wq = qlinear.weight_quantizer
+            if self.cfg.real_quant and (int(zero.min()) < 0 or int(zero.max()) > 2 ** wq.bits - 1):
+                raise ConfigError(f"{name}: a group's zero point lies outside the {wq.bits}-bit grid (the reference "
+                                  f"code's range convention, --reference_compat), which the GPTQ layout cannot "
+                                  f"store: drop --real_quant or --reference_compat")
             qlinear.weight.data.copy_(dequantize(codes, scale, zero, wq.group_size, qlinear.weight.dtype))
             qlinear.weight_quantizer = None
             committed[name] = (codes, scale, zero, wq)
@@ -233,6 +240,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     model.config.use_cache = False
     if cfg.abits < 16:
         use_quantized_attention(model)
+    if cfg.reference_compat:
+        round_to_half_(model)       # the reference loads its model in float16 (and calibrates in float32)
     q_inps, kwargs = capture_block_inputs(model, adapter, samples, device, cache_dtype)
     fp_inps = q_inps.clone()
     ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
@@ -281,6 +290,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         del bq, data, fp_outs, aug
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if cfg.reference_compat:
+        round_to_half_(model)       # the reference's model.half() after the last block
     return reports
 
 

@@ -17,10 +17,11 @@ from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir
 from .evaluate import perplexity
 from .export import save_quantized
 from .modeling import load_config, load_model, model_name, resolve_model_path
+from .reference_format import ReferenceParams, ReferenceResume, write_reference_params
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
-from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, save_tensors, seed_everything, \
-    setup_logging, write_json
+from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
+    seed_everything, setup_logging, write_json
 
 log = logging.getLogger("affinequant")
 
@@ -33,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--net", default=None, help="short model name for statistics files (default: basename of --model)")
     a("--output_dir", default="./log/", help="where the log and results JSON go")
     a("--save_dir", default=None, help="save the quantized model here (Hugging Face format)")
-    a("--resume", nargs="?", const="", default=None, metavar="DIR",
+    a("--resume", nargs="?", const="", default=None, metavar="DIR|FILE.pth",
       help="continue an interrupted calibration from its checkpoint (default DIR: <output_dir>/checkpoint); "
-           "with --epochs 0, rebuild a finished run from its parameters")
+           "with --epochs 0, rebuild a finished run from its parameters. A FILE.pth of the reference code "
+           "(omni_parameters.pth, affine_parameters.pth) is applied with its conventions (--reference_compat); "
+           "with --epochs > 0 only the layers it lacks are trained")
+    a("--save_params", default=None, metavar="FILE.pth",
+      help="also write the learned parameters as a reference parameter file (OmniQuant/AffineQuant format)")
+    a("--reference_compat", action="store_true",
+      help="reproduce the reference code's conventions: its LET initialisation and shifts, per-channel q/k "
+           "scales, truncation, quantizer range, float16 model (docs/reference-compat.md)")
     a("--real_quant", action="store_true", help="pack weights into real low-bit tensors")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
@@ -107,7 +115,7 @@ def config_from_args(args) -> QuantConfig:
                        seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, qk_init=args.qk_init,
                        deactive_amp=args.deactive_amp,
                        use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,
-                       real_quant=args.real_quant,
+                       real_quant=args.real_quant, reference_compat=args.reference_compat,
                        seed=args.seed).validate()
 
 
@@ -174,8 +182,15 @@ def run(argv=None) -> dict:
     data_dir = default_data_dir(args.data_dir)
     log.info("configuration: %s", cfg.to_dict())
     model_id = resolve_model_path(args.model)
+    reference_params = None
     try:
-        adapter = get_adapter(load_config(model_id, args.trust_remote_code))
+        model_config = load_config(model_id, args.trust_remote_code)
+        adapter = get_adapter(model_config)
+        if args.save_params and (cfg.full_precision or Path(args.save_params).is_dir()):
+            raise ConfigError(f"--save_params {args.save_params}: give a file name (FILE.pth) of a run that quantizes")
+        if args.resume and is_reference_file(args.resume):
+            # checked against the model's configuration before any weight is loaded
+            reference_params, cfg = ReferenceParams.open(args.resume, cfg, model_config, adapter)
     except ConfigError as exc:
         parser.error(str(exc))
     model, tokenizer, model_id = load_model(model_id, dtype, args.trust_remote_code)
@@ -194,7 +209,8 @@ def run(argv=None) -> dict:
         log.info("--wbits 16 --abits 16: nothing to quantize, evaluating the full-precision model")
         reference = None   # KL against itself would be 0
     else:
-        reference = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results)
+        reference = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
+                             reference_params)
 
     if args.eval_ppl:
         results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen, adapter)
@@ -212,9 +228,17 @@ def run(argv=None) -> dict:
     return results
 
 
-def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results) -> torch.nn.Module | None:
+def is_reference_file(resume: str) -> bool:
+    """--resume names a parameter file of the reference code rather than our checkpoint directory."""
+    path = Path(resume)
+    return path.suffix in (".pth", ".pt", ".bin") or path.is_file()
+
+
+def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
+             reference_params=None) -> torch.nn.Module | None:
     """Calibrate and quantize `model` in place, recording into `results`; returns the FP copy kept
-    as the reference for KL (None without --eval_ppl or with --no_kl)."""
+    as the reference for KL (None without --eval_ppl or with --no_kl). `reference_params`: a
+    reference parameter file to rebuild blocks from (--resume FILE.pth)."""
     try:
         samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
                                                     cfg.seed, data_dir, model)
@@ -227,9 +251,16 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     if cfg.needs_statistics:
         act_scales, act_shifts = load_or_collect_stats(args, model, adapter, samples, device, net)
 
+    if cfg.reference_compat:
+        round_to_half_(model)       # the reference holds its model in float16; the FP baseline too
     reference = copy.deepcopy(model) if args.eval_ppl and not args.no_kl else None
-    checkpoint = CalibrationCheckpoint(args.resume or Path(args.output_dir) / "checkpoint", cfg, model_id,
-                                       calib_source, len(adapter.layers(model)), resume=args.resume is not None)
+    own_resume = args.resume is not None and reference_params is None
+    checkpoint = CalibrationCheckpoint(args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint",
+                                       cfg, model_id, calib_source, len(adapter.layers(model)), resume=own_resume)
+    own_checkpoint = checkpoint
+    if reference_params is not None:
+        checkpoint = ReferenceResume(reference_params, checkpoint)
+        results["resumed_from"] = str(reference_params.path)
     t0 = time.time()
     try:
         reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
@@ -249,6 +280,8 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
         results["blocks_fell_back_to_rtn"] = [r.index for r in reports if r.fell_back_to_rtn]
     log.info("calibration done in %.1fs (%.2fs per block), %s", results["calibration_seconds"],
              results["seconds_per_block"], memory_report(device))
+    if args.save_params:
+        results["saved_params"] = write_reference_params(args.save_params, own_checkpoint, cfg, model.config, adapter)
     return reference
 
 

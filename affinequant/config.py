@@ -49,6 +49,7 @@ class QuantConfig:
     gptq: bool = False                 # round the weights with GPTQ instead of to nearest (stages.rounding)
     percdamp: float = 0.01             # GPTQ's dampening, a fraction of the Hessian's mean diagonal
     act_order: bool = False            # GPTQ columns by descending Hessian diagonal (static groups)
+    reference_compat: bool = False     # reproduce the reference code's conventions (docs/reference-compat.md)
     recipe: list | None = None         # the stages as data (recipe.py); None: from the flags above
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
 

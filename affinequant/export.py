@@ -36,6 +36,11 @@ def runtime_norms(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, TransformedNorm) and m.inverse is not None]
 
 
+def norm_biases(model) -> list[str]:
+    """Norms given a bias their architecture lacks (a reference-convention shift after an RMSNorm)."""
+    return [name for name, m in model.named_modules() if isinstance(m, TransformedNorm) and m.bias is not None]
+
+
 def packed_modules(model) -> dict[str, list]:
     return {name: [m.bits, m.group_size, m.zero_offset] for name, m in model.named_modules()
             if isinstance(m, PackedLinear)}
@@ -93,10 +98,15 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         choose_gptq_format(model, cfg.symmetric, gptq_format)
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
-    norms, packed = runtime_norms(model), packed_modules(model)
-    extra_keys = sorted(_as_stock_keys(model) - _stock_keys(model.config)) if not (act_quant or norms) else []
+    norms, biases, packed = runtime_norms(model), norm_biases(model), packed_modules(model)
+    stock_keys = _stock_keys(model.config)
+    # biases the transforms gave linears the architecture has none on (reference-convention shifts)
+    added_biases = sorted(name for name, m in model.named_modules() if hasattr(m, "in_features")
+                          and getattr(m, "bias", None) is not None and f"{name}.bias" not in stock_keys)
+    extra_keys = sorted(_as_stock_keys(model) - stock_keys) if not (act_quant or norms) else []
     fmt = "runtime" if (act_quant or norms or extra_keys) else ("gptq" if packed else "standard")
     manifest = {"format": fmt, "config": cfg.to_dict(), "model": model_id, "runtime_inverse_norms": norms,
+                "runtime_norm_biases": biases, "added_linear_biases": added_biases,
                 "activation_bits": cfg.abits if act_quant else 16, "packed": packed,
                 "weights": "packed integer codes (GPTQ layout)" if packed else "fake-quantized (dequantized floats)"}
     config = model.config
@@ -159,15 +169,21 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32):
         del config.quantization_config      # we rebuild the packed layers ourselves
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     adapter = get_adapter(config)
+    for name in manifest.get("added_linear_biases", []):
+        linear = model.get_submodule(name)
+        linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
     bits = manifest["activation_bits"]
     if bits < 16:
         symmetric = manifest["config"].get("symmetric", False)
         for block in adapter.layers(model):
-            install_quantizers(block, adapter, bits, symmetric, lambda w: None)
+            install_quantizers(block, adapter, bits, symmetric, lambda w: None,
+                               reference=manifest["config"].get("reference_compat", False))
         use_quantized_attention(model)
-    for name in manifest["runtime_inverse_norms"]:
+    inverse_norms, biased = set(manifest["runtime_inverse_norms"]), set(manifest.get("runtime_norm_biases", []))
+    for name in sorted(inverse_norms | biased):
         norm = model.get_submodule(name)
-        set_submodule(model, name, TransformedNorm(norm, hidden_size=norm.weight.shape[0]))
+        set_submodule(model, name, TransformedNorm(norm, hidden_size=norm.weight.shape[0] if name in inverse_norms
+                                                   else None, with_bias=name in biased))
     for name, (wbits, group, offset) in manifest.get("packed", {}).items():
         linear = model.get_submodule(name)
         set_submodule(model, name, PackedLinear(linear.in_features, linear.out_features, wbits, group,

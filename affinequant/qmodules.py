@@ -58,15 +58,16 @@ class QuantLinear(nn.Module):
 
 
 class TransformedNorm(nn.Module):
-    """norm(x) followed by an equivalent transform: ((y − shift) / scale) · inverse.
+    """norm(x) followed by an equivalent transform: ((y + bias − shift) / scale) · inverse.
 
     While training, `scale`/`shift` (LET) or `inverse_train` (AffineQuant) are set every step.
     After the merge a LET scale is folded into the norm and this wrapper is removed; an
     AffineQuant matrix cannot be folded into a norm, so its inverse stays here as a buffer,
     part of the model's state dict, applied at run time (the reference drops it on reload).
+    A shift after a norm that has no bias (RMSNorm, under --reference_compat) stays here as `bias`.
     """
 
-    def __init__(self, norm: nn.Module, hidden_size: int | None = None):
+    def __init__(self, norm: nn.Module, hidden_size: int | None = None, with_bias: bool = False):
         super().__init__()
         self.norm = norm
         self.scale: torch.Tensor | None = None
@@ -74,13 +75,24 @@ class TransformedNorm(nn.Module):
         self.inverse_train: torch.Tensor | None = None
         # None until a matrix is merged; given hidden_size, an empty one for load_state_dict to fill
         self.register_buffer("inverse", None if hidden_size is None else torch.zeros(hidden_size, hidden_size))
+        self.register_buffer("bias", torch.zeros(norm.weight.shape[0]) if with_bias else None)
 
     def set_inverse(self, inverse: torch.Tensor) -> None:
         self.inverse_train = None
         self.register_buffer("inverse", inverse.to(torch.float32).contiguous())
 
+    def set_bias(self, bias: torch.Tensor) -> None:
+        self.register_buffer("bias", bias.to(torch.float32).contiguous())
+
+    @property
+    def holds_runtime_ops(self) -> bool:
+        """Whether the merged wrapper still does something the stock norm cannot."""
+        return self.inverse is not None or self.bias is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         if self.shift is not None:
             y = y - self.shift.to(y.dtype)
         if self.scale is not None:
@@ -94,11 +106,11 @@ class TransformedNorm(nn.Module):
 class QKVQuantizers(nn.Module):
     """Per-token, per-head activation quantizers for q, k (after RoPE) and v."""
 
-    def __init__(self, bits: int, symmetric: bool = False):
+    def __init__(self, bits: int, symmetric: bool = False, reference: bool = False):
         super().__init__()
-        self.q = ActQuantizer(bits, symmetric)
-        self.k = ActQuantizer(bits, symmetric)
-        self.v = ActQuantizer(bits, symmetric)
+        self.q = ActQuantizer(bits, symmetric, reference)
+        self.k = ActQuantizer(bits, symmetric, reference)
+        self.v = ActQuantizer(bits, symmetric, reference)
 
 
 ATTN_IMPLEMENTATION = "affinequant_sdpa"
@@ -128,19 +140,21 @@ def use_quantized_attention(model: nn.Module) -> None:
             cfg._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, weight_quantizer_for) -> dict:
+def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, weight_quantizer_for,
+                       reference: bool = False) -> dict:
     """Replace every nn.Linear of `block` by a QuantLinear (weight quantizer from
     `weight_quantizer_for(weight)`, per-token input quantizer when abits < 16) and give its
-    attention q/k/v quantizers. Used for calibration and again when a saved model is rebuilt."""
+    attention q/k/v quantizers. Used for calibration and again when a saved model is rebuilt.
+    `reference`: the activation grids follow the reference code's range convention."""
     linears = {}
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear):
-            aq = ActQuantizer(abits, symmetric) if abits < 16 else None
+            aq = ActQuantizer(abits, symmetric, reference) if abits < 16 else None
             qlinear = QuantLinear(module, weight_quantizer_for(module.weight), aq).to(module.weight.device)
             set_submodule(block, name, qlinear)
             linears[name] = qlinear
     if abits < 16:
-        block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(abits, symmetric)
+        block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(abits, symmetric, reference)
     return linears
 
 

@@ -22,18 +22,24 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):
+def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, reference: bool = False):
     """Scale and integer zero point of the grid [0, 2^bits - 1] that covers [xmin, xmax].
 
     Symmetric follows the GPTQ convention (zero = 2^(bits-1)) so that exports are standard.
     Asymmetric ranges always contain 0, as in GPTQ: the zero point is then an exact code in
     [0, 2^bits - 1], so a group that does not straddle 0 still packs without wrap-around.
+    `reference`: the OmniQuant/AffineQuant convention instead (--reference_compat): the range is the
+    group's own, and the zero point round(-xmin/scale) may fall outside the grid (such a group cannot
+    be packed in the GPTQ layout); symmetric: zero 2^(bits-1) - 1.
     """
     qmax = 2**bits - 1
     if symmetric:
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         scale = (absmax / max(2 ** (bits - 1) - 1, 1)).clamp(SCALE_MIN, SCALE_MAX)
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+        zero = torch.full_like(scale, float(2 ** (bits - 1) - (1 if reference else 0)))
+    elif reference:
+        scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        zero = (-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX).round().detach()
     else:
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
         scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
@@ -73,9 +79,10 @@ class WeightQuantizer(nn.Module):
     factors sigmoid(upbound_factor), sigmoid(lowbound_factor); both multiply the range when present."""
 
     def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None,
-                 symmetric: bool = False, lwc: bool = False):
+                 symmetric: bool = False, lwc: bool = False, reference: bool = False):
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.reference = reference          # the reference code's range convention (minmax_scale_zero)
         self.shape = tuple(shape)
         self.upbound_factor = self.lowbound_factor = None
         self.clip_ratio: torch.Tensor | None = None       # (out, n_groups, 1), set by the clipping search
@@ -98,7 +105,7 @@ class WeightQuantizer(nn.Module):
         if self.upbound_factor is not None:
             xmax = torch.sigmoid(self.upbound_factor[:, groups]) * xmax
             xmin = torch.sigmoid(self.lowbound_factor[:, groups]) * xmin
-        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric)
+        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric, self.reference)
 
     def scale_zero(self, weight: torch.Tensor):
         """Scale and zero of each (row, group): tensors of shape (out, n_groups, 1)."""
@@ -132,16 +139,16 @@ class WeightQuantizer(nn.Module):
 class ActQuantizer(nn.Module):
     """Dynamic per-token quantizer: a min-max grid over the last dimension of every token."""
 
-    def __init__(self, bits: int, symmetric: bool = False):
+    def __init__(self, bits: int, symmetric: bool = False, reference: bool = False):
         super().__init__()
-        self.bits, self.symmetric = bits, symmetric
+        self.bits, self.symmetric, self.reference = bits, symmetric, reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return x
         xmax = x.amax(dim=-1, keepdim=True)
         xmin = x.amin(dim=-1, keepdim=True)
-        scale, zero = minmax_scale_zero(xmin, xmax, self.bits, self.symmetric)
+        scale, zero = minmax_scale_zero(xmin, xmax, self.bits, self.symmetric, self.reference)
         return fake_quant(x, scale, zero, self.bits)
 
     def extra_repr(self) -> str:

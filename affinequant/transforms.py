@@ -102,12 +102,34 @@ def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return (act.pow(alpha) / w_absmax.float().pow(1 - alpha)).clamp(min=SCALE_FLOOR)
 
 
-def band_count(dim: int, epoch: int, epochs: int) -> int:
+def reference_smooth_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The reference code's initialisation (--reference_compat): statistics rounded to fp16, and the
+    *signed* max over the output rows of one weight (AffineQuant kept OmniQuant's early bug)."""
+    act = act_absmax.half().clamp(min=SCALE_FLOOR).pow(alpha).float()     # computed in float16, as there
+    w_max = weight.float().amax(dim=0).clamp(min=SCALE_FLOOR)
+    return (act / w_max.pow(1 - alpha)).clamp(min=SCALE_FLOOR)
+
+
+REFERENCE_TRUNCATION = 1e-2     # the reference's truncate_number threshold
+
+
+@torch.no_grad()
+def truncate_(t: torch.Tensor, threshold: float = REFERENCE_TRUNCATION) -> None:
+    """The reference's truncate_number, in place: every nonzero entry with |x| < threshold becomes
+    sign(x)·threshold (exact zeros stay zero)."""
+    small = t.abs() < threshold
+    t[small] = t.sign()[small] * threshold
+
+
+def band_count(dim: int, epoch: int, epochs: int, reference: bool = False) -> int:
     """Bands unlocked on each side, the diagonal included: k_e = floor((D−1)/(E−1)·e) + 1.
     Integer arithmetic, so the last epoch unlocks all D bands (the reference's float truncation
-    leaves one locked). One epoch or none: the diagonal only (the reference divides by zero)."""
+    leaves one locked; `reference` reproduces it). One epoch or none: the diagonal only (the reference
+    divides by zero)."""
     if epochs <= 1:
         return 1
+    if reference:
+        return int((dim - 1) / (epochs - 1) * min(epoch, epochs - 1)) + 1
     return (dim - 1) * min(epoch, epochs - 1) // (epochs - 1) + 1
 
 
@@ -145,39 +167,61 @@ class LET(nn.Module):
     q ↔ k: a scale per KV head and RoPE pair (LET), or with --use_matrix a per-head matrix
     (no RoPE) / a complex scale per RoPE pair (RoPE models: the general transform that commutes
     with the rotation, so the block's function is preserved exactly).
+
+    `reference` (--reference_compat) follows the reference code instead: its initialisation
+    (reference_smooth_scale), shifts trained even after an RMSNorm (from act_shifts where the norm has
+    a bias, else from 0), the q ↔ k scale or matrix per channel / head as if there were no RoPE (not
+    function-preserving on RoPE models, as in the reference), and its band schedule.
     """
 
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, alpha: float,
                  act_scales: dict[str, torch.Tensor], act_shifts: dict[str, torch.Tensor] | None,
                  use_shift: bool, ln_matrix: bool = False, affine: bool = False, qk_matrix: bool = False,
-                 sf: float = 1.0, qk_from_stats: bool = True):
+                 sf: float = 1.0, qk_from_stats: bool = True, reference: bool = False):
         super().__init__()
-        self.adapter = adapter
+        self.adapter, self.reference = adapter, reference
         self.n_heads, self.n_kv, self.head_dim = adapter.heads(model_config)
         self.use_shift, self.ln_matrix, self.affine, self.qk_matrix = use_shift, ln_matrix, affine, qk_matrix
+        self.qk_pairs = adapter.rope and not reference      # q/k scales tied per RoPE pair
         self.ln_sf = self.head_sf = sf
         dev = next(block.parameters()).device
         self.hidden = block.get_submodule(adapter.norm_groups[0][1][0]).in_features
         self.norm_params = nn.ParameterList()
         self.norm_shifts = nn.ParameterList()
-        for norm_name, consumers in adapter.norm_groups:
+
+        def initial_shift(key: str) -> torch.Tensor:
+            if act_shifts is not None and key in act_shifts and adapter.norm_has_bias:
+                return act_shifts[key].to(dev).float().clone()
+            return torch.zeros(act_scales[key].numel(), device=dev)      # the reference's start after an RMSNorm
+
+        for i, (norm_name, consumers) in enumerate(adapter.norm_groups):
             key = consumers[0]
-            weights = [block.get_submodule(c).weight.detach().float() for c in consumers]
-            s = smooth_scale(act_scales[key].to(dev), weights, alpha)
+            if reference:
+                s = reference_smooth_scale(act_scales[key].to(dev),
+                                           block.get_submodule(adapter.reference_init_linears[i]).weight.detach(), alpha)
+            else:
+                weights = [block.get_submodule(c).weight.detach().float() for c in consumers]
+                s = smooth_scale(act_scales[key].to(dev), weights, alpha)
             self.norm_params.append(nn.Parameter(torch.diag(s) if ln_matrix else s))
             if use_shift:
-                self.norm_shifts.append(nn.Parameter(act_shifts[key].to(dev).float().clone()))
+                self.norm_shifts.append(nn.Parameter(initial_shift(key)))
         v_name, o_name = adapter.out_pair
         o_weight = block.get_submodule(o_name).weight.detach().float()
         act_o = reduce_to_kv(act_scales[o_name].to(dev).float(), self.n_kv, self.n_heads)
-        w_o = reduce_to_kv(o_weight.abs().amax(dim=0), self.n_kv, self.n_heads)
-        s_out = smooth_scale(act_o, [w_o[None]], alpha)
+        if reference:
+            w_o = reduce_to_kv(o_weight.amax(dim=0), self.n_kv, self.n_heads)
+            s_out = reference_smooth_scale(act_o, w_o[None], alpha)
+        else:
+            w_o = reduce_to_kv(o_weight.abs().amax(dim=0), self.n_kv, self.n_heads)
+            s_out = smooth_scale(act_o, [w_o[None]], alpha)
         self.out_param = nn.Parameter(torch.diag_embed(s_out.view(self.n_kv, self.head_dim)) if affine else s_out)
         self.out_shift = None
         if use_shift:
-            shift = act_shifts[o_name].to(dev).float()
+            shift = initial_shift(o_name)
             self.out_shift = nn.Parameter(shift.view(self.n_kv, -1, self.head_dim).mean(1).reshape(-1).clone())
-        if qk_matrix and adapter.rope:
+        if reference and not qk_matrix:     # OmniQuant / AffineQuant: a scale per channel, starting at 1
+            self.qk_param = nn.Parameter(torch.ones(self.n_kv, self.head_dim, device=dev))
+        elif qk_matrix and self.qk_pairs:
             pairs = torch.zeros(self.n_kv, self.head_dim // 2, 2, device=dev)
             pairs[..., 0] = 1.0
             self.qk_param = nn.Parameter(pairs)
@@ -189,7 +233,7 @@ class LET(nn.Module):
             if qk_from_stats and q_out is not None and k_out is not None:
                 s_qk = self.qk_smooth_scale(q_out.to(dev).float(), k_out.to(dev).float(), alpha)
             else:    # --qk_init ones, or statistics without q/k outputs: OmniQuant's start, all ones
-                s_qk = torch.ones(self.n_kv, self.head_dim // 2 if adapter.rope else self.head_dim, device=dev)
+                s_qk = torch.ones(self.n_kv, self.head_dim // 2 if self.qk_pairs else self.head_dim, device=dev)
             self.qk_param = nn.Parameter(s_qk)
         # masks start at the diagonal; set_epoch unlocks bands
         self.register_buffer("ln_mask", band_mask(self.hidden, 1, self.ln_sf, dev) if ln_matrix else None,
@@ -205,7 +249,7 @@ class LET(nn.Module):
         Without it OmniQuant starts this scale at 1, and a short calibration leaves it there."""
         q = reduce_to_kv(q_absmax, self.n_kv, self.n_heads).view(self.n_kv, self.head_dim)
         k = k_absmax.view(self.n_kv, self.head_dim)
-        if self.adapter.rope:
+        if self.qk_pairs:
             q = q.view(self.n_kv, 2, -1).amax(1)
             k = k.view(self.n_kv, 2, -1).amax(1)
         q, k = q.clamp(min=SCALE_FLOOR), k.clamp(min=SCALE_FLOOR)
@@ -218,13 +262,23 @@ class LET(nn.Module):
             p.copy_(torch.eye(p.shape[-1], device=p.device).expand_as(p) if p.dim() >= 2 else torch.ones_like(p))
         for p in list(self.norm_shifts) + ([self.out_shift] if self.out_shift is not None else []):
             p.zero_()
-        if self.qk_matrix and self.adapter.rope:
+        if self.qk_matrix and self.qk_pairs:
             self.qk_param.zero_()
             self.qk_param[..., 0] = 1.0
         elif self.qk_matrix:
             self.qk_param.copy_(torch.eye(self.head_dim, device=self.qk_param.device).expand_as(self.qk_param))
         else:
             self.qk_param.fill_(1.0)
+
+    def scale_params(self) -> list[nn.Parameter]:
+        """The parameters the reference names *smooth_scale* (vectors and raw matrices)."""
+        return [*self.norm_params, self.out_param, self.qk_param]
+
+    @torch.no_grad()
+    def truncate(self) -> None:
+        """The reference's truncate_number on every scale before each step and at the merge."""
+        for p in self.scale_params():
+            truncate_(p.data)
 
     # ----- the gradual mask -------------------------------------------------------------------
     def masked_matrices(self, ln_mask=None, head_mask=None) -> list[tuple[str, torch.Tensor]]:
@@ -235,7 +289,7 @@ class LET(nn.Module):
             out += [(f"norm{i}", p * ln_mask) for i, p in enumerate(self.norm_params)]
         if self.affine:
             out.append(("v→o", self.out_param * head_mask))
-        if self.qk_matrix and not self.adapter.rope:
+        if self.qk_matrix and not self.qk_pairs:
             out.append(("q↔k", self.qk_param * head_mask))
         return out
 
@@ -246,7 +300,8 @@ class LET(nn.Module):
         if not (self.ln_matrix or self.affine):
             return {}
         dev = self.head_mask.device
-        want_ln, want_head = band_count(self.hidden, epoch, epochs), band_count(self.head_dim, epoch, epochs)
+        want_ln = band_count(self.hidden, epoch, epochs, self.reference)
+        want_head = band_count(self.head_dim, epoch, epochs, self.reference)
         ln_sf, head_sf = self.ln_sf, self.head_sf
         for attempt in range(5):
             ln_mask = band_mask(self.hidden, want_ln, ln_sf, dev) if self.ln_matrix else None
@@ -324,7 +379,7 @@ class LET(nn.Module):
 
     def qk_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Output transforms of q and k (per KV head) such that every q·k score is unchanged."""
-        if self.qk_matrix and self.adapter.rope:
+        if self.qk_matrix and self.qk_pairs:
             c = self.qk_param
             norm2 = (c[..., 0] ** 2 + c[..., 1] ** 2).clamp(min=SCALE_FLOOR)
             # q·c and k/c̄ = k·c/|c|²: the same rotation of both, and scales |c| and 1/|c|.
@@ -333,7 +388,7 @@ class LET(nn.Module):
             t = self.qk_param * self.head_mask
             return torch.linalg.inv(t.float()).transpose(-1, -2), t           # q·T⁻¹, k·Tᵀ
         s = _floor(self.qk_param)
-        if self.adapter.rope:
+        if self.qk_pairs:
             s = torch.cat([s, s], dim=-1)   # rotate_half pairs channel i with i + head_dim/2
         s = s.reshape(-1)
         return 1.0 / s, s
@@ -360,10 +415,10 @@ class LET(nn.Module):
                     scale, inverse = 1.0 / inverse.diagonal(), None   # a diagonal matrix folds like LET
                 if inverse is not None:
                     if shift is not None:
-                        fold_into_norm(wrapper.norm, torch.ones_like(shift), shift.detach())
+                        fold_into_norm(wrapper, torch.ones_like(shift), shift.detach())
                     wrapper.set_inverse(inverse.detach())
                 else:
-                    fold_into_norm(wrapper.norm, scale.detach(), None if shift is None else shift.detach())
+                    fold_into_norm(wrapper, scale.detach(), None if shift is None else shift.detach())
             else:
                 wrapper.scale, wrapper.shift, wrapper.inverse_train = scale, shift, inverse
 
@@ -373,12 +428,14 @@ def _is_diagonal(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def fold_into_norm(norm: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
-    """(w ⊙ x̂ + b − δ) / s  ==  (w / s) ⊙ x̂ + (b − δ) / s."""
+def fold_into_norm(wrapper: TransformedNorm, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+    """(w ⊙ x̂ + b − δ) / s  ==  (w / s) ⊙ x̂ + (b − δ) / s. A norm without a bias (RMSNorm) keeps
+    −δ / s in the wrapper's bias (only the reference's conventions shift there)."""
+    norm = wrapper.norm
     norm.weight.data.copy_((norm.weight.float() / scale).to(norm.weight.dtype))
-    if shift is not None or getattr(norm, "bias", None) is not None:
-        bias = getattr(norm, "bias", None)
-        if bias is None:
-            raise ValueError(f"{type(norm).__name__} has no bias to absorb a LET shift")
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
         new = bias.float() - (shift if shift is not None else 0.0)
         bias.data.copy_((new / scale).to(bias.dtype))
+    elif shift is not None:
+        wrapper.set_bias(-shift / scale)

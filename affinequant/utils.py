@@ -115,3 +115,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+@torch.no_grad()
+def round_to_half_(model: torch.nn.Module) -> None:
+    """Round every float32 tensor of the model's state dict to the nearest float16 value, in place (dtype
+    kept): the reference code holds its model in float16 (--reference_compat). Non-persistent buffers
+    (RoPE's inverse frequencies) are recomputed in float32 by the model and stay as they are."""
+    for tensor in model.state_dict().values():
+        if tensor.dtype == torch.float32:
+            tensor.copy_(tensor.half().float())

@@ -26,6 +26,8 @@ class LETConfig(StageConfig):
     ln_matrix: bool = False             # AffineQuant --use_ln_matrix
     qk_matrix: bool = False             # AffineQuant --use_matrix
     sf: float | None = None             # gradual mask's stability factor; None: 1e-2 weight-only, 0.1 with activations
+    out_matrix: bool | None = None      # v -> o as per-head matrices; None: with either matrix option, and always
+                                        # under --reference_compat (AffineQuant); False: OmniQuant's vector
 
     def __post_init__(self):
         if self.qk_init not in QK_INITS:
@@ -51,17 +53,23 @@ class LET(Stage):
                               "affinequant.stats.collect_act_stats or generate_act_scale_shift.py")
         for norm_name, _ in adapter.norm_groups:
             set_submodule(block, norm_name, TransformedNorm(block.get_submodule(norm_name)))
-        use_shift = adapter.norm_has_bias and cfg.abits < 16   # as OmniQuant: shifts only where a norm bias absorbs them
+        self.reference = cfg.reference_compat
+        # as OmniQuant: shifts only where a norm bias absorbs them; the reference AffineQuant trains them everywhere
+        use_shift = self.reference or (adapter.norm_has_bias and cfg.abits < 16)
         sf = config.sf if config.sf is not None else default_sf(cfg.abits)
-        affine = config.ln_matrix or config.qk_matrix
+        affine = config.out_matrix if config.out_matrix is not None else (
+            config.ln_matrix or config.qk_matrix or self.reference)
+        if (config.ln_matrix or config.qk_matrix) and not affine:
+            raise ConfigError("let: out_matrix false with ln_matrix or qk_matrix: AffineQuant's matrices come with a "
+                              "v -> o matrix; drop out_matrix")
         self.let = LETModule(block, adapter, ctx.model_config, config.alpha, ctx.act_scales, ctx.act_shifts,
                              use_shift, ln_matrix=config.ln_matrix, affine=affine, qk_matrix=config.qk_matrix,
-                             sf=sf, qk_from_stats=config.qk_init == "stats")
+                             sf=sf, qk_from_stats=config.qk_init == "stats", reference=self.reference)
         self.init = ""
         self.matrix_health: list[dict] = []
 
     def prepare(self, bq, data) -> None:
-        if data.trains:
+        if data.trains and not self.reference:      # the reference always starts from SmoothQuant's scales
             self.init = self.choose_init(bq, data)
             if self.init == "identity":
                 log.info("LET starts from the identity (lower block loss than the SmoothQuant initialisation)")
@@ -96,14 +104,18 @@ class LET(Stage):
         return health
 
     def refresh(self) -> None:
+        if self.reference:
+            self.let.truncate()
         self.let.apply(self.ctx.block, merge=False)
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.reference:
+            self.let.truncate()
         self.let.apply(self.ctx.block, merge=True)
         for norm_name, _ in self.ctx.adapter.norm_groups:
             wrapper = self.ctx.block.get_submodule(norm_name)
-            if wrapper.inverse is None:          # folded into the norm: back to the stock module
+            if not wrapper.holds_runtime_ops:          # folded into the norm: back to the stock module
                 set_submodule(self.ctx.block, norm_name, wrapper.norm)
 
     def state(self) -> dict[str, torch.Tensor]:

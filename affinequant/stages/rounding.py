@@ -23,9 +23,12 @@ class RTN(Rounder):
 
     @torch.no_grad()
     def round(self, bq, data, commit) -> None:
+        # Scales are stored as float16 values (as every deployment format stores them); the reference
+        # dequantizes with its float32 scale and rounds the weight to float16 afterwards (--reference_compat).
+        exact_scale = self.ctx.cfg.reference_compat and not self.ctx.cfg.real_quant
         for name, qlinear in quantized_linears(self.ctx).items():
             codes, scale, zero = qlinear.weight_quantizer.integer_codes(qlinear.weight.float())
-            commit(name, codes, fp16_scale(scale), zero)
+            commit(name, codes, scale if exact_scale else fp16_scale(scale), zero)
 
 
 @dataclass(frozen=True)
