@@ -47,6 +47,10 @@ METHODS = {
     # the clipping search as LWC's start, alone and inside AffineQuant+GPTQ (recipes/affinequant-clip-gptq.yaml)
     "clip search+LWC": ["--clip_search", "--lwc"],
     "AffineQuant+clip search+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--clip_search", "--gptq", "--act_order"],
+    # the reference code's conventions (--reference_compat: its LET init, shifts after RMSNorm, per-channel q/k
+    # scale, truncation, quantizer range, float16 model) against this tool's defaults, on the same budget
+    "LWC (reference conventions)": ["--lwc", "--reference_compat"],
+    "AffineQuant (reference conventions)": ["--lwc", "--let", "--use_ln_matrix", "--reference_compat"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
