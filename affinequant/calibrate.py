@@ -101,6 +101,8 @@ class BlockReport:
     final_mse: float = float("nan")
     nan_events: int = 0
     fell_back_to_rtn: bool = False
+    divergence_events: int = 0
+    restored: bool = False                          # rebuilt from a checkpoint, not trained in this run
     stages: dict = field(default_factory=dict)      # each stage's report, by stage name
 
 
@@ -268,6 +270,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
             report.losses, report.nan_events = saved.get("losses", []), saved.get("nan_events", 0)
             report.fell_back_to_rtn = saved.get("fell_back_to_rtn", False)
             report.stages = saved.get("stages", {})
+            report.divergence_events = saved.get("divergence_events", 0)
+            report.restored = True
             log.info("block %d: parameters restored from %s", index, checkpoint.path(index))
         else:
             bq.prepare(data)
@@ -276,6 +280,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
             report.stages = bq.report()
             if checkpoint is not None:
                 checkpoint.save(index, bq.state(), {"losses": report.losses, "nan_events": report.nan_events,
+                                                    "divergence_events": report.divergence_events,
                                                     "fell_back_to_rtn": report.fell_back_to_rtn,
                                                     "stages": report.stages})
         bq.finalize(data)

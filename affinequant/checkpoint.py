@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
-from .utils import atomic_write, write_json
+from .errors import AffineQuantError
+from .utils import atomic_write, tensor_digest, write_json
 
 log = logging.getLogger("affinequant")
 
@@ -60,19 +61,23 @@ def recipe_differences(saved: list[dict], now: list[dict], whole: bool) -> dict:
     return diff
 
 
-class CheckpointError(SystemExit):
-    pass
+class CheckpointError(AffineQuantError):
+    """A checkpoint that does not belong to this run, or is corrupt."""
 
 
 class CalibrationCheckpoint:
     def __init__(self, directory: str | Path, cfg: QuantConfig, model: str, calibration: str, n_blocks: int,
-                 resume: bool):
+                 resume: bool, data_digest: str | None = None):
         self.dir = Path(directory)
         self.manifest_path = self.dir / "manifest.json"
         self.manifest = {"config": cfg.to_dict(), "recipe": cfg.recipe_data(), "model": model,
-                         "calibration": calibration, "n_blocks": n_blocks, "finished": []}
+                         "calibration": calibration, "calibration_digest": data_digest, "n_blocks": n_blocks,
+                         "finished": []}
+        for stray in self.dir.glob("*.tmp"):      # a write killed mid-way (atomic_write's temporary file)
+            stray.unlink()
         if resume:
-            self._check_compatible(cfg.to_dict(), self.manifest["recipe"], model, n_blocks)
+            self._check_compatible(cfg.to_dict(), self.manifest["recipe"], model, n_blocks, data_digest,
+                                   calibration)
         elif self.manifest_path.is_file():
             log.warning("%s holds a calibration checkpoint from an earlier run: starting afresh and replacing it "
                         "(pass --resume to continue it instead)", self.dir)
@@ -80,7 +85,18 @@ class CalibrationCheckpoint:
                 old.unlink()
         self._write_manifest()
 
-    def _check_compatible(self, config: dict, recipe: list[dict], model: str, n_blocks: int) -> None:
+    @classmethod
+    def verify(cls, directory: str | Path, cfg: QuantConfig, model: str, n_blocks: int) -> None:
+        """The checks of a resume, before the model is loaded (the calibration data is checked later,
+        once it is drawn); writes nothing."""
+        probe = cls.__new__(cls)
+        probe.dir = Path(directory)
+        probe.manifest_path = probe.dir / "manifest.json"
+        probe.manifest = {}
+        probe._check_compatible(cfg.to_dict(), cfg.recipe_data(), model, n_blocks)
+
+    def _check_compatible(self, config: dict, recipe: list[dict], model: str, n_blocks: int,
+                          data_digest: str | None = None, calibration: str = "") -> None:
         if not self.manifest_path.is_file():
             raise CheckpointError(f"--resume: no calibration checkpoint in {self.dir} (no manifest.json); "
                                   f"run without --resume to start one")
@@ -103,8 +119,20 @@ class CalibrationCheckpoint:
             raise CheckpointError(f"--resume: the checkpoint in {self.dir} comes from another configuration "
                                   f"({detail}). Resume with the same flags (or --epochs 0 to rebuild without "
                                   f"training), or use another --output_dir")
+        saved_digest = saved.get("calibration_digest")
+        if data_digest and saved_digest and saved_digest != data_digest:
+            if training:
+                raise CheckpointError(f"--resume: the calibration samples differ from those the checkpoint in {self.dir} "
+                                      f"was trained on ({saved.get('calibration')!r} then, {calibration!r} now): resume "
+                                      f"with the same --calib_dataset, --nsamples, --seqlen and --seed, or use "
+                                      f"--epochs 0 to rebuild without training")
+            log.warning("--resume --epochs 0: calibration samples differ from the checkpoint's (%s); the stored "
+                        "parameters are rebuilt as they are", saved.get("calibration"))
         if saved.get("model") != model:
             log.warning("--resume: checkpoint made from %s, resuming with %s", saved.get("model"), model)
+        # the data the stored blocks were trained on, not this run's
+        self.manifest["calibration"] = saved.get("calibration", calibration)
+        self.manifest["calibration_digest"] = saved_digest or data_digest
         self.manifest["finished"] = sorted(saved.get("finished", []))
         # The stored parameters were produced by the saved configuration: keep it, so that a rebuild
         # with --epochs 0 does not turn the manifest into one that refuses the original flags later.
@@ -126,7 +154,8 @@ class CalibrationCheckpoint:
 
     def save(self, index: int, state: dict[str, torch.Tensor], report: dict) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp, metadata={"report": json.dumps(report)}))
+        metadata = {"report": json.dumps(report), "index": str(index), "digest": tensor_digest(tensors)}
+        atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp, metadata=metadata))
         self.manifest["finished"] = sorted(set(self.manifest["finished"]) | {index})
         self._write_manifest()       # after the block file: a crash between the two only loses this block
 
@@ -136,8 +165,16 @@ class CalibrationCheckpoint:
             tensors = load_file(path)
             from safetensors import safe_open
             with safe_open(path, "pt") as f:
-                report = json.loads((f.metadata() or {}).get("report", "{}"))
+                metadata = f.metadata() or {}
+            report = json.loads(metadata.get("report", "{}"))
         except Exception as exc:
             raise CheckpointError(f"--resume: {path} is corrupt or unreadable ({exc}); delete it (and its index "
                                   f"from {self.manifest_path}'s 'finished') to recalibrate that block") from exc
+        if "index" in metadata and int(metadata["index"]) != index:     # files before digests carry neither
+            raise CheckpointError(f"--resume: {path} holds block {metadata['index']}, not block {index} (a file copied "
+                                  f"over another?): delete it and its index from {self.manifest_path}'s 'finished' "
+                                  f"to recalibrate that block")
+        if "digest" in metadata and metadata["digest"] != tensor_digest(tensors):
+            raise CheckpointError(f"--resume: {path} does not match its recorded digest (modified after it was "
+                                  f"written): delete it and its index from {self.manifest_path}'s 'finished'")
         return tensors, report

@@ -13,14 +13,15 @@ from .adapters import get_adapter
 from .calibrate import quantize_blocks
 from .checkpoint import CalibrationCheckpoint
 from .config import LOSSES, QK_INITS, ConfigError, QuantConfig
-from .data import PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
+from .data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
+from .errors import AffineQuantError, OutputError
 from .evaluate import perplexity
-from .export import save_quantized
-from .modeling import load_config, load_model, model_name, resolve_model_path
+from .export import check_save_dir, save_quantized
+from .modeling import block_linear_shapes, load_config, load_model, model_name, resolve_model_path
 from .reference_format import ReferenceParams, ReferenceResume, write_reference_params
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
-from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
+from .utils import load_tensors, tensor_digest, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
     seed_everything, setup_logging, write_json
 
 log = logging.getLogger("affinequant")
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
            "with --epochs 0, rebuild a finished run from its parameters. A FILE.pth of the reference code "
            "(omni_parameters.pth, affine_parameters.pth) is applied with its conventions (--reference_compat); "
            "with --epochs > 0 only the layers it lacks are trained")
+    a("--overwrite", action="store_true",
+      help="let --save_dir replace a non-empty directory that is not an affinequant export")
     a("--save_params", default=None, metavar="FILE.pth",
       help="also write the learned parameters as a reference parameter file (OmniQuant/AffineQuant format)")
     a("--reference_compat", action="store_true",
@@ -119,11 +122,11 @@ def config_from_args(args) -> QuantConfig:
                        seed=args.seed).validate()
 
 
-def check_group_size(model, adapter, group_size: int | None) -> None:
+def check_group_size(in_features_of: dict[str, tuple[int, int]], group_size: int | None) -> None:
+    """`in_features_of`: {linear: (out, in)} of a block (from the configuration alone)."""
     if not group_size:
         return
-    block = adapter.layers(model)[0]
-    in_features = {name: m.in_features for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    in_features = {name: shape[1] for name, shape in in_features_of.items()}
     too_small = {n: f for n, f in in_features.items() if f < group_size}
     if too_small:
         name, f = next(iter(too_small.items()))
@@ -136,41 +139,69 @@ def check_group_size(model, adapter, group_size: int | None) -> None:
                  group_size, ", ".join(f"{n} ({f})" for n, f in ragged.items()), group_size)
 
 
-def load_or_collect_stats(args, model, adapter, samples, device, net: str):
+def stats_files(args, net: str, hidden_size: int, adapter) -> tuple[Path, Path, bool]:
+    """The activation-statistics files: (scales, shifts, whether both exist). A file the user named must
+    exist, and so must its partner (never computed and written over a user's file); existing files must
+    belong to this model. Read here, before the model loads: they are small."""
     scales_path = Path(args.act_scales or f"./act_scales/{net}.pt")
     shifts_path = Path(args.act_shifts or f"./act_shifts/{net}.pt")
-    if args.act_scales and not scales_path.is_file():
-        raise SystemExit(f"--act-scales {scales_path}: no such file. Generate it with "
-                         f"`python generate_act_scale_shift.py --model {args.model or '<model>'}`, "
-                         f"or omit --act-scales to compute the statistics now")
-    if scales_path.is_file() and shifts_path.is_file():
+    for flag, path, given in (("--act-scales", scales_path, args.act_scales), ("--act-shifts", shifts_path,
+                                                                                args.act_shifts)):
+        if given and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file. Generate it with `python generate_act_scale_shift.py "
+                              f"--model {args.model or '<model>'}`, or omit {flag} to compute the statistics now")
+    if (args.act_scales or args.act_shifts) and not (scales_path.is_file() and shifts_path.is_file()):
+        missing, flag = (shifts_path, "--act-shifts") if scales_path.is_file() else (scales_path, "--act-scales")
+        raise ConfigError(f"{missing} (the statistics file beside the one given) does not exist: pass {flag} FILE "
+                          f"too (generate_act_scale_shift.py writes both)")
+    both = scales_path.is_file() and shifts_path.is_file()
+    if both:
+        scales = load_tensors(scales_path, "activation scales")
+        expected = f"{adapter.layers_path}.0.{adapter.norm_groups[0][1][0]}"
+        if not isinstance(scales, dict) or expected not in scales or scales[expected].numel() != hidden_size:
+            raise ConfigError(f"{scales_path} does not hold statistics for this model (no '{expected}' of size "
+                              f"{hidden_size}): pass --act-scales/--act-shifts files for this model, or delete "
+                              f"{scales_path} to compute them")
+    return scales_path, shifts_path, both
+
+
+def load_or_collect_stats(args, model, adapter, samples, device, net: str):
+    scales_path, shifts_path, both = stats_files(args, net, model.config.hidden_size, adapter)
+    if both:
         scales = load_tensors(scales_path, "activation scales")
         shifts = load_tensors(shifts_path, "activation shifts")
-        expected = f"{adapter.layers_path}.0.{adapter.norm_groups[0][1][0]}"
-        if expected not in scales or scales[expected].numel() != model.config.hidden_size:
-            raise SystemExit(f"{scales_path} does not hold statistics for this model (no '{expected}' of size "
-                             f"{model.config.hidden_size}): delete it, or pass --act-scales for this model")
         log.info("LET init from %s and %s", scales_path, shifts_path)
-        if not any(k.endswith(QK_OUTPUT) for k in scales):
+        if not any(k.endswith(QK_OUTPUT) for k in scales) and args.qk_init == "stats":
             log.info("%s has no q/k output statistics (written by the reference code or before they were "
                      "recorded): the q <-> k scales start at 1, as in OmniQuant. Delete it (or rerun "
                      "generate_act_scale_shift.py) for their SmoothQuant-style start", scales_path)
         return scales, shifts
     log.info("activation statistics %s not found: computing them on the calibration set", scales_path)
     scales, shifts = collect_act_stats(model, adapter, samples, device)
-    save_tensors(scales_path, scales)
+    save_tensors(scales_path, scales)       # default paths only: stats_files refuses a named file that is missing
     save_tensors(shifts_path, shifts)
     log.info("wrote %s and %s", scales_path, shifts_path)
     return scales, shifts
 
 
 def run(argv=None) -> dict:
+    """main.py: every failure the library reports (AffineQuantError) ends as one line on stderr and a
+    non-zero exit; argument errors as argparse's usage line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
+    try:
+        return _run(parser, args, cfg)
+    except AffineQuantError as exc:
+        log.error("%s", exc)
+        raise SystemExit(f"main.py: error: {exc}") from exc
+
+
+def _run(parser, args, cfg: QuantConfig) -> dict:
+    check_output_paths(args)
     setup_logging(args.output_dir)
     seed_everything(args.seed)
     device = resolve_device(args.device)
@@ -183,29 +214,21 @@ def run(argv=None) -> dict:
     log.info("configuration: %s", cfg.to_dict())
     model_id = resolve_model_path(args.model)
     reference_params = None
+    model_config = load_config(model_id, args.trust_remote_code)
     try:
-        model_config = load_config(model_id, args.trust_remote_code)
         adapter = get_adapter(model_config)
-        if args.save_params and (cfg.full_precision or Path(args.save_params).is_dir()):
-            raise ConfigError(f"--save_params {args.save_params}: give a file name (FILE.pth) of a run that quantizes")
         if args.resume and is_reference_file(args.resume):
             # checked against the model's configuration before any weight is loaded
             reference_params, cfg = ReferenceParams.open(args.resume, cfg, model_config, adapter)
+        preflight(args, cfg, model_config, adapter, model_id, data_dir)
     except ConfigError as exc:
         parser.error(str(exc))
     model, tokenizer, model_id = load_model(model_id, dtype, args.trust_remote_code)
     net = args.net or model_name(model_id)
-    try:
-        check_group_size(model, adapter, cfg.group_size)
-    except ConfigError as exc:
-        parser.error(str(exc))
     results: dict = {"model": model_id, "net": net, "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
                      "device": str(device)}
 
     if cfg.full_precision:
-        if not (args.eval_ppl or args.tasks) or args.save_dir:
-            parser.error("--wbits 16 --abits 16 quantizes nothing: it only evaluates the full-precision model, so "
-                         "give --eval_ppl or --tasks (and no --save_dir), or lower --wbits or --abits")
         log.info("--wbits 16 --abits 16: nothing to quantize, evaluating the full-precision model")
         reference = None   # KL against itself would be 0
     else:
@@ -222,10 +245,72 @@ def run(argv=None) -> dict:
         model.to("cpu")
     if args.save_dir:
         results["saved"] = {"path": args.save_dir,
-                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format)}
+                            "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format,
+                                                     overwrite=args.overwrite)}
+    results["peak_memory_mib"] = peak_memory_mb(device)      # the whole run, evaluation included
     write_json(Path(args.output_dir) / "results.json", results)
     log.info("results written to %s", Path(args.output_dir) / "results.json")
     return results
+
+
+def check_output_paths(args) -> None:
+    """Where results and exports go, before anything is written there."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output_dir {out} is a file: give a directory for the log and results.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--output_dir {out} cannot be created ({exc.strerror}): give a writable directory") from exc
+    if args.save_dir:
+        check_save_dir(args.save_dir, args.overwrite)
+    if args.save_params and Path(args.save_params).is_dir():
+        raise OutputError(f"--save_params {args.save_params} is a directory: give a file name (FILE.pth)")
+
+
+def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data_dir) -> None:
+    """Every check that needs no weights, so a mistake costs seconds, not a model load and a calibration."""
+    if cfg.full_precision and (not (args.eval_ppl or args.tasks) or args.save_dir or args.save_params):
+        raise ConfigError("--wbits 16 --abits 16 quantizes nothing: it only evaluates the full-precision model, so "
+                          "give --eval_ppl or --tasks (and no --save_dir/--save_params), or lower --wbits or --abits")
+    if args.limit == 0 or args.limit < -1:
+        raise ConfigError(f"--limit {args.limit}: give a positive number of windows / examples, or omit --limit "
+                          f"to evaluate all of them")
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and cfg.seqlen > context:
+        raise ConfigError(f"--seqlen {cfg.seqlen} is longer than the model's context ({context} positions): use "
+                          f"--seqlen {context} or less")
+    if args.eval_ppl:
+        names = [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]
+        unknown = [n for n in names if n not in PPL_DATASETS]
+        if unknown or not names:
+            raise ConfigError(f"--ppl_datasets {args.ppl_datasets}: {', '.join(unknown) or 'empty'} is not a "
+                              f"perplexity set; use one or more of {', '.join(PPL_DATASETS)}")
+    if args.tasks:
+        from .tasks import check_tasks
+        check_tasks(args.tasks, data_dir)
+    if cfg.full_precision:
+        return
+    check_group_size(block_linear_shapes(model_config, adapter)[0], cfg.group_size)
+    calib = args.calib_dataset
+    if calib and (Path(calib).suffix in (".txt", ".jsonl", ".json", ".parquet", ".gz") or "/" in calib) \
+            and not Path(calib).is_file():
+        raise ConfigError(f"--calib_dataset {calib}: no such file; give a .txt/.jsonl/.parquet file or one of "
+                          f"{', '.join(CALIB_DATASETS)}")
+    if calib and Path(calib).is_file() and not "".join(Path(calib).suffixes).endswith((".parquet", ".gz")):
+        with open(calib, "rb") as f:
+            head = f.read(1 << 16)
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:       # not just a multi-byte character cut at the end of the sample
+                raise ConfigError(f"--calib_dataset {calib} is not UTF-8 text (a binary file?): give a .txt, a .jsonl "
+                                  f"with a \"text\" field per line, or a .parquet with a \"text\" column") from exc
+    if cfg.needs_statistics:
+        stats_files(args, args.net or model_name(model_id), model_config.hidden_size, adapter)
+    if args.resume is not None and not is_reference_file(args.resume):
+        CalibrationCheckpoint.verify(args.resume or Path(args.output_dir) / "checkpoint", cfg, model_id,
+                                     model_config.num_hidden_layers)
 
 
 def is_reference_file(resume: str) -> bool:
@@ -239,11 +324,8 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     """Calibrate and quantize `model` in place, recording into `results`; returns the FP copy kept
     as the reference for KL (None without --eval_ppl or with --no_kl). `reference_params`: a
     reference parameter file to rebuild blocks from (--resume FILE.pth)."""
-    try:
-        samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
-                                                    cfg.seed, data_dir, model)
-    except DataError as exc:
-        raise SystemExit(str(exc)) from exc
+    samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
+                                                cfg.seed, data_dir, model)
     results["calibration"] = calib_source
     log.info("calibration: %d x %d tokens from %s", cfg.nsamples, cfg.seqlen, calib_source)
 
@@ -256,7 +338,8 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     reference = copy.deepcopy(model) if args.eval_ppl and not args.no_kl else None
     own_resume = args.resume is not None and reference_params is None
     checkpoint = CalibrationCheckpoint(args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint",
-                                       cfg, model_id, calib_source, len(adapter.layers(model)), resume=own_resume)
+                                       cfg, model_id, calib_source, len(adapter.layers(model)), resume=own_resume,
+                                       data_digest=tensor_digest({"samples": samples}))
     own_checkpoint = checkpoint
     if reference_params is not None:
         checkpoint = ReferenceResume(reference_params, checkpoint)
@@ -273,7 +356,9 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
                          f"autocast on (no --deactive_amp). Finished blocks are checkpointed: rerun with --resume "
                          f"to continue from them") from exc
     results["calibration_seconds"] = time.time() - t0
-    results["seconds_per_block"] = results["calibration_seconds"] / len(reports)
+    worked = [r for r in reports if not r.restored]      # a resumed run's replayed blocks cost no training
+    results["seconds_per_block"] = sum(r.seconds for r in worked) / max(len(worked), 1)
+    results["blocks_restored"] = len(reports) - len(worked)
     results["calibration_peak_memory_mib"] = peak_memory_mb(device)
     results["blocks"] = [r.__dict__ for r in reports]
     if any(r.fell_back_to_rtn for r in reports):

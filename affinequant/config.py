@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass, field
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
-class ConfigError(ValueError):
+from .errors import AffineQuantError
+
+
+class ConfigError(AffineQuantError, ValueError):
     """A setting that cannot work; the message names the fix."""
 
 
@@ -64,7 +67,14 @@ class QuantConfig:
         if self.abits not in VALID_BITS:
             raise ConfigError(f"--abits {self.abits} is not supported: use one of 2..8 or 16 (no activation quantization)")
         if self.group_size is not None and self.group_size <= 0:
-            self.group_size = None
+            raise ConfigError(f"--group_size {self.group_size} is not a group size: give a positive number of input "
+                              f"columns per group (128 is usual), or omit --group_size for one grid per output channel")
+        for name in ("let_lr", "lwc_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} {getattr(self, name)} must be positive (a negative rate ascends the loss): "
+                                  f"OmniQuant uses let_lr 5e-3, lwc_lr 1e-2")
+        if self.wd < 0:
+            raise ConfigError(f"--wd {self.wd} must be >= 0 (the reference uses 0)")
         if self.real_quant and (self.wbits not in (2, 3, 4, 8) or self.abits < 16):
             raise ConfigError(f"--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models (got --wbits "
                               f"{self.wbits} --abits {self.abits}): drop --real_quant, or use --abits 16 and one "

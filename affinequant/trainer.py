@@ -1,7 +1,9 @@
 """The one trainer of every stage that learns: AdamW over the stages' parameter groups (each with its
 own learning rate), `epochs` passes over the calibration samples, the stages' schedule hooks at each
-epoch, AMP on CUDA, and NaN/Inf handling: roll back to the epoch's start with halved learning rates,
-and after `max_nan_retries` keep the block's initial (round-to-nearest) parameters."""
+epoch, AMP on CUDA, and NaN/Inf and divergence handling: a loss that is not finite, or grows far beyond
+the block's starting loss (DIVERGED_STEP x on one step, DIVERGED_EPOCH x on an epoch's mean), rolls back
+to the epoch's start with halved learning rates; after `max_nan_retries` the block keeps its initial
+(round-to-nearest) parameters."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +15,11 @@ import torch
 from .utils import memory_report
 
 log = logging.getLogger("affinequant")
+
+# Bounds relative to the block's starting loss (its first step, before any update). Calibration batches
+# differ from each other by a few x; a learning rate that blows up goes orders of magnitude past this.
+DIVERGED_STEP = 100.0
+DIVERGED_EPOCH = 10.0
 
 
 def _describe(health: dict) -> str:
@@ -42,6 +49,7 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
         return torch.optim.AdamW([{**g, "lr": g["lr"] * lr_scale} for g in params], weight_decay=cfg.wd)
 
     optimizer = make_optimizer()
+    start_loss = None
     while epoch < cfg.epochs:
         for name, health in bq.start_epoch(epoch).items():
             log.info("%s epoch %d: %s: %s", progress_desc, epoch, name, _describe(health))
@@ -53,29 +61,40 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
             with data.ctx_factory():
                 loss = bq.loss(data.inputs[batch], [t[batch] for t in data.targets], data.kwargs, data.device)
             if not torch.isfinite(loss):
-                finite = False
+                finite, why = False, "NaN/Inf"
+                break
+            if start_loss is None:
+                start_loss = loss.item()
+            elif loss.item() > DIVERGED_STEP * start_loss:
+                finite, why = False, f"diverging ({loss.item():.3g} against {start_loss:.3g} at the start)"
                 break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             total += loss.item()
+        steps = math.ceil(n / cfg.batch_size)
+        if finite and start_loss is not None and total / steps > DIVERGED_EPOCH * start_loss:
+            finite, why = False, f"diverging (epoch mean {total / steps:.3g} against {start_loss:.3g} at the start)"
         if not finite:
-            report.nan_events += 1
+            if why == "NaN/Inf":
+                report.nan_events += 1
+            else:
+                report.divergence_events = getattr(report, "divergence_events", 0) + 1
+            retries = report.nan_events + getattr(report, "divergence_events", 0)
             _restore(params, good)
-            if report.nan_events > cfg.max_nan_retries:
+            if retries > cfg.max_nan_retries:
                 _restore(params, initial)
                 report.fell_back_to_rtn = True
-                log.warning("%s: loss is NaN/Inf again after %d retries: keeping the block's initial parameters "
-                            "(round-to-nearest weights, and the initial transforms)", progress_desc,
+                log.warning("%s: loss is %s again after %d retries: keeping the block's initial parameters "
+                            "(round-to-nearest weights, and the initial transforms)", progress_desc, why,
                             cfg.max_nan_retries)
                 break
             lr_scale *= 0.5
             optimizer = make_optimizer()
-            log.warning("%s epoch %d: loss is NaN/Inf; rolled back to the epoch's start, learning rates x%.3g, retrying",
-                        progress_desc, epoch, lr_scale)
+            log.warning("%s epoch %d: loss is %s; rolled back to the epoch's start, learning rates x%.3g, retrying",
+                        progress_desc, epoch, why, lr_scale)
             continue
-        steps = math.ceil(n / cfg.batch_size)
         report.losses.append(total / steps)
         log.info("%s epoch %d/%d  loss %.6g  %.1fs  %s", progress_desc, epoch + 1, cfg.epochs,
                  total / steps, time.time() - t0, memory_report(data.device))

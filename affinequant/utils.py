@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 log = logging.getLogger("affinequant")
 
 
@@ -42,9 +44,14 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name} is not a device: use cpu, cuda, cuda:N, mps or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"--device {name}: {device.type} is not supported; use cpu or cuda")
     return device
 
 
@@ -101,8 +108,8 @@ def load_tensors(path, what: str):
     except FileNotFoundError:
         raise
     except Exception as exc:  # corrupt or foreign file
-        raise SystemExit(f"{what} file {path} cannot be read ({type(exc).__name__}: {exc}); "
-                         f"delete it and run again to regenerate it") from exc
+        raise ConfigError(f"{what} file {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          f"delete it and run again to regenerate it") from exc
 
 
 @lru_cache(maxsize=None)
@@ -125,3 +132,14 @@ def round_to_half_(model: torch.nn.Module) -> None:
     for tensor in model.state_dict().values():
         if tensor.dtype == torch.float32:
             tensor.copy_(tensor.half().float())
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of `tensors` (in name order)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
