@@ -112,12 +112,12 @@ class BlockQuantizer:
     fan out to the stages; `finalize` merges them and has the rounder commit the integer codes."""
 
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, cfg: QuantConfig,
-                 act_scales: dict | None, act_shifts: dict | None, stages: list | None = None):
+                 act_scales: dict | None, act_shifts: dict | None, stages: list | None = None, index: int = 0):
         self.block, self.adapter, self.cfg = block, adapter, cfg
         self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda w: (
             WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, reference=cfg.reference_compat)
             if cfg.wbits < 16 else None), reference=cfg.reference_compat)
-        ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts)
+        ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
         for p in block.parameters():
             p.requires_grad_(False)
@@ -160,11 +160,20 @@ class BlockQuantizer:
 
     @torch.no_grad()
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state())
+        """Restore every stage. A rounder's keys (its learned rounding, e.g. TesseraQ's codes) are optional:
+        without them it rounds anew, and another rounder's are ignored (a rebuild with --epochs 0 may round
+        another way)."""
+        rounders = {name for name, cls in STAGES.items() if cls.is_rounder}
+        own_rounder = self.stages[-1].config.name
+        rounder_state = {k: v for k, v in state.items() if k.split(".", 1)[0] == own_rounder}
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in rounders}
+        if rounder_state:
+            self.stages[-1].load_state(rounder_state)
+        expected = {k for s in self.stages[:-1] for k in s.state()}
         if set(state) != expected:
             raise ValueError(f"checkpointed block does not match this configuration: "
                              f"missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}")
-        for stage in self.stages:
+        for stage in self.stages[:-1]:
             own = set(stage.state())
             stage.load_state({k: v for k, v in state.items() if k in own})
 
@@ -260,7 +269,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.aug_loss and trains else None
         prefix = f"{adapter.layers_path}.{index}."
         bq = BlockQuantizer(block, adapter, model.config, cfg,
-                            _block_stats(act_scales, prefix), _block_stats(act_shifts, prefix), stages)
+                            _block_stats(act_scales, prefix), _block_stats(act_shifts, prefix), stages, index)
         data = BlockData(q_inps, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
                          cfg.batch_size, trains)
         report = BlockReport(index)
@@ -277,13 +286,16 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
             bq.prepare(data)
             if trains:
                 train_block(bq, data, cfg, report, f"block {index}")
+        bq.finalize(data)
+        if not report.restored:
+            # saved after the rounding, so that a rounder that learns (TesseraQ) is saved too; a kill
+            # before this line retrains the block on resume
             report.stages = bq.report()
             if checkpoint is not None:
                 checkpoint.save(index, bq.state(), {"losses": report.losses, "nan_events": report.nan_events,
                                                     "divergence_events": report.divergence_events,
                                                     "fell_back_to_rtn": report.fell_back_to_rtn,
                                                     "stages": report.stages})
-        bq.finalize(data)
         q_inps = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
         report.final_mse = F.mse_loss(q_inps.float(), fp_outs.float()).item()
         fp_inps = fp_outs

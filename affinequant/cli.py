@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gptq", action="store_true", help="round the weights with GPTQ after the transforms (instead of to nearest)")
     a("--percdamp", type=float, default=0.01, help="GPTQ dampening: fraction of the Hessian's mean diagonal")
     a("--act_order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order (static groups)")
+    a("--tesseraq", action="store_true",
+      help="round the weights with TesseraQ (progressive adaptive rounding + dequantization-scale tuning) after the "
+           "transforms and clipping")
+    a("--par_iters", type=int, default=250, help="TesseraQ: Adam steps per round (reference 250)")
+    a("--par_batch", type=int, default=4, help="TesseraQ: calibration samples per step (reference 4)")
+    a("--par_lr", type=float, default=1e-3, help="TesseraQ: learning rate of the rounding variables")
+    a("--par_rounds", type=int, default=20,
+      help="TesseraQ: rounds of the hardening schedule, taken evenly from the reference's 20")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU)")
@@ -111,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> QuantConfig:
     from .recipe import load_recipe_file
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
-                       clip_search=args.clip_search, gptq=args.gptq, percdamp=args.percdamp, act_order=args.act_order,
+                       clip_search=args.clip_search, gptq=args.gptq, tesseraq=args.tesseraq,
+                       par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr, par_rounds=args.par_rounds, percdamp=args.percdamp, act_order=args.act_order,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,

@@ -52,6 +52,11 @@ class QuantConfig:
     gptq: bool = False                 # round the weights with GPTQ instead of to nearest (stages.rounding)
     percdamp: float = 0.01             # GPTQ's dampening, a fraction of the Hessian's mean diagonal
     act_order: bool = False            # GPTQ columns by descending Hessian diagonal (static groups)
+    tesseraq: bool = False             # round with TesseraQ's PAR + dequantization-scale tuning (stages.tesseraq)
+    par_iters: int = 250               # TesseraQ: Adam steps per round
+    par_batch: int = 4                 # TesseraQ: samples per step
+    par_lr: float = 1e-3
+    par_rounds: int = 20               # TesseraQ: rounds of the hardening schedule (of the reference's 20)
     reference_compat: bool = False     # reproduce the reference code's conventions (docs/reference-compat.md)
     recipe: list | None = None         # the stages as data (recipe.py); None: from the flags above
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
@@ -101,11 +106,13 @@ class QuantConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
         if self.recipe is not None:
-            flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq", "act_order")
-                     if getattr(self, k)]
+            flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq", "act_order",
+                                        "tesseraq") if getattr(self, k)]
             if flags:
                 raise ConfigError(f"--recipe names the stages, so {' '.join(flags)} would be ignored: drop them, or "
                                   f"put them in the recipe")
+        if self.tesseraq and self.gptq:
+            raise ConfigError("--tesseraq and --gptq both round the weights: keep one")
         if self.act_order and not self.gptq:
             raise ConfigError("--act_order orders GPTQ's columns: add --gptq, or drop --act_order")
         if not 0.0 <= self.percdamp < 1.0:

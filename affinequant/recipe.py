@@ -84,6 +84,7 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
     from .stages.let import LETConfig
     from .stages.lwc import LWCConfig
     from .stages.rounding import GPTQConfig, RTNConfig
+    from .stages.tesseraq import TesseraQConfig
 
     stages: list[StageConfig] = []
     if cfg.let:
@@ -93,7 +94,10 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
         stages.append(ClipSearchConfig())
     if cfg.lwc:
         stages.append(LWCConfig(lr=cfg.lwc_lr))
-    stages.append(GPTQConfig(percdamp=cfg.percdamp, act_order=cfg.act_order) if cfg.gptq else RTNConfig())
+    if cfg.tesseraq:
+        stages.append(TesseraQConfig(iters=cfg.par_iters, batch=cfg.par_batch, lr=cfg.par_lr, rounds=cfg.par_rounds))
+    else:
+        stages.append(GPTQConfig(percdamp=cfg.percdamp, act_order=cfg.act_order) if cfg.gptq else RTNConfig())
     return stages
 
 

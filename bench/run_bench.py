@@ -51,11 +51,18 @@ METHODS = {
     # scale, truncation, quantizer range, float16 model) against this tool's defaults, on the same budget
     "LWC (reference conventions)": ["--lwc", "--reference_compat"],
     "AffineQuant (reference conventions)": ["--lwc", "--let", "--use_ln_matrix", "--reference_compat"],
+    # TesseraQ's progressive adaptive rounding as the rounder, alone, after the clipping search, and after
+    # AffineQuant's transforms and LWC; its steps per block (8 rounds x par_steps/8 iterations, one sample each)
+    # equal AutoRound's iters in this bench (run_one adds them from the budget)
+    "TesseraQ": ["--tesseraq"],
+    "clip search+TesseraQ": ["--clip_search", "--tesseraq"],
+    "AffineQuant+TesseraQ": ["--lwc", "--let", "--use_ln_matrix", "--tesseraq"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
 }
-TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ"}
+TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
+PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
                    ("W2A16g128", "RTN"), ("W2A16g128", "LWC")]
@@ -95,7 +102,7 @@ def budget(args, model: str, setting: str) -> dict:
     """The budget of one model and setting: the global flags, overridden by --model_overrides, first
     those for the model, then those for the model at that setting
     ("qwen2.5-coder-0.5b:nsamples=4,epochs=2,windows=10;qwen2.5-coder-0.5b/W4A4:windows=40")."""
-    out = {"nsamples": args.nsamples, "epochs": args.epochs, "windows": args.windows}
+    out = {"nsamples": args.nsamples, "epochs": args.epochs, "windows": args.windows, "par_steps": args.par_steps}
     specs = [spec.partition(":") for spec in filter(None, args.model_overrides.split(";"))]
     for key in (model, f"{model}/{setting}"):
         for name, _, kvs in specs:
@@ -162,6 +169,9 @@ def run_one(args, model: str, setting: str, method: str) -> dict:
     epochs = [] if method in TRAINLESS else ["--epochs", str(b["epochs"])]
     flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
              *budget_flags(args, model, setting), *METHODS[method]]
+    if "--tesseraq" in METHODS[method]:
+        flags += ["--par_rounds", str(PAR_ROUNDS), "--par_iters", str(max(1, b["par_steps"] // PAR_ROUNDS)),
+                  "--par_batch", "1", "--par_lr", str(args.par_lr)]
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
     out, label = OUT / f"{model}__{setting}__{method}", f"{model} {setting} {method}"
@@ -241,7 +251,8 @@ def main():
     p.add_argument("--calib_dataset", default="c4")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--model_overrides",
-                   default="qwen2.5-coder-0.5b:nsamples=4,epochs=2,windows=10;qwen2.5-coder-0.5b/W4A4:windows=40",
+                   default="qwen2.5-coder-0.5b:nsamples=4,epochs=2,windows=10,par_steps=16;"
+                           "qwen2.5-coder-0.5b/W4A4:windows=40",
                    help="budget overrides per model or model/setting (CPU time): "
                         "'model:nsamples=N,epochs=E,windows=W;model/SETTING:windows=W;...'")
     p.add_argument("--seqlen", type=int, default=512)
@@ -249,6 +260,12 @@ def main():
     p.add_argument("--lwc_lr", type=float, default=5e-2)
     p.add_argument("--let_lr", type=float, default=5e-3)
     p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--par_steps", type=int, default=24,
+                   help="TesseraQ steps per block (AutoRound's iters in this bench: 24 on SmolLM2, 16 on Qwen)")
+    p.add_argument("--par_lr", type=float, default=1e-2,
+                   help="TesseraQ's learning rate: the reference's 1e-3 barely moves the rounding in this bench's few "
+                        "steps (SmolLM2 W3 blocks 0-3, 24 steps: block 3 output MSE RTN 1.63, lr 1e-3 1.12, 1e-2 0.51, "
+                        "5e-2 1.26)")
     p.add_argument("--full_grid_models", type=int, default=2,
                    help="how many of --models also run the non-acceptance settings (the grid is slow on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS)")

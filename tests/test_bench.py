@@ -10,11 +10,11 @@ spec.loader.exec_module(run_bench)
 
 
 def test_budget_overrides_model_then_setting():
-    args = Namespace(nsamples=8, epochs=3, windows=20,
-                     model_overrides="big:nsamples=4,epochs=2,windows=10;big/W4A4:windows=40")
-    assert run_bench.budget(args, "small", "W4A4") == {"nsamples": 8, "epochs": 3, "windows": 20}
-    assert run_bench.budget(args, "big", "W3A16g128") == {"nsamples": 4, "epochs": 2, "windows": 10}
-    assert run_bench.budget(args, "big", "W4A4") == {"nsamples": 4, "epochs": 2, "windows": 40}
+    args = Namespace(nsamples=8, epochs=3, windows=20, par_steps=24,
+                     model_overrides="big:nsamples=4,epochs=2,windows=10,par_steps=16;big/W4A4:windows=40")
+    assert run_bench.budget(args, "small", "W4A4") == {"nsamples": 8, "epochs": 3, "windows": 20, "par_steps": 24}
+    assert run_bench.budget(args, "big", "W3A16g128") == {"nsamples": 4, "epochs": 2, "windows": 10, "par_steps": 16}
+    assert run_bench.budget(args, "big", "W4A4") == {"nsamples": 4, "epochs": 2, "windows": 40, "par_steps": 16}
 
 
 def test_paired_difference_to_rtn():

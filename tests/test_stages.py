@@ -169,8 +169,8 @@ def test_gptq_after_the_transforms_beats_both(tokens):
 
 
 def test_recipes_refuse_what_cannot_run():
-    with pytest.raises(ConfigError, match="unknown stage 'tesseraq'"):
-        parse_recipe(["tesseraq"])
+    with pytest.raises(ConfigError, match="unknown stage 'flatquant'"):
+        parse_recipe(["flatquant"])
     with pytest.raises(ConfigError, match="has no option 'learning_rate'; its options: lr"):
         parse_recipe([{"lwc": {"learning_rate": 1}}])
     with pytest.raises(ConfigError, match="keep one rounder, last"):

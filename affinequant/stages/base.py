@@ -51,6 +51,7 @@ class BlockContext:
     linears: dict                                  # name -> QuantLinear
     act_scales: dict | None = None
     act_shifts: dict | None = None
+    index: int = 0                                 # the block's index in the model (seeds, logs)
 
 
 @dataclass
