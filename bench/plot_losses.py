@@ -4,7 +4,8 @@
 
 For each (model, setting) writes bench/plots/<model>__<setting>.svg with two panels:
 left, each block's final output MSE against the full-precision block (log scale), one line per
-method; right, the training loss of every block over its epochs (normalised by its first epoch).
+method; middle, the training loss of every block over its epochs (normalised by its first epoch);
+right, with TesseraQ rows, each block's soften-phase loss per PAR round (normalised by its first round).
 """
 from __future__ import annotations
 
@@ -51,10 +52,22 @@ def plot(model: str, setting: str, runs: dict[str, dict], path: Path) -> None:
                 pts += [(b["index"] + e / len(b["losses"]), l / b["losses"][0]) for e, l in enumerate(b["losses"])]
         if pts:
             curves[m] = pts
-    svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="360" font-family="sans-serif">',
+    par = {}           # TesseraQ: each block's soften-phase loss per round, relative to its first round
+    for m, r in runs.items():
+        pts = []
+        for b in r["blocks"]:
+            rounds = (b.get("stages") or {}).get("tesseraq", {}).get("rounds", [])
+            if rounds and rounds[0]["loss"] > 0:
+                pts += [(b["index"] + i / len(rounds), x["loss"] / rounds[0]["loss"]) for i, x in enumerate(rounds)]
+        if pts:
+            par[m] = pts
+    width = 1500 if par else 1000
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="360" font-family="sans-serif">',
            '<rect width="100%" height="100%" fill="white"/>',
            *_panel(0, 0, 500, 360, mse, f"{model} {setting}: block output MSE vs FP", "block", True),
            *_panel(500, 0, 500, 360, curves, "training loss / first epoch, each block's epochs", "block (+ epoch)", False),
+           *(_panel(1000, 0, 500, 360, par, "TesseraQ loss per round / first round", "block (+ round)", False)
+             if par else []),
            "</svg>"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(svg) + "\n")

@@ -201,7 +201,8 @@ def test_file_without_some_layers_trains_only_those(tmp_path):
                                stored["self_attn.q_proj.weight_quantizer.upbound_factor"])
 
 
-def test_our_transforms_are_written_exactly(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_our_transforms_are_written_exactly(tmp_path, family):
     """A run in our own formulation (RoPE-tied q <-> k complex scales, per-KV-head v -> o blocks, the
     gradual mask with our sf) written with --save_params and read back under the reference's
     conventions gives the same transformed weights, biases and norm outputs (before the reference's
@@ -215,8 +216,12 @@ def test_our_transforms_are_written_exactly(tmp_path):
     from affinequant.stats import collect_act_stats
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4)).eval()
+    else:                    # OPT: multi-head, LayerNorms with biases, linears with biases
+        from conftest import tiny_model
+        model = tiny_model("opt")
     adapter = get_adapter(model.config)
     tokens = torch.randint(0, 96, (4, 32))
     scales, shifts = collect_act_stats(model, adapter, tokens, torch.device("cpu"))
@@ -230,7 +235,7 @@ def test_our_transforms_are_written_exactly(tmp_path):
     checkpoint.save(0, state, report)
     write_reference_params(tmp_path / "ours.pth", checkpoint, cfg, model.config, adapter)
     params, ref_cfg = ReferenceParams.open(tmp_path / "ours.pth", cfg, model.config, adapter)
-    prefix = "model.layers.0."
+    prefix = f"{adapter.layers_path}.0."
     stats = [{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)} for d in (scales, shifts)]
     views, x = [], torch.randn(3, 64)
     for run_cfg, state in ((cfg, checkpoint.load(0)[0]), (ref_cfg, params.states[0])):
@@ -243,7 +248,7 @@ def test_our_transforms_are_written_exactly(tmp_path):
                    for n, q in bq.linears.items() if q.temp_weight is not None}
         views.append((norms, linears))
     (norms_a, lin_a), (norms_b, lin_b) = views
-    assert set(lin_a) == set(lin_b) and len(lin_a) == 6
+    assert set(lin_a) == set(lin_b) and len(lin_a) == (6 if family == "llama" else 5)
     for name in lin_a:
         torch.testing.assert_close(lin_b[name][0], lin_a[name][0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(lin_b[name][1], lin_a[name][1], rtol=1e-4, atol=1e-6)
