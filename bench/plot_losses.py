@@ -1,6 +1,6 @@
 """Per-block loss curves from bench/out/*/results.json, as SVG (no plotting dependency).
 
-    python bench/plot_losses.py [--model smollm2-135m] [--setting W3A16g128]
+    python bench/plot_losses.py [--model smollm2-135m] [--setting W3A16g128] [--tesseraq]
 
 For each (model, setting) writes bench/plots/<model>__<setting>.svg with two panels:
 left, each block's final output MSE against the full-precision block (log scale), one line per
@@ -77,13 +77,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--setting", default=None)
+    p.add_argument("--tesseraq", action="store_true",
+                   help="only the runs that round with TesseraQ, to <model>__<setting>__tesseraq.svg")
     args = p.parse_args()
     groups = defaultdict(dict)
     for model, setting, method, res in quality_runs():
-        if (args.model in (None, model)) and (args.setting in (None, setting)):
+        if (args.model in (None, model)) and (args.setting in (None, setting)) and (
+                not args.tesseraq or any(s.get("stage") == "tesseraq" for s in res.get("recipe", []))):
             groups[(model, setting)][method] = res
     for (model, setting), runs in groups.items():
-        out = ROOT / "bench" / "plots" / f"{model}__{setting}.svg"
+        out = ROOT / "bench" / "plots" / f"{model}__{setting}{'__tesseraq' if args.tesseraq else ''}.svg"
         plot(model, setting, runs, out)
         print(out)
 

@@ -95,7 +95,12 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "their own wall time for the whole model divided by the block count, peak RSS their own process's. "
          "The rows of this session ran up to four processes of one thread each on the 2 cores: compare seconds only "
          "between rows run side by side. GPTQ@64 samples is GPTQ with 8x the calibration tokens (64 x 512), the "
-         "check that GPTQ is data-starved at W2 with 8 samples.")
+         "check that GPTQ is data-starved at W2 with 8 samples. The '(reference conventions)' rows run with "
+         "--reference_compat (docs/reference-compat.md: the reference code's LET initialisation and shifts, per-channel "
+         "q<->k scale, truncate_number, quantizer range and float16 model) on the same budget as the rows without it. "
+         "TesseraQ rows: 8 of the reference's 20 hardening rounds x 3 (SmolLM2) or 2 (Qwen) Adam steps on one sample, "
+         "as many steps per block as AutoRound's iters here, at lr 1e-2 (the reference's 1e-3 barely moves the "
+         "rounding in so few steps); the reference's budget is 20 rounds x 250 steps x 4 samples.")
 
 
 def budget(args, model: str, setting: str) -> dict:
