@@ -213,4 +213,4 @@ def test_the_shipped_recipes_parse():
     assert files
     for path in files:
         stages = [e["stage"] for e in load_recipe_file(path)]
-        assert stages[-1] in ("rtn", "gptq"), path
+        assert stages[-1] in ("rtn", "gptq", "tesseraq"), path
