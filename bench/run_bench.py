@@ -60,6 +60,7 @@ METHODS = {
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
+    "AutoRound@48 steps": [],       # twice the steps: about the wall time of AffineQuant+TesseraQ (SmolLM2 W3)
 }
 TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
 PAR_ROUNDS = 8
@@ -100,7 +101,8 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "q<->k scale, truncate_number, quantizer range and float16 model) on the same budget as the rows without it. "
          "TesseraQ rows: 8 of the reference's 20 hardening rounds x 3 (SmolLM2) or 2 (Qwen) Adam steps on one sample, "
          "as many steps per block as AutoRound's iters here, at lr 1e-2 (the reference's 1e-3 barely moves the "
-         "rounding in so few steps); the reference's budget is 20 rounds x 250 steps x 4 samples.")
+         "rounding in so few steps); the reference's budget is 20 rounds x 250 steps x 4 samples. AutoRound@48 steps "
+         "is AutoRound with twice its bench steps, about the wall time per block of AffineQuant+TesseraQ.")
 
 
 def budget(args, model: str, setting: str) -> dict:
