@@ -21,8 +21,8 @@ from .modeling import block_linear_shapes, load_config, load_model, model_name, 
 from .reference_format import ReferenceParams, ReferenceResume, write_reference_params
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
-from .utils import load_tensors, tensor_digest, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
-    seed_everything, setup_logging, write_json
+from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
+    seed_everything, setup_logging, tensor_digest, write_json
 
 log = logging.getLogger("affinequant")
 
@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> QuantConfig:
     from .recipe import load_recipe_file
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
-                       clip_search=args.clip_search, gptq=args.gptq, tesseraq=args.tesseraq,
-                       par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr, par_rounds=args.par_rounds, percdamp=args.percdamp, act_order=args.act_order,
+                       clip_search=args.clip_search, gptq=args.gptq, percdamp=args.percdamp, act_order=args.act_order,
+                       tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
+                       par_rounds=args.par_rounds,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
@@ -148,10 +149,9 @@ def check_group_size(in_features_of: dict[str, tuple[int, int]], group_size: int
                  group_size, ", ".join(f"{n} ({f})" for n, f in ragged.items()), group_size)
 
 
-def stats_files(args, net: str, hidden_size: int, adapter) -> tuple[Path, Path, bool]:
+def stats_files(args, net: str) -> tuple[Path, Path, bool]:
     """The activation-statistics files: (scales, shifts, whether both exist). A file the user named must
-    exist, and so must its partner (never computed and written over a user's file); existing files must
-    belong to this model. Read here, before the model loads: they are small."""
+    exist, and so must its partner (never computed and written over a user's file)."""
     scales_path = Path(args.act_scales or f"./act_scales/{net}.pt")
     shifts_path = Path(args.act_shifts or f"./act_shifts/{net}.pt")
     for flag, path, given in (("--act-scales", scales_path, args.act_scales), ("--act-shifts", shifts_path,
@@ -163,21 +163,22 @@ def stats_files(args, net: str, hidden_size: int, adapter) -> tuple[Path, Path, 
         missing, flag = (shifts_path, "--act-shifts") if scales_path.is_file() else (scales_path, "--act-scales")
         raise ConfigError(f"{missing} (the statistics file beside the one given) does not exist: pass {flag} FILE "
                           f"too (generate_act_scale_shift.py writes both)")
-    both = scales_path.is_file() and shifts_path.is_file()
-    if both:
-        scales = load_tensors(scales_path, "activation scales")
-        expected = f"{adapter.layers_path}.0.{adapter.norm_groups[0][1][0]}"
-        if not isinstance(scales, dict) or expected not in scales or scales[expected].numel() != hidden_size:
-            raise ConfigError(f"{scales_path} does not hold statistics for this model (no '{expected}' of size "
-                              f"{hidden_size}): pass --act-scales/--act-shifts files for this model, or delete "
-                              f"{scales_path} to compute them")
-    return scales_path, shifts_path, both
+    return scales_path, shifts_path, scales_path.is_file() and shifts_path.is_file()
+
+
+def check_stats(scales, path: Path, hidden_size: int, adapter) -> None:
+    """Statistics of this model: block 0's first consumer of a norm, of the hidden size."""
+    expected = f"{adapter.layers_path}.0.{adapter.norm_groups[0][1][0]}"
+    if not isinstance(scales, dict) or expected not in scales or scales[expected].numel() != hidden_size:
+        raise ConfigError(f"{path} does not hold statistics for this model (no '{expected}' of size {hidden_size}): "
+                          f"pass --act-scales/--act-shifts files for this model, or delete {path} to compute them")
 
 
 def load_or_collect_stats(args, model, adapter, samples, device, net: str):
-    scales_path, shifts_path, both = stats_files(args, net, model.config.hidden_size, adapter)
+    scales_path, shifts_path, both = stats_files(args, net)
     if both:
         scales = load_tensors(scales_path, "activation scales")
+        check_stats(scales, scales_path, model.config.hidden_size, adapter)
         shifts = load_tensors(shifts_path, "activation shifts")
         log.info("LET init from %s and %s", scales_path, shifts_path)
         if not any(k.endswith(QK_OUTPUT) for k in scales) and args.qk_init == "stats":
@@ -315,8 +316,10 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
             if exc.start < len(head) - 4:       # not just a multi-byte character cut at the end of the sample
                 raise ConfigError(f"--calib_dataset {calib} is not UTF-8 text (a binary file?): give a .txt, a .jsonl "
                                   f"with a \"text\" field per line, or a .parquet with a \"text\" column") from exc
-    if cfg.needs_statistics:
-        stats_files(args, args.net or model_name(model_id), model_config.hidden_size, adapter)
+    if cfg.needs_statistics:      # small files: read now, before the model loads
+        scales_path, _, both = stats_files(args, args.net or model_name(model_id))
+        if both:
+            check_stats(load_tensors(scales_path, "activation scales"), scales_path, model_config.hidden_size, adapter)
     if args.resume is not None and not is_reference_file(args.resume):
         CalibrationCheckpoint.verify(args.resume or Path(args.output_dir) / "checkpoint", cfg, model_id,
                                      model_config.num_hidden_layers)

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-
-
 from .errors import AffineQuantError
+
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
 class ConfigError(AffineQuantError, ValueError):

@@ -101,7 +101,7 @@ def check_save_dir(save_dir: str | Path, overwrite: bool = False) -> None:
                           f"or empty directory, or pass --overwrite to replace its contents")
 
 
-def _replace_dir(target: Path, write) -> None:
+def _replace_dir(target: Path, write):
     """Write a directory through a sibling temporary one, then swap: the old contents go entirely (no stale
     file survives beside the new ones), and a crash leaves the old directory as it was."""
     import shutil

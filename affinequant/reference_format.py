@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, QuantConfig, default_sf
+from .config import ConfigError, QuantConfig
 from .modeling import block_linear_shapes
 from .transforms import REFERENCE_TRUNCATION, band_mask, rope_pair_blocks
 from .utils import atomic_write
@@ -140,12 +140,12 @@ class ReferenceParams:
                                        f"({len(self.shapes)} layers): the file belongs to another model")
         let = next((s for s in cfg.stages() if s.name == "let"), None)
         self.let = let
-        self.sf = (let.sf if let is not None and let.sf is not None else default_sf(cfg.abits))
+        self.sf = let.stability_factor(cfg.abits) if let is not None else None
         self.states = {i: self.to_state(i, layer) for i, layer in params.items()}
         missing = [i for i in range(len(self.shapes)) if i not in self.states]
         log.info("--resume %s: reference parameters for %d of %d layers%s", self.path, len(self.states),
                  len(self.shapes), f" (without {missing[:8]}{'...' if len(missing) > 8 else ''})" if missing else "")
-        if let is not None and let.ln_matrix or let is not None and let.qk_matrix:
+        if let is not None and (let.ln_matrix or let.qk_matrix):
             log.info("--resume: the file's matrices are applied under the reference's final mask with sf %g (--sf): "
                      "give the value the reference run used", self.sf)
 
@@ -196,21 +196,21 @@ class ReferenceParams:
                 raise ReferenceFormatError(f"--resume {self.path}: layer {index} has an unknown parameter {key!r} "
                                            f"(expected *smooth_scale/*smooth_shift or *.weight_quantizer.*bound_factor)")
         if self.let is not None:
-            zeros = {f"let.norm_shifts.{i}": self.shapes_hidden(index) for i in range(len(self.adapter.norm_groups))}
+            zeros = {f"let.norm_shifts.{i}": self.hidden_size(index) for i in range(len(self.adapter.norm_groups))}
             zeros["let.out_shift"] = self.n_kv * self.head_dim
             for key, size in zeros.items():      # a file without shifts: the reference's start, zero
                 state.setdefault(key, torch.zeros(size))
-            state.update({"mask.ln_bands": torch.tensor(self.shapes_hidden(index)),
+            state.update({"mask.ln_bands": torch.tensor(self.hidden_size(index)),
                           "mask.head_bands": torch.tensor(self.head_dim),
                           "mask.ln_sf": torch.tensor(self.sf, dtype=torch.float64),
                           "mask.head_sf": torch.tensor(self.sf, dtype=torch.float64)})
         return state
 
-    def shapes_hidden(self, index: int) -> int:
+    def hidden_size(self, index: int) -> int:
         return self.shapes[index][self.adapter.norm_groups[0][1][0]][1]
 
     def _let_entry(self, index: int, key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        hidden, kv_dim = self.shapes_hidden(index), self.n_kv * self.head_dim
+        hidden, kv_dim = self.hidden_size(index), self.n_kv * self.head_dim
         prefix, _, kind = key.partition("_smooth_")
         if prefix in NORM_PREFIXES and kind in ("scale", "shift"):
             i = NORM_PREFIXES.index(prefix)
@@ -271,7 +271,7 @@ def write_reference_params(path: str | Path, checkpoint, cfg: QuantConfig, model
     stages = {s.name: s for s in cfg.stages()}
     n_heads, n_kv, head_dim = adapter.heads(model_config)
     let = stages.get("let")
-    sf = let.sf if let is not None and let.sf is not None else default_sf(cfg.abits)
+    sf = let.stability_factor(cfg.abits) if let is not None else None
     notes: list[str] = []
     if "gptq" in stages:
         notes.append("the weights were rounded with GPTQ; the reference rounds to nearest")
@@ -330,10 +330,6 @@ def _unmask(effective: torch.Tensor, reference_mask: torch.Tensor) -> tuple[torc
     return raw, small
 
 
-def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
-    return torch.block_diag(*blocks)
-
-
 def _let_to_reference(state: dict, let, adapter, n_kv: int, head_dim: int, sf: float,
                       pairs: bool) -> tuple[dict, int]:
     """Our LET state -> the reference's *smooth* entries (effective transforms re-expressed as raw
@@ -359,7 +355,7 @@ def _let_to_reference(state: dict, let, adapter, n_kv: int, head_dim: int, sf: f
     if out.dim() == 3:
         raw, n = _unmask(out * head_ours, head_ref)
         snapped += n
-        out = _block_diag(raw)
+        out = torch.block_diag(*raw)
     entries["out_smooth_scale"] = out.contiguous()
     shift = state.get("let.out_shift")
     entries["out_smooth_shift"] = (shift.float() if shift is not None else torch.zeros(n_kv * head_dim)).contiguous()
@@ -369,11 +365,11 @@ def _let_to_reference(state: dict, let, adapter, n_kv: int, head_dim: int, sf: f
         k_blocks = rope_pair_blocks(c / (c[..., 0] ** 2 + c[..., 1] ** 2).clamp(min=1e-5)[..., None])
         raw, n = _unmask(k_blocks, head_ref)                        # reference: k·T, q·T^-T
         snapped += n
-        qk = _block_diag(raw)
+        qk = torch.block_diag(*raw)
     elif let.qk_matrix:
         raw, n = _unmask(qk * head_ours, head_ref)
         snapped += n
-        qk = _block_diag(raw)
+        qk = torch.block_diag(*raw)
     elif pairs:
         qk = torch.cat([qk, qk], dim=-1).reshape(-1)                # a scale per RoPE pair, on both channels
     else:

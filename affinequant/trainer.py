@@ -80,8 +80,8 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
             if why == "NaN/Inf":
                 report.nan_events += 1
             else:
-                report.divergence_events = getattr(report, "divergence_events", 0) + 1
-            retries = report.nan_events + getattr(report, "divergence_events", 0)
+                report.divergence_events += 1
+            retries = report.nan_events + report.divergence_events
             _restore(params, good)
             if retries > cfg.max_nan_retries:
                 _restore(params, initial)

@@ -38,6 +38,10 @@ class LETConfig(StageConfig):
             raise ConfigError(f"let: sf must lie in (0, 1] (got {self.sf}); AffineQuant uses 1e-2 weight-only, "
                               f"0.1 for W4A4")
 
+    def stability_factor(self, abits: int) -> float:
+        """sf, or AffineQuant's README value for the run's activation bits."""
+        return self.sf if self.sf is not None else default_sf(abits)
+
 
 @register
 class LET(Stage):
@@ -56,7 +60,7 @@ class LET(Stage):
         self.reference = cfg.reference_compat
         # as OmniQuant: shifts only where a norm bias absorbs them; the reference AffineQuant trains them everywhere
         use_shift = self.reference or (adapter.norm_has_bias and cfg.abits < 16)
-        sf = config.sf if config.sf is not None else default_sf(cfg.abits)
+        sf = config.stability_factor(cfg.abits)
         affine = config.out_matrix if config.out_matrix is not None else (
             config.ln_matrix or config.qk_matrix or self.reference)
         if (config.ln_matrix or config.qk_matrix) and not affine:
