@@ -8,6 +8,7 @@ blocks, owns the activations, and calls the stages' hooks. It names no algorithm
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .config import ConfigError, QuantConfig
+from .losses import BlockObjective, LossBatch
 from .packing import PackedLinear, dequantize
-from .qmodules import install_quantizers, set_submodule, use_quantized_attention
+from .qmodules import AttentionProbe, install_quantizers, set_submodule, use_quantized_attention
 from .quantizer import WeightQuantizer
 from .stages import STAGES, BlockContext, BlockData
 from .trainer import train_block
@@ -38,20 +40,8 @@ def _block_output(out):
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """The block objective. "mse" is OmniQuant's. "token_rel" is each token's squared error divided by
-    its target's squared norm, averaged over tokens: every later reader sees the residual stream
-    through an RMSNorm, so what matters per token is the relative error. Under plain MSE, a model
-    with an attention sink (Qwen2.5: the first token holds 68-93% of the residual stream's energy
-    in blocks 3-18) spends the whole budget on that one token.
-    "token_cos" is each token's 1 - cos(output, target), averaged: the error in the direction the next
-    RMSNorm passes on. It is bounded by 2 per token, so a token the quantized trajectory has pushed far
-    off (a spurious sink, relative error ~1e3) cannot dominate it as it dominates token_rel."""
-    if kind == "mse":
-        return F.mse_loss(out, target)
-    if kind == "token_cos":
-        return (1 - F.cosine_similarity(out, target, dim=-1, eps=1e-12)).mean()
-    err = (out - target).pow(2).sum(-1)
-    return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    """The block objective `kind` (a --loss spec without attention terms) against one target."""
+    return BlockObjective.parse(kind)(LossBatch(out, [target]))
 
 
 def non_block_to(model: nn.Module, adapter: Adapter, device) -> None:
@@ -142,13 +132,11 @@ class BlockQuantizer:
         for stage in self.stages:
             stage.refresh()
 
-    def loss(self, inputs, targets: list, kwargs, device) -> torch.Tensor:
-        """The block objective on one batch: refresh the transforms, run the quantized block on
-        `inputs`, and sum block_loss against each of `targets` (the FP outputs, and with --aug_loss
-        the FP block applied to the quantized inputs). Call inside the autocast context."""
+    def loss(self, data: BlockData, batch) -> torch.Tensor:
+        """The block objective (--loss) on the samples `batch` (a slice or indices) of `data`: refresh the
+        transforms, then `objective_on`. Call inside the autocast context."""
         self.refresh()
-        out = _block_output(self.block(inputs.to(device), **kwargs)).float()
-        return sum(block_loss(out, t.to(device).float(), self.cfg.loss) for t in targets)
+        return objective_on(self.block, data, batch, self.cfg.objective)
 
     def start_epoch(self, epoch: int) -> dict:
         """Every stage's schedule hook; returns what they report (AffineQuant: the matrices' health)."""
@@ -227,6 +215,20 @@ def amp_context(device: torch.device, cfg: QuantConfig, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def objective_on(block: nn.Module, data: BlockData, batch, objective: BlockObjective) -> torch.Tensor:
+    """`objective` of `block` (as it stands) on the samples `batch` of `data`: its output against the
+    targets, and, for attention terms, the attention maps it reads against the FP block's on the FP
+    inputs, recomputed for this batch only (calibration-set-sized maps would not fit: N x heads x L x L)."""
+    device = data.device
+    with AttentionProbe(stop=False) if objective.needs_attention else contextlib.nullcontext() as reads:
+        out = _block_output(block(data.inputs[batch].to(device), **data.kwargs)).float()
+    fp_reads = []
+    if objective.needs_attention:
+        with torch.no_grad(), AttentionProbe(stop=True) as fp_reads:
+            data.fp_block(data.fp_inputs[batch].to(device), **data.kwargs)
+    return objective(LossBatch(out, [t[batch].to(device).float() for t in data.targets], reads or [], fp_reads))
+
+
 @torch.no_grad()
 def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device, ctx_factory) -> torch.Tensor:
     outs = torch.empty_like(inputs)
@@ -249,8 +251,9 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     trains = cfg.trains
     cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
     model.config.use_cache = False
-    if cfg.abits < 16:
-        use_quantized_attention(model)
+    objective = cfg.objective
+    if cfg.abits < 16 or objective.needs_attention:
+        use_quantized_attention(model)      # quantized q/k/v, and the function attention terms read maps from
     if cfg.reference_compat:
         round_to_half_(model)       # the reference loads its model in float16 (and calibrates in float32)
     q_inps, kwargs = capture_block_inputs(model, adapter, samples, device, cache_dtype)
@@ -266,12 +269,14 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         orig_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32)
         fp_outs = run_block(block, fp_inps, kwargs, cfg.batch_size, device, ctx)
-        aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.aug_loss and trains else None
+        aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.two_targets and trains else None
+        # the FP block, for the FP attention maps of attention terms (one block's weights more)
+        fp_block = copy.deepcopy(block) if objective.needs_attention else None
         prefix = f"{adapter.layers_path}.{index}."
         bq = BlockQuantizer(block, adapter, model.config, cfg,
                             _block_stats(act_scales, prefix), _block_stats(act_shifts, prefix), stages, index)
         data = BlockData(q_inps, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
-                         cfg.batch_size, trains)
+                         cfg.batch_size, trains, fp_inps, fp_block)
         report = BlockReport(index)
         if checkpoint is not None and checkpoint.done(index):
             state, saved = checkpoint.load(index)
@@ -304,7 +309,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         reports.append(report)
         bar.set_postfix(mse=f"{report.final_mse:.3g}")
         log.info("block %d done in %.1fs: output MSE vs full precision %.6g", index, report.seconds, report.final_mse)
-        del bq, data, fp_outs, aug
+        del bq, data, fp_outs, aug, fp_block
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if cfg.reference_compat:

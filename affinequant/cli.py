@@ -12,7 +12,7 @@ import torch
 from .adapters import get_adapter
 from .calibrate import quantize_blocks
 from .checkpoint import CalibrationCheckpoint
-from .config import LOSSES, QK_INITS, ConfigError, QuantConfig
+from .config import QK_INITS, ConfigError, QuantConfig
 from .data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .errors import AffineQuantError, OutputError
 from .evaluate import perplexity
@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lwc", action="store_true", help="learnable weight clipping")
     a("--let", action="store_true", help="learnable equivalent transformation")
     a("--aug_loss", action="store_true", help="also match the FP block applied to the quantized input")
-    a("--loss", default="mse", choices=LOSSES,
-      help="block objective: mse (OmniQuant's) or token_rel, each token's squared error relative to its target's "
-           "squared norm, so outlier tokens (an attention sink's massive activations) do not dominate")
+    a("--loss", default="mse",
+      help="block objective, terms joined by '+' with optional weights: mse (OmniQuant's), nlc (LRQuant's negative "
+           "log cosine; LRQuant: mse+nlc), attn_kl (symmetric KL of the attention maps), token_rel, token_cos, or dc "
+           "(ABQ-LLM's distribution correction: mse+nlc+attn_kl against two targets). Example: mse+0.5*nlc")
     a("--qk_init", default="stats", choices=QK_INITS,
       help="where the LET q<->k scale starts: stats (SmoothQuant-style from q/k output statistics) or ones "
            "(OmniQuant)")
@@ -364,7 +365,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise SystemExit(f"out of memory during calibration ({type(exc).__name__}). The activation caches hold "
                          f"3-4 copies of nsamples x seqlen x hidden: lower --nsamples ({cfg.nsamples}) or --seqlen "
-                         f"({cfg.seqlen}), keep --batch_size 1, drop --aug_loss (one cache less), and on CUDA keep "
+                         f"({cfg.seqlen}), keep --batch_size 1, drop --aug_loss or --loss dc (one cache less), and on CUDA keep "
                          f"autocast on (no --deactive_amp). Finished blocks are checkpointed: rerun with --resume "
                          f"to continue from them") from exc
     results["calibration_seconds"] = time.time() - t0

@@ -12,7 +12,6 @@ class ConfigError(AffineQuantError, ValueError):
     """A setting that cannot work; the message names the fix."""
 
 
-LOSSES = ("mse", "token_rel", "token_cos")      # block objectives: calibrate.block_loss
 QK_INITS = ("stats", "ones")                    # where the LET q <-> k scale starts: transforms.LET
 
 
@@ -43,7 +42,7 @@ class QuantConfig:
     seqlen: int = 2048
     aug_loss: bool = False
     qk_init: str = "stats"             # LET q<->k scale: from q/k statistics, or 1 as OmniQuant
-    loss: str = "mse"                  # block objective: "mse" (OmniQuant), "token_rel" or "token_cos" (calibrate.block_loss)
+    loss: str = "mse"                  # block objective: weighted terms, "mse" (OmniQuant), "mse+nlc" (LRQuant), "dc" (ABQ-LLM): losses.py
     deactive_amp: bool = False
     seed: int = 2
     real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)
@@ -90,8 +89,7 @@ class QuantConfig:
             raise ConfigError("--lwc learns weight clipping but --wbits is 16: drop --lwc or lower --wbits")
         if self.qk_init not in QK_INITS:
             raise ConfigError(f"--qk_init {self.qk_init!r} is not known: use one of {', '.join(QK_INITS)}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"--loss {self.loss!r} is not known: use one of {', '.join(LOSSES)}")
+        self.objective  # noqa: B018 -- parses --loss, raising ConfigError naming the terms
         for name in ("epochs", "nsamples", "batch_size", "seqlen"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
                 raise ConfigError(f"--{name} must be positive (got {getattr(self, name)})")
@@ -122,6 +120,17 @@ class QuantConfig:
             raise ConfigError("--epochs > 0 trains nothing without --lwc or --let (no stage of the recipe learns): "
                               "add one, or use --epochs 0")
         return self
+
+    @property
+    def objective(self):
+        """The parsed --loss (losses.BlockObjective)."""
+        from .losses import BlockObjective
+        return BlockObjective.parse(self.loss)
+
+    @property
+    def two_targets(self) -> bool:
+        """Whether blocks also match the FP block applied to the quantized input (--aug_loss, or --loss dc)."""
+        return self.aug_loss or self.objective.two_targets
 
     @property
     def stability_factor(self) -> float:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .quantizer import ActQuantizer, WeightQuantizer
@@ -114,15 +114,71 @@ class QKVQuantizers(nn.Module):
 
 
 ATTN_IMPLEMENTATION = "affinequant_sdpa"
+MASKED_LOGIT = -1e9     # finite, so that (P - Q)(log P - log Q) is 0 (not NaN) where both maps are masked
+
+
+class AttentionRead:
+    """What one attention call read: q and k (after RoPE and their quantizers), the mask, the scaling
+    and the GQA group count; `log_probs()` rebuilds its attention map (batch, heads, queries, keys)."""
+
+    def __init__(self, query, key, mask, scaling: float, groups: int):
+        self.query, self.key, self.mask, self.scaling, self.groups = query, key, mask, scaling, groups
+
+    def log_probs(self) -> torch.Tensor:
+        key = repeat_kv(self.key, self.groups) if self.groups > 1 else self.key
+        logits = (self.query.float() @ key.float().transpose(-1, -2)) * self.scaling
+        q_len, k_len = logits.shape[-2:]
+        if self.mask is None:         # SDPA's is_causal path (aligned to the last key, as with a cache)
+            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=logits.device).tril(k_len - q_len)
+        elif self.mask.dtype == torch.bool:
+            allowed = self.mask
+        else:
+            allowed = self.mask > torch.finfo(self.mask.dtype).min / 2
+        return logits.masked_fill(~allowed, MASKED_LOGIT).log_softmax(-1)
+
+
+class _AttentionRead(Exception):
+    pass
+
+
+class AttentionProbe:
+    """`with AttentionProbe() as reads:` records an AttentionRead for every attention call of the models
+    run inside (through quantized_sdpa). With stop=True the forward ends at the first attention call
+    (the rest of the block is not needed for the map), and the context swallows that stop."""
+    _active: list = []
+
+    def __init__(self, stop: bool = False):
+        self.reads: list[AttentionRead] = []
+        self.stop = stop
+
+    def __enter__(self) -> list:
+        AttentionProbe._active.append(self)
+        return self.reads
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        AttentionProbe._active.remove(self)
+        return exc_type is _AttentionRead
+
+    @classmethod
+    def record(cls, module, query, key, mask, scaling) -> None:
+        if not cls._active:
+            return
+        probe = cls._active[-1]
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        probe.reads.append(AttentionRead(query, key, mask, scaling, getattr(module, "num_key_value_groups", 1)))
+        if probe.stop:
+            raise _AttentionRead
 
 
 def quantized_sdpa(module, query, key, value, attention_mask, **kwargs):
     """SDPA with q/k/v fake-quantized when the attention module carries QKVQuantizers.
     q and k arrive here after RoPE, in (batch, heads, tokens, head_dim): the quantizer's
-    last-dimension grid is per token and per head."""
+    last-dimension grid is per token and per head. An active AttentionProbe sees what attention reads."""
     quantizers = getattr(module, "qkv_quantizers", None)
     if quantizers is not None:
         query, key, value = quantizers.q(query), quantizers.k(key), quantizers.v(value)
+    AttentionProbe.record(module, query, key, attention_mask, kwargs.get("scaling"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

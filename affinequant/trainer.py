@@ -59,7 +59,7 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
         for i in range(0, n, cfg.batch_size):
             batch = slice(i, i + cfg.batch_size)
             with data.ctx_factory():
-                loss = bq.loss(data.inputs[batch], [t[batch] for t in data.targets], data.kwargs, data.device)
+                loss = bq.loss(data, batch)
             if not torch.isfinite(loss):
                 finite, why = False, "NaN/Inf"
                 break

@@ -215,7 +215,7 @@ def test_let_init_guard_picks_the_start_with_the_lower_block_loss(tokens, outlie
 
     def probe_loss():
         with torch.no_grad():
-            return sum(bq.loss(data.inputs[i:i + 1], [data.targets[0][i:i + 1]], data.kwargs, CPU).item()
+            return sum(bq.loss(data, slice(i, i + 1)).item()
                        for i in range(4))
     smooth = probe_loss()
     stage.let.reset_to_identity()

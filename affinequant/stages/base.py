@@ -57,8 +57,9 @@ class BlockContext:
 @dataclass
 class BlockData:
     """The block's calibration data, owned by the block loop: inputs on the quantized trajectory,
-    the FP targets (and with --aug_loss the FP block on the quantized inputs), the block's keyword
-    arguments, and how to run it (device, autocast, batch size)."""
+    the FP targets (and with --aug_loss or --loss dc the FP block on the quantized inputs), the block's
+    keyword arguments, and how to run it (device, autocast, batch size). For attention loss terms, the
+    FP inputs and a full-precision copy of the block."""
     inputs: torch.Tensor
     targets: list = field(default_factory=list)
     kwargs: dict = field(default_factory=dict)
@@ -66,6 +67,8 @@ class BlockData:
     ctx_factory: Callable = None
     batch_size: int = 1
     trains: bool = False                           # the run learns (epochs > 0)
+    fp_inputs: torch.Tensor | None = None          # the block's inputs on the FP trajectory
+    fp_block: nn.Module | None = None              # the block before quantization (attention terms only)
 
 
 class Stage:

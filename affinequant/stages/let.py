@@ -87,7 +87,7 @@ class LET(Stage):
             total = 0.0
             for i in range(min(probe, data.inputs.shape[0])):
                 with data.ctx_factory():
-                    total += bq.loss(data.inputs[i:i + 1], [data.targets[0][i:i + 1]], data.kwargs, data.device).item()
+                    total += bq.loss(data, slice(i, i + 1)).item()
             return total
         smooth_state = {k: v.clone() for k, v in self.let.state_dict().items()}
         smooth = loss()

@@ -165,7 +165,7 @@ class TesseraQ(Rounder):
             commit(name, codes, fp16_scale(scale[..., 0] * factor.to(scale.device)), zero[..., 0])
 
     def learn(self, linears: dict, data) -> dict:
-        from ..calibrate import _block_output, block_loss
+        from ..calibrate import objective_on
 
         cfg, t0 = self.config, time.time()
         soft = {n: SoftRounding(q.weight.detach(), q.weight_quantizer, cfg.tune_scale) for n, q in linears.items()}
@@ -179,8 +179,7 @@ class TesseraQ(Rounder):
 
         def loss_on(idx) -> torch.Tensor:
             with data.ctx_factory():
-                out = _block_output(self.ctx.block(data.inputs[idx].to(data.device), **data.kwargs)).float()
-            return sum(block_loss(out, t[idx].to(data.device).float(), self.ctx.cfg.loss) for t in data.targets)
+                return objective_on(self.ctx.block, data, idx, self.ctx.cfg.objective)
 
         @torch.no_grad()
         def full_loss() -> float:
