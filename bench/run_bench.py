@@ -60,8 +60,8 @@ METHODS = {
     # LRQuant's and ABQ-LLM's block objectives on OmniQuant's LWC+LET (the "LWC+LET" row is MSE): negative log
     # cosine 1:1 with MSE, and the distribution correction (MSE and NLC against the FP-chain output and the FP block
     # on the quantized input, plus the symmetric KL of the attention maps)
-    "LWC+LET, MSE+NLC": ["--lwc", "--let", "--loss", "mse+nlc"],
-    "LWC+LET, DC": ["--lwc", "--let", "--loss", "dc"],
+    "LWC+LET (MSE+NLC)": ["--lwc", "--let", "--loss", "mse+nlc"],
+    "LWC+LET (DC)": ["--lwc", "--let", "--loss", "dc"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
