@@ -105,7 +105,8 @@ class BlockQuantizer:
                  act_scales: dict | None, act_shifts: dict | None, stages: list | None = None, index: int = 0):
         self.block, self.adapter, self.cfg = block, adapter, cfg
         self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda w: (
-            WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, reference=cfg.reference_compat)
+            WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, reference=cfg.reference_compat,
+                            balanced=cfg.bit_balance)
             if cfg.wbits < 16 else None), reference=cfg.reference_compat)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
@@ -186,7 +187,7 @@ class BlockQuantizer:
             # --real_quant): fake-quant and packed agree bit for bit.
             qlinear = self.linears[name]
             wq = qlinear.weight_quantizer
-            if self.cfg.real_quant and (int(zero.min()) < 0 or int(zero.max()) > 2 ** wq.bits - 1):
+            if self.cfg.real_quant and (int(zero.min()) < 0 or int(zero.max()) > wq.qmax):
                 raise ConfigError(f"{name}: a group's zero point lies outside the {wq.bits}-bit grid (the reference "
                                   f"code's range convention, --reference_compat), which the GPTQ layout cannot "
                                   f"store: drop --real_quant or --reference_compat")
@@ -204,7 +205,7 @@ class BlockQuantizer:
                 codes, scale, zero, wq = committed[name]
                 bias = None if qlinear.bias is None else qlinear.bias.detach()
                 set_submodule(self.block, name, PackedLinear.from_codes(
-                    codes, scale, zero, wq.bits, wq.group_size, bias, zero_offset=0 if int(zero.min()) < 1 else 1))
+                    codes, scale, zero, wq.storage_bits, wq.group_size, bias, zero_offset=0 if int(zero.min()) < 1 else 1))
             elif qlinear.act_quantizer is None:     # weight-only: a plain nn.Linear, loadable by anything
                 set_submodule(self.block, name, qlinear.to_linear())
 

@@ -26,7 +26,7 @@ log = logging.getLogger("affinequant")
 
 # What the stored parameters mean: these and the recipe's stages (less the rounder, which stores
 # nothing) with their structural options must match for any resume.
-STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "reference_compat")
+STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "reference_compat", "bit_balance")
 # What produced them: these and the whole recipe must match too when training continues (epochs > 0).
 TRAINING = ("wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed")
 # Options that change what a stage stores (its tensors' meaning or shapes); other options change only

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--abits", type=int, default=16)
     a("--group_size", type=int, default=None)
     a("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
+    a("--bit_balance", action="store_true",
+      help="ABQ-LLM's bit balance: 2-bit asymmetric weights on 5 levels {0..4} (W2*, about 2.32 bits of information; "
+           "reported as such, never as INT2; --real_quant stores the codes in 3-bit GPTQ containers)")
     a("--alpha", type=float, default=0.5, help="SmoothQuant migration strength for the LET init")
     a("--let_lr", type=float, default=5e-3)
     a("--lwc_lr", type=float, default=1e-2)
@@ -124,6 +127,7 @@ def config_from_args(args) -> QuantConfig:
                        tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
                        par_rounds=args.par_rounds,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
+                       bit_balance=args.bit_balance,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
                        seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, qk_init=args.qk_init,
@@ -223,6 +227,9 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
              "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     data_dir = default_data_dir(args.data_dir)
     log.info("configuration: %s", cfg.to_dict())
+    if cfg.bit_balance:
+        log.info("%s: 2-bit weights on 5 levels (bit balance), %.2f bits of information per weight, not INT2%s",
+                 cfg.setting, cfg.effective_wbits, "; packed in 3-bit containers" if cfg.real_quant else "")
     model_id = resolve_model_path(args.model)
     reference_params = None
     model_config = load_config(model_id, args.trust_remote_code)
@@ -236,7 +243,8 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
         parser.error(str(exc))
     model, tokenizer, model_id = load_model(model_id, dtype, args.trust_remote_code)
     net = args.net or model_name(model_id)
-    results: dict = {"model": model_id, "net": net, "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
+    results: dict = {"model": model_id, "net": net, "setting": cfg.setting, "effective_wbits": cfg.effective_wbits,
+                     "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
                      "device": str(device)}
 
     if cfg.full_precision:

@@ -27,6 +27,7 @@ class QuantConfig:
     abits: int = 16
     group_size: int | None = None      # None: one group per output channel
     symmetric: bool = False
+    bit_balance: bool = False          # ABQ-LLM: 2-bit asymmetric weights on 5 levels (about 2.32 bits; "W2*")
     lwc: bool = False
     let: bool = False
     alpha: float = 0.5                 # SmoothQuant migration strength for the LET init
@@ -78,6 +79,10 @@ class QuantConfig:
                                   f"OmniQuant uses let_lr 5e-3, lwc_lr 1e-2")
         if self.wd < 0:
             raise ConfigError(f"--wd {self.wd} must be >= 0 (the reference uses 0)")
+        if self.bit_balance and (self.wbits != 2 or self.symmetric):
+            raise ConfigError(f"--bit_balance adds a fifth level to asymmetric 2-bit weights (ABQ-LLM's W2*), not to "
+                              f"{'symmetric ' if self.symmetric else ''}{self.wbits}-bit ones: use --wbits 2 without "
+                              f"--symmetric, or drop --bit_balance")
         if self.real_quant and (self.wbits not in (2, 3, 4, 8) or self.abits < 16):
             raise ConfigError(f"--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models (got --wbits "
                               f"{self.wbits} --abits {self.abits}): drop --real_quant, or use --abits 16 and one "
@@ -120,6 +125,17 @@ class QuantConfig:
             raise ConfigError("--epochs > 0 trains nothing without --lwc or --let (no stage of the recipe learns): "
                               "add one, or use --epochs 0")
         return self
+
+    @property
+    def effective_wbits(self) -> float:
+        """Bits of information per weight: --wbits, or log2(5) = 2.32 under --bit_balance (never "INT2")."""
+        from .quantizer import effective_bits
+        return effective_bits(self.wbits, self.bit_balance)
+
+    @property
+    def setting(self) -> str:
+        """The setting as the papers write it: W4A4, W3A16g128, and W2* for bit balance."""
+        return f"W{self.wbits}{'*' if self.bit_balance else ''}A{self.abits}" + (f"g{self.group_size}" if self.group_size else "")
 
     @property
     def objective(self):

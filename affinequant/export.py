@@ -146,7 +146,8 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
                           and getattr(m, "bias", None) is not None and f"{name}.bias" not in stock_keys)
     extra_keys = sorted(_as_stock_keys(model) - stock_keys) if not (act_quant or norms) else []
     fmt = "runtime" if (act_quant or norms or extra_keys) else ("gptq" if packed else "standard")
-    manifest = {"format": fmt, "config": cfg.to_dict(), "model": model_id, "runtime_inverse_norms": norms,
+    manifest = {"format": fmt, "config": cfg.to_dict(), "model": model_id, "setting": cfg.setting,
+                "effective_weight_bits": cfg.effective_wbits, "runtime_inverse_norms": norms,
                 "runtime_norm_biases": biases, "added_linear_biases": added_biases,
                 "activation_bits": cfg.abits if act_quant else 16, "packed": packed,
                 "weights": "packed integer codes (GPTQ layout)" if packed else "fake-quantized (dequantized floats)"}

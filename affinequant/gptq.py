@@ -95,7 +95,7 @@ class GPTQ:
                     s, z = quantizer.group_scale_zero(cols, g)
                     scale[:, g], zero[:, g] = fp16_scale(s), z
                 w = W1[:, i]
-                q = grid_codes(w, scale[:, g], zero[:, g], quantizer.bits)
+                q = grid_codes(w, scale[:, g], zero[:, g], quantizer.qmax)
                 codes[:, col] = q.to(torch.int32)
                 dq = (q - zero[:, g]) * scale[:, g]
                 err = (w - dq) / Hinv1[i, i]

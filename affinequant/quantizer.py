@@ -22,8 +22,9 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, reference: bool = False):
-    """Scale and integer zero point of the grid [0, 2^bits - 1] that covers [xmin, xmax].
+def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, reference: bool = False,
+                      qmax: int | None = None):
+    """Scale and integer zero point of the grid [0, qmax] (default 2^bits - 1) that covers [xmin, xmax].
 
     Symmetric follows the GPTQ convention (zero = 2^(bits-1)) so that exports are standard.
     Asymmetric ranges always contain 0, as in GPTQ: the zero point is then an exact code in
@@ -31,8 +32,9 @@ def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetr
     `reference`: the OmniQuant/AffineQuant convention instead (--reference_compat): the range is the
     group's own, and the zero point round(-xmin/scale) may fall outside the grid (such a group cannot
     be packed in the GPTQ layout); symmetric: zero 2^(bits-1) - 1.
+    `qmax`: ABQ-LLM's bit balance, 2^bits levels + 1 (asymmetric only).
     """
-    qmax = 2**bits - 1
+    qmax = 2**bits - 1 if qmax is None else qmax
     if symmetric:
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         scale = (absmax / max(2 ** (bits - 1) - 1, 1)).clamp(SCALE_MIN, SCALE_MAX)
@@ -47,14 +49,19 @@ def minmax_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetr
     return scale, zero
 
 
-def grid_codes(x: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
-    """The integer codes of x on the grid (float tensor, no gradient path): what every rounder stores."""
-    return (x / scale).round().add(zero).clamp(0, 2**bits - 1)
+def grid_codes(x: torch.Tensor, scale, zero, qmax: int) -> torch.Tensor:
+    """The integer codes of x on the grid [0, qmax] (float tensor, no gradient path): what every rounder stores."""
+    return (x / scale).round().add(zero).clamp(0, qmax)
 
 
-def fake_quant(x, scale, zero, bits: int):
-    q = (round_ste(x / scale) + zero).clamp(0, 2**bits - 1)
+def fake_quant(x, scale, zero, qmax: int):
+    q = (round_ste(x / scale) + zero).clamp(0, qmax)
     return (q - zero) * scale
+
+
+def effective_bits(bits: int, balanced: bool = False) -> float:
+    """Bits of information per weight: `bits`, or log2(2^bits + 1) under bit balance (W2*: 5 levels, 2.32)."""
+    return math.log2(2**bits + 1) if balanced else float(bits)
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
@@ -76,12 +83,17 @@ def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tens
 class WeightQuantizer(nn.Module):
     """Per-output-channel or per-group weight quantizer. Each (row, group) range [min, max] can be
     narrowed by a fixed clipping ratio (`clip_ratio`, from the clipping search) and by LWC's learned
-    factors sigmoid(upbound_factor), sigmoid(lowbound_factor); both multiply the range when present."""
+    factors sigmoid(upbound_factor), sigmoid(lowbound_factor); both multiply the range when present.
+    `balanced`: ABQ-LLM's bit balance, one level more than 2^bits (2-bit: codes 0..4, about 2.32 bits),
+    stored in the next wider container (`storage_bits`)."""
 
     def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None,
-                 symmetric: bool = False, lwc: bool = False, reference: bool = False):
+                 symmetric: bool = False, lwc: bool = False, reference: bool = False, balanced: bool = False):
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.balanced = balanced
+        self.qmax = 2**bits - (0 if balanced else 1)
+        self.storage_bits = math.ceil(math.log2(self.qmax + 1))
         self.reference = reference          # the reference code's range convention (minmax_scale_zero)
         self.shape = tuple(shape)
         self.upbound_factor = self.lowbound_factor = None
@@ -105,7 +117,7 @@ class WeightQuantizer(nn.Module):
         if self.upbound_factor is not None:
             xmax = torch.sigmoid(self.upbound_factor[:, groups]) * xmax
             xmin = torch.sigmoid(self.lowbound_factor[:, groups]) * xmin
-        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric, self.reference)
+        return minmax_scale_zero(xmin, xmax, self.bits, self.symmetric, self.reference, self.qmax)
 
     def scale_zero(self, weight: torch.Tensor):
         """Scale and zero of each (row, group): tensors of shape (out, n_groups, 1)."""
@@ -124,7 +136,7 @@ class WeightQuantizer(nn.Module):
             return weight
         scale, zero = self.scale_zero(weight)
         w, pad = group_view(weight, self.group_size)
-        w_hat = fake_quant(w, scale, zero, self.bits).reshape(weight.shape[0], -1)
+        w_hat = fake_quant(w, scale, zero, self.qmax).reshape(weight.shape[0], -1)
         return w_hat[:, : weight.shape[1]] if pad else w_hat
 
     @torch.no_grad()
@@ -132,7 +144,7 @@ class WeightQuantizer(nn.Module):
         """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer."""
         scale, zero = self.scale_zero(weight)
         w, _ = group_view(weight, self.group_size)
-        q = grid_codes(w, scale, zero, self.bits)
+        q = grid_codes(w, scale, zero, self.qmax)
         return q.reshape(weight.shape[0], -1)[:, : weight.shape[1]].to(torch.int32), scale[..., 0], zero[..., 0]
 
 
@@ -149,7 +161,7 @@ class ActQuantizer(nn.Module):
         xmax = x.amax(dim=-1, keepdim=True)
         xmin = x.amin(dim=-1, keepdim=True)
         scale, zero = minmax_scale_zero(xmin, xmax, self.bits, self.symmetric, self.reference)
-        return fake_quant(x, scale, zero, self.bits)
+        return fake_quant(x, scale, zero, 2**self.bits - 1)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, per-token dynamic"

@@ -55,8 +55,9 @@ def search_clip_ratio(weight: torch.Tensor, quantizer, hessian: torch.Tensor | N
         wmax, wmin = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
         best_err = torch.full((out_f,), float("inf"), device=weight.device)
         for r in ratios:
-            scale, zero = minmax_scale_zero(wmin * r, wmax * r, quantizer.bits, quantizer.symmetric)
-            delta = (grid_codes(w, scale, zero, quantizer.bits) - zero) * scale - w
+            scale, zero = minmax_scale_zero(wmin * r, wmax * r, quantizer.bits, quantizer.symmetric,
+                                            qmax=quantizer.qmax)
+            delta = (grid_codes(w, scale, zero, quantizer.qmax) - zero) * scale - w
             err = (delta.pow(2) if h is None else (delta @ h) * delta).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

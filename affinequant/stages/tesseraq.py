@@ -85,7 +85,7 @@ class SoftRounding(nn.Module):
         out_f, in_f = weight.shape
         self.group_of = torch.arange(in_f, device=weight.device) // (quantizer.group_size or in_f)
         self.scale, self.zero = scale[..., 0], zero[..., 0]             # (out, groups)
-        self.qmax = 2 ** quantizer.bits - 1
+        self.qmax = quantizer.qmax
         x = weight.float() / self.scale[:, self.group_of]
         self.base = x.floor()
         self.nu = nn.Parameter(rectified_sigmoid_inverse(x - self.base))

@@ -1,0 +1,69 @@
+"""ABQ-LLM's quantizer options: bit balance (W2*, 5 levels, reported as 2.32 bits) and the rank-1
+compensation of down_proj."""
+import json
+import math
+
+import pytest
+import torch
+
+from affinequant.cli import run
+from affinequant.config import ConfigError, QuantConfig
+from affinequant.packing import PackedLinear
+from affinequant.quantizer import WeightQuantizer
+
+from conftest import save_tiny, write_text
+from test_cli import _run_keeping_model, base
+
+
+def test_bit_balance_quantizes_onto_five_levels():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    balanced = WeightQuantizer((16, 64), 2, 32, balanced=True)
+    plain = WeightQuantizer((16, 64), 2, 32)
+    codes, scale, zero = balanced.integer_codes(weight)
+    assert balanced.qmax == 4 and balanced.storage_bits == 3 and plain.qmax == 3
+    assert set(codes.unique().tolist()) == {0, 1, 2, 3, 4}
+    assert set(plain.integer_codes(weight)[0].unique().tolist()) == {0, 1, 2, 3}
+    # every group's fake-quantized values are 5 points of its grid, and the grid spans the group's range
+    fq = balanced(weight).reshape(16, 2, 32)
+    assert max(len(g.unique()) for g in fq.reshape(32, 32)) == 5
+    w = weight.reshape(16, 2, 32)
+    span = w.amax(-1).clamp(min=0) - w.amin(-1).clamp(max=0)
+    assert torch.allclose(scale, span / 4, rtol=1e-6)
+    # a finer grid: less error than 4 levels on the same weights
+    assert (balanced(weight) - weight).pow(2).mean() < (plain(weight) - weight).pow(2).mean()
+
+
+@pytest.mark.parametrize("flags, expect", [(dict(wbits=3), "--wbits 2"), (dict(wbits=2, symmetric=True), "symmetric")])
+def test_bit_balance_is_refused_where_abq_does_not_define_it(flags, expect):
+    with pytest.raises(ConfigError, match=expect):
+        QuantConfig(bit_balance=True, **flags).validate()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def test_bit_balance_is_reported_as_2_32_bits_and_packs_in_3_bit_containers(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The results, the log and the export name W2* with its effective bits; --real_quant stores the 5 levels
+    in 3-bit GPTQ containers that unpack to exactly the fake-quantized weights."""
+    monkeypatch.chdir(tmp_path)
+    calib = write_text(tmp_path / "calib.txt")
+    flags = ["--wbits", "2", "--group_size", "32", "--bit_balance", "--lwc", "--epochs", "1"]
+    fake = _run_keeping_model(base(tiny_dir, calib, tmp_path / "fake", *flags))
+    results = json.loads((tmp_path / "fake" / "out" / "results.json").read_text())
+    assert results["setting"] == "W2*A16g32" and results["effective_wbits"] == pytest.approx(math.log2(5))
+    assert "2.32 bits of information per weight, not INT2" in capsys.readouterr().out
+    packed = _run_keeping_model(base(tiny_dir, calib, tmp_path / "packed", *flags, "--real_quant", "--save_dir",
+                                     str(tmp_path / "q")))
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.bits == 3 for m in layers)
+    assert max(int(m.codes().max()) for m in layers) == 4
+    ids = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(fake(ids).logits, packed(ids).logits)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 3
+    manifest = json.loads((tmp_path / "q" / "affinequant.json").read_text())
+    assert manifest["setting"] == "W2*A16g32" and manifest["effective_weight_bits"] == pytest.approx(2.3219, abs=1e-4)
