@@ -4,6 +4,7 @@ layers and attention run unchanged.
     norm_groups: (norm, [linears it feeds])  -- LET / affine transforms between them
     out_pair:    (v_proj, o_proj)            -- per-head transform, exact since softmax rows sum to 1
     qk_pair:     (q_proj, k_proj)            -- q divided, k multiplied by the same per-head scale
+    mlp_out:     down_proj / fc2             -- the MLP's output projection (ABQ-LLM's compensation)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Adapter:
     attention: str                          # the attention module inside a block
     rope: bool                              # q/k rotate in pairs (i, i + head_dim/2): scales must be tied per pair
     norm_has_bias: bool                     # LayerNorm-style norms can absorb LET shifts; RMSNorm cannot
+    mlp_out: str = "mlp.down_proj"          # the MLP's output projection
     # the linear of each norm group whose weight the reference code's LET initialisation reads
     # (q_proj; up_proj for Llama, fc1 for OPT): --reference_compat
     reference_init_linears: tuple[str, ...] = ()
@@ -76,6 +78,7 @@ ADAPTERS = [
         attention="self_attn",
         rope=False,
         norm_has_bias=True,
+        mlp_out="fc2",
         reference_init_linears=("self_attn.q_proj", "fc1"),
     ),
 ]

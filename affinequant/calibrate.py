@@ -129,7 +129,11 @@ class BlockQuantizer:
             stage.prepare(self, data)
 
     def refresh(self) -> None:
-        """Recompute the transformed weights from the current parameters (once per step)."""
+        """Recompute the transformed weights from the stored weights and the current parameters (once per
+        step): each stage in recipe order rewrites the temp weights of the linears it transforms, starting
+        from what the stages before it left."""
+        for linear in self.linears.values():
+            linear.temp_weight = linear.temp_bias = None
         for stage in self.stages:
             stage.refresh()
 

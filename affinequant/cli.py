@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip_search", action="store_true",
       help="search each weight group's clipping ratio on the calibration inputs before training (alone, "
            "as LWC's start, or before --gptq)")
+    a("--compensation", action="store_true",
+      help="ABQ-LLM's compensation: learn a rank-1 term a*b^T added to down_proj before quantization in the first 3 "
+           "and last 4 blocks, merged into the weight (a recipe sets other blocks: compensation: {first: N, last: M})")
     a("--gptq", action="store_true", help="round the weights with GPTQ after the transforms (instead of to nearest)")
     a("--percdamp", type=float, default=0.01, help="GPTQ dampening: fraction of the Hessian's mean diagonal")
     a("--act_order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order (static groups)")
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> QuantConfig:
     from .recipe import load_recipe_file
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
-                       clip_search=args.clip_search, gptq=args.gptq, percdamp=args.percdamp, act_order=args.act_order,
+                       clip_search=args.clip_search, compensation=args.compensation, gptq=args.gptq, percdamp=args.percdamp, act_order=args.act_order,
                        tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
                        par_rounds=args.par_rounds,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,

@@ -47,6 +47,7 @@ class QuantConfig:
     deactive_amp: bool = False
     seed: int = 2
     real_quant: bool = False           # pack weights into GPTQ-layout int32 tensors (PackedLinear)
+    compensation: bool = False         # ABQ-LLM's rank-1 down_proj compensation, first 3 / last 4 blocks (stages.compensation)
     clip_search: bool = False          # search each group's clipping ratio before training (stages.clip_search)
     gptq: bool = False                 # round the weights with GPTQ instead of to nearest (stages.rounding)
     percdamp: float = 0.01             # GPTQ's dampening, a fraction of the Hessian's mean diagonal
@@ -109,7 +110,7 @@ class QuantConfig:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
         if self.recipe is not None:
             flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq", "act_order",
-                                        "tesseraq") if getattr(self, k)]
+                                        "tesseraq", "compensation") if getattr(self, k)]
             if flags:
                 raise ConfigError(f"--recipe names the stages, so {' '.join(flags)} would be ignored: drop them, or "
                                   f"put them in the recipe")

@@ -81,6 +81,7 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
     """AffineQuant's and our flags as a recipe: LET (with AffineQuant's matrices), the clipping search on
     the transformed weights, LWC, then the rounder."""
     from .stages.clip_search import ClipSearchConfig
+    from .stages.compensation import CompensationConfig
     from .stages.let import LETConfig
     from .stages.lwc import LWCConfig
     from .stages.rounding import GPTQConfig, RTNConfig
@@ -90,6 +91,8 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
     if cfg.let:
         stages.append(LETConfig(lr=cfg.let_lr, alpha=cfg.alpha, qk_init=cfg.qk_init, ln_matrix=cfg.use_ln_matrix,
                                 qk_matrix=cfg.use_matrix, sf=cfg.sf))
+    if cfg.compensation:
+        stages.append(CompensationConfig())
     if cfg.clip_search:
         stages.append(ClipSearchConfig())
     if cfg.lwc:

@@ -36,6 +36,8 @@ def _describe(health: dict) -> str:
 def train_block(bq, data, cfg, report, progress_desc: str) -> None:
     """Train the learning stages of `bq` (a calibrate.BlockQuantizer) on `data` (stages.BlockData)."""
     params = [g for g in bq.param_groups() if g["params"]]
+    if not params:          # a stage that learns in some blocks only (compensation): nothing here
+        return
     for g in params:
         for p in g["params"]:
             p.requires_grad_(True)

@@ -6,12 +6,17 @@ import math
 import pytest
 import torch
 
+from affinequant.adapters import get_adapter
+from affinequant.calibrate import BlockQuantizer, capture_block_inputs, quantize_blocks
 from affinequant.cli import run
 from affinequant.config import ConfigError, QuantConfig
 from affinequant.packing import PackedLinear
 from affinequant.quantizer import WeightQuantizer
+from affinequant.stages.compensation import CompensationConfig
+from affinequant.stages.rounding import RTNConfig
+from affinequant.stats import collect_act_stats
 
-from conftest import save_tiny, write_text
+from conftest import save_tiny, tiny_model, write_text
 from test_cli import _run_keeping_model, base
 
 
@@ -67,3 +72,46 @@ def test_bit_balance_is_reported_as_2_32_bits_and_packs_in_3_bit_containers(tiny
     assert config["quantization_config"]["bits"] == 3
     manifest = json.loads((tmp_path / "q" / "affinequant.json").read_text())
     assert manifest["setting"] == "W2*A16g32" and manifest["effective_weight_bits"] == pytest.approx(2.3219, abs=1e-4)
+
+
+CPU = torch.device("cpu")
+
+
+def test_compensation_merges_exactly_into_down_proj(tokens):
+    """Training's weight (W + a b^T, rebuilt every step without accumulating) and the merged weight give the
+    same block output; the merged down_proj is exactly W + a b^T."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    inputs, kwargs = capture_block_inputs(model, adapter, tokens[:2], CPU, torch.float32)
+    block = adapter.layers(model)[0]
+    with torch.no_grad():
+        fp = block(inputs, **kwargs)[0]
+    w0 = block.get_submodule("mlp.down_proj").weight.detach().clone()
+    bq = BlockQuantizer(block, adapter, model.config, QuantConfig(wbits=16, abits=16), None, None,
+                        [CompensationConfig(first=1, last=0), RTNConfig()], index=0)
+    stage = bq.stages[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        stage.a.copy_(0.1 * torch.randn_like(stage.a))
+        stage.b.copy_(torch.randn_like(stage.b))
+        for _ in range(3):              # every step starts again from the stored weight
+            bq.refresh()
+        trained = block(inputs, **kwargs)[0]
+        bq.finalize()
+        merged = block(inputs, **kwargs)[0]
+    assert (trained - fp).abs().max() > 1e-3
+    assert torch.allclose(merged, trained, atol=1e-6)
+    assert torch.equal(block.get_submodule("mlp.down_proj").weight, w0 + stage.a @ stage.b.T)
+
+
+def test_compensation_learns_in_the_chosen_blocks_only(tokens):
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    w1 = adapter.layers(model)[1].get_submodule("mlp.down_proj").weight.detach().clone()
+    cfg = QuantConfig(wbits=2, group_size=16, epochs=4, nsamples=8,
+                      recipe=[{"compensation": {"first": 1, "last": 0, "lr": 5e-2}}, "rtn"])
+    reports = quantize_blocks(model, adapter, tokens, cfg.validate(), CPU)
+    assert reports[0].stages["compensation"]["relative_norm"] > 0 and reports[0].losses[-1] < reports[0].losses[0]
+    assert "compensation" not in reports[1].stages and reports[1].losses == []      # nothing to learn in block 1
+    expected = WeightQuantizer(tuple(w1.shape), 2, 16).to(torch.float32)
+    assert torch.allclose(adapter.layers(model)[1].get_submodule("mlp.down_proj").weight, expected(w1), atol=1e-3)

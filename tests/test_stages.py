@@ -141,13 +141,14 @@ COMPOSITIONS = [
     ["rtn"], ["clip_search"], ["gptq"], ["lwc"], [{"let": {"ln_matrix": True}}, "lwc"],
     [{"let": {"ln_matrix": True}}, "lwc", "gptq"], ["clip_search", "gptq"],
     [{"let": {"qk_matrix": True}}, "clip_search", "lwc", {"gptq": {"act_order": True}}],
+    ["let", "compensation", "lwc", "gptq"],
 ]
 
 
 @pytest.mark.parametrize("recipe", COMPOSITIONS, ids=lambda r: "+".join(e if isinstance(e, str) else next(iter(e))
                                                                          for e in r))
 def test_every_composition_packs_to_its_fake_quant_weights(recipe, tokens):
-    epochs = 2 if any("lwc" in str(e) or "let" in str(e) for e in recipe) else 0
+    epochs = 2 if any("lwc" in str(e) or "let" in str(e) or "compensation" in str(e) for e in recipe) else 0
     fake, _ = _quantized(recipe, False, tokens, epochs=epochs)
     packed, _ = _quantized(recipe, True, tokens, epochs=epochs)
     layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
