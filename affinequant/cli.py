@@ -12,7 +12,7 @@ import torch
 from .adapters import get_adapter
 from .calibrate import quantize_blocks
 from .checkpoint import CalibrationCheckpoint
-from .config import QK_INITS, ConfigError, QuantConfig
+from .config import LET_INITS, QK_INITS, ConfigError, QuantConfig
 from .data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .errors import AffineQuantError, OutputError
 from .evaluate import perplexity
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="block objective, terms joined by '+' with optional weights: mse (OmniQuant's), nlc (LRQuant's negative "
            "log cosine; LRQuant: mse+nlc), attn_kl (symmetric KL of the attention maps), token_rel, token_cos, or dc "
            "(ABQ-LLM's distribution correction: mse+nlc+attn_kl against two targets). Example: mse+0.5*nlc")
+    a("--let_init", default="smoothquant", choices=LET_INITS,
+      help="where the LET scales start: smoothquant (max|x|^alpha / max|W|^(1-alpha)) or log (LRQuant: "
+           "max|x| / log2(2 + max|x|), no weights, no alpha)")
     a("--qk_init", default="stats", choices=QK_INITS,
       help="where the LET q<->k scale starts: stats (SmoothQuant-style from q/k output statistics) or ones "
            "(OmniQuant)")
@@ -131,7 +134,7 @@ def config_from_args(args) -> QuantConfig:
                        par_rounds=args.par_rounds,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        bit_balance=args.bit_balance,
-                       lwc=args.lwc, let=args.let, alpha=args.alpha, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
+                       lwc=args.lwc, let=args.let, alpha=args.alpha, let_init=args.let_init, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                        wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
                        seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, qk_init=args.qk_init,
                        deactive_amp=args.deactive_amp,

@@ -13,6 +13,7 @@ class ConfigError(AffineQuantError, ValueError):
 
 
 QK_INITS = ("stats", "ones")                    # where the LET q <-> k scale starts: transforms.LET
+LET_INITS = ("smoothquant", "log")              # where the LET scales start: SmoothQuant's, or LRQuant's log-activation
 
 
 def default_sf(abits: int) -> float:
@@ -31,6 +32,7 @@ class QuantConfig:
     lwc: bool = False
     let: bool = False
     alpha: float = 0.5                 # SmoothQuant migration strength for the LET init
+    let_init: str = "smoothquant"      # LET scale start: SmoothQuant's, or "log" (LRQuant: max|x| / log2(2 + max|x|))
     use_ln_matrix: bool = False        # AffineQuant: d×d matrices after the norms (runtime inverse)
     use_matrix: bool = False           # AffineQuant: per-head q↔k matrix
     sf: float | None = None            # stability factor of the gradual mask; None: 1e-2 weight-only, 0.1 with activations
@@ -93,6 +95,8 @@ class QuantConfig:
                               "there is nothing to transform or pack: drop --let/--real_quant/--recipe, or lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:
             raise ConfigError("--lwc learns weight clipping but --wbits is 16: drop --lwc or lower --wbits")
+        if self.let_init not in LET_INITS:
+            raise ConfigError(f"--let_init {self.let_init!r} is not known: use one of {', '.join(LET_INITS)}")
         if self.qk_init not in QK_INITS:
             raise ConfigError(f"--qk_init {self.qk_init!r} is not known: use one of {', '.join(QK_INITS)}")
         self.objective  # noqa: B018 -- parses --loss, raising ConfigError naming the terms

@@ -89,7 +89,7 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
 
     stages: list[StageConfig] = []
     if cfg.let:
-        stages.append(LETConfig(lr=cfg.let_lr, alpha=cfg.alpha, qk_init=cfg.qk_init, ln_matrix=cfg.use_ln_matrix,
+        stages.append(LETConfig(lr=cfg.let_lr, alpha=cfg.alpha, init=cfg.let_init, qk_init=cfg.qk_init, ln_matrix=cfg.use_ln_matrix,
                                 qk_matrix=cfg.use_matrix, sf=cfg.sf))
     if cfg.compensation:
         stages.append(CompensationConfig())

@@ -102,6 +102,13 @@ def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return (act.pow(alpha) / w_absmax.float().pow(1 - alpha)).clamp(min=SCALE_FLOOR)
 
 
+def log_activation_scale(act_absmax: torch.Tensor) -> torch.Tensor:
+    """LRQuant's initialisation: s = max|x| / log2(2 + max|x|) per channel. It reads no weights and no α:
+    a large channel is divided by nearly itself over its logarithm, a small one (|x| << 1) by about |x|."""
+    act = act_absmax.float().clamp(min=0)
+    return (act / torch.log2(2 + act)).clamp(min=SCALE_FLOOR)
+
+
 def reference_smooth_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """The reference code's initialisation (--reference_compat): statistics rounded to fp16, and the
     *signed* max over the output rows of one weight (AffineQuant kept OmniQuant's early bug)."""
@@ -177,7 +184,7 @@ class LET(nn.Module):
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, alpha: float,
                  act_scales: dict[str, torch.Tensor], act_shifts: dict[str, torch.Tensor] | None,
                  use_shift: bool, ln_matrix: bool = False, affine: bool = False, qk_matrix: bool = False,
-                 sf: float = 1.0, qk_from_stats: bool = True, reference: bool = False):
+                 sf: float = 1.0, qk_from_stats: bool = True, reference: bool = False, scale_init: str = "smoothquant"):
         super().__init__()
         self.adapter, self.reference = adapter, reference
         self.n_heads, self.n_kv, self.head_dim = adapter.heads(model_config)
@@ -196,7 +203,9 @@ class LET(nn.Module):
 
         for i, (norm_name, consumers) in enumerate(adapter.norm_groups):
             key = consumers[0]
-            if reference:
+            if scale_init == "log":
+                s = log_activation_scale(act_scales[key].to(dev))
+            elif reference:
                 s = reference_smooth_scale(act_scales[key].to(dev),
                                            block.get_submodule(adapter.reference_init_linears[i]).weight.detach(), alpha)
             else:
@@ -208,7 +217,9 @@ class LET(nn.Module):
         v_name, o_name = adapter.out_pair
         o_weight = block.get_submodule(o_name).weight.detach().float()
         act_o = reduce_to_kv(act_scales[o_name].to(dev).float(), self.n_kv, self.n_heads)
-        if reference:
+        if scale_init == "log":
+            s_out = log_activation_scale(act_o)
+        elif reference:
             w_o = reduce_to_kv(o_weight.amax(dim=0), self.n_kv, self.n_heads)
             s_out = reference_smooth_scale(act_o, w_o[None], alpha)
         else:

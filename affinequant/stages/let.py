@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import QK_INITS, ConfigError, default_sf
+from ..config import LET_INITS, QK_INITS, ConfigError, default_sf
 from ..qmodules import TransformedNorm, set_submodule
 from ..transforms import LET as LETModule
 from .base import Stage, StageConfig, register
@@ -22,6 +22,7 @@ class LETConfig(StageConfig):
     name = "let"
     lr: float = 5e-3
     alpha: float = 0.5                  # SmoothQuant migration strength of the initialisation
+    init: str = "smoothquant"           # scale start: "smoothquant" (max|x|^α / max|W|^(1-α)) or "log" (LRQuant)
     qk_init: str = "stats"              # q <-> k scale start: "stats" (SmoothAttention) or "ones" (OmniQuant)
     ln_matrix: bool = False             # AffineQuant --use_ln_matrix
     qk_matrix: bool = False             # AffineQuant --use_matrix
@@ -30,6 +31,8 @@ class LETConfig(StageConfig):
                                         # under --reference_compat (AffineQuant); False: OmniQuant's vector
 
     def __post_init__(self):
+        if self.init not in LET_INITS:
+            raise ConfigError(f"let: init {self.init!r} is not known: use one of {', '.join(LET_INITS)}")
         if self.qk_init not in QK_INITS:
             raise ConfigError(f"let: qk_init {self.qk_init!r} is not known: use one of {', '.join(QK_INITS)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -68,7 +71,8 @@ class LET(Stage):
                               "v -> o matrix; drop out_matrix")
         self.let = LETModule(block, adapter, ctx.model_config, config.alpha, ctx.act_scales, ctx.act_shifts,
                              use_shift, ln_matrix=config.ln_matrix, affine=affine, qk_matrix=config.qk_matrix,
-                             sf=sf, qk_from_stats=config.qk_init == "stats", reference=self.reference)
+                             sf=sf, qk_from_stats=config.qk_init == "stats", reference=self.reference,
+                             scale_init=config.init)
         self.init = ""
         self.matrix_health: list[dict] = []
 
@@ -76,11 +80,11 @@ class LET(Stage):
         if data.trains and not self.reference:      # the reference always starts from SmoothQuant's scales
             self.init = self.choose_init(bq, data)
             if self.init == "identity":
-                log.info("LET starts from the identity (lower block loss than the SmoothQuant initialisation)")
+                log.info("LET starts from the identity (lower block loss than the %s initialisation)", self.config.init)
 
     @torch.no_grad()
     def choose_init(self, bq, data, probe: int = 4) -> str:
-        """Start from the SmoothQuant initialisation or from the identity, whichever gives the lower
+        """Start from the statistics' initialisation (SmoothQuant's, or LRQuant's) or from the identity, whichever gives the lower
         block loss on the first `probe` samples (a guard in the spirit of AWQ's scale search: with
         outlier-heavy blocks and short budgets the migration can start worse than no transform)."""
         def loss() -> float:
@@ -95,7 +99,7 @@ class LET(Stage):
         identity = loss()
         if smooth <= identity:
             self.let.load_state_dict(smooth_state)
-            return "smoothquant"
+            return self.config.init
         return "identity"
 
     def param_groups(self) -> list[dict]:
