@@ -54,9 +54,10 @@ def non_block_to(model: nn.Module, adapter: Adapter, device) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
-                         cache_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-    """Run the model up to block 0 for every sample; return its inputs (N, L, d) and the
-    keyword arguments the model passes to its blocks (mask, position embeddings...)."""
+                         cache_dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block `index` for every sample; return that block's inputs (N, L, d) and the
+    keyword arguments the model passes to its blocks (mask, position embeddings...). For block 0 only
+    the embeddings move to `device` and back; for a later block the model must already be on `device`."""
     layers = adapter.layers(model)
     inputs = []
     block_kwargs: dict = {}
@@ -69,8 +70,9 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
                                  if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")})
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    non_block_to(model, adapter, device)
+    handle = layers[index].register_forward_pre_hook(grab, with_kwargs=True)
+    if index == 0:
+        non_block_to(model, adapter, device)
     try:
         for sample in samples:
             try:
@@ -79,7 +81,8 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
                 pass
     finally:
         handle.remove()
-        non_block_to(model, adapter, "cpu")
+        if index == 0:
+            non_block_to(model, adapter, "cpu")
     return torch.cat(inputs), block_kwargs
 
 
@@ -252,34 +255,61 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     With a CalibrationCheckpoint, each block's learned parameters are saved once it is done, and
     blocks already in it are rebuilt from their parameters instead of trained."""
     cfg.validate()
-    stages = cfg.stages()
-    trains = cfg.trains
-    cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
     model.config.use_cache = False
-    objective = cfg.objective
-    if cfg.abits < 16 or objective.needs_attention:
-        use_quantized_attention(model)      # quantized q/k/v, and the function attention terms read maps from
+    prepare_attention(model, cfg)
     if cfg.reference_compat:
         round_to_half_(model)       # the reference loads its model in float16 (and calibrates in float32)
-    q_inps, kwargs = capture_block_inputs(model, adapter, samples, device, cache_dtype)
+    runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts)
+    q_inps, kwargs = capture_block_inputs(model, adapter, samples, device, runner.cache_dtype)
     fp_inps = q_inps.clone()
-    ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
     layers = adapter.layers(model)
     reports = []
-    log.info("recipe: %s", " -> ".join(s.name for s in stages))
+    log.info("recipe: %s", " -> ".join(s.name for s in runner.stages))
     bar = tqdm(range(len(layers)), desc="blocks", unit="block")
     for index in bar:
+        report, q_inps, fp_inps = runner.quantize(layers[index], index, q_inps, fp_inps, kwargs, checkpoint)
+        reports.append(report)
+        bar.set_postfix(mse=f"{report.final_mse:.3g}")
+    if cfg.reference_compat:
+        round_to_half_(model)       # the reference's model.half() after the last block
+    return reports
+
+
+def prepare_attention(model: nn.Module, cfg: QuantConfig) -> None:
+    """Route attention through our function where the run quantizes q/k/v or a loss term reads the maps."""
+    if cfg.abits < 16 or cfg.objective.needs_attention:
+        use_quantized_attention(model)
+
+
+class BlockRunner:
+    """Quantizes one block at a time under a run's configuration: the FP targets, the recipe's stages
+    (prepare, train, merge, round), the checkpoint, and the outputs that are the next block's inputs.
+    The block loop walks the model with it; test-time adaptation (tta.py) reruns it on the last blocks."""
+
+    def __init__(self, model_config, adapter: Adapter, cfg: QuantConfig, device: torch.device,
+                 amp_dtype: torch.dtype = torch.float16, act_scales: dict | None = None,
+                 act_shifts: dict | None = None):
+        self.model_config, self.adapter, self.cfg, self.device = model_config, adapter, cfg, device
+        self.act_scales, self.act_shifts = act_scales, act_shifts
+        self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, cfg.objective
+        self.cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
+        self.ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
+
+    def quantize(self, block: nn.Module, index: int, q_inps: torch.Tensor, fp_inps: torch.Tensor, kwargs: dict,
+                 checkpoint=None, desc: str = "block") -> tuple[BlockReport, torch.Tensor, torch.Tensor]:
+        """Quantize `block` (index `index` in the model) in place on its quantized-trajectory inputs `q_inps`
+        against the FP block on `fp_inps`; returns its report and both trajectories' outputs."""
+        cfg, device, ctx, trains = self.cfg, self.device, self.ctx, self.trains
         t0 = time.time()
-        block = layers[index]
         orig_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32)
         fp_outs = run_block(block, fp_inps, kwargs, cfg.batch_size, device, ctx)
         aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.two_targets and trains else None
         # the FP block, for the FP attention maps of attention terms (one block's weights more)
-        fp_block = copy.deepcopy(block) if objective.needs_attention else None
-        prefix = f"{adapter.layers_path}.{index}."
-        bq = BlockQuantizer(block, adapter, model.config, cfg,
-                            _block_stats(act_scales, prefix), _block_stats(act_shifts, prefix), stages, index)
+        fp_block = copy.deepcopy(block) if self.objective.needs_attention else None
+        prefix = f"{self.adapter.layers_path}.{index}."
+        bq = BlockQuantizer(block, self.adapter, self.model_config, cfg, _block_stats(self.act_scales, prefix),
+                            _block_stats(self.act_shifts, prefix), self.stages, index)
         data = BlockData(q_inps, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
                          cfg.batch_size, trains, fp_inps, fp_block)
         report = BlockReport(index)
@@ -295,7 +325,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         else:
             bq.prepare(data)
             if trains:
-                train_block(bq, data, cfg, report, f"block {index}")
+                train_block(bq, data, cfg, report, f"{desc} {index}")
         bq.finalize(data)
         if not report.restored:
             # saved after the rounding, so that a rounder that learns (TesseraQ) is saved too; a kill
@@ -306,20 +336,16 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                                                     "divergence_events": report.divergence_events,
                                                     "fell_back_to_rtn": report.fell_back_to_rtn,
                                                     "stages": report.stages})
-        q_inps = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
-        report.final_mse = F.mse_loss(q_inps.float(), fp_outs.float()).item()
-        fp_inps = fp_outs
+        q_outs = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
+        report.final_mse = F.mse_loss(q_outs.float(), fp_outs.float()).item()
         block.to(device="cpu", dtype=orig_dtype)
         report.seconds = time.time() - t0
-        reports.append(report)
-        bar.set_postfix(mse=f"{report.final_mse:.3g}")
-        log.info("block %d done in %.1fs: output MSE vs full precision %.6g", index, report.seconds, report.final_mse)
-        del bq, data, fp_outs, aug, fp_block
+        log.info("%s %d done in %.1fs: output MSE vs full precision %.6g", desc, index, report.seconds,
+                 report.final_mse)
+        del bq, data, aug, fp_block
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if cfg.reference_compat:
-        round_to_half_(model)       # the reference's model.half() after the last block
-    return reports
+        return report, q_outs, fp_outs
 
 
 def _block_stats(stats: dict | None, prefix: str) -> dict | None:

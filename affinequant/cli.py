@@ -15,12 +15,13 @@ from .checkpoint import CalibrationCheckpoint
 from .config import LET_INITS, QK_INITS, ConfigError, QuantConfig
 from .data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .errors import AffineQuantError, OutputError
-from .evaluate import perplexity
+from .evaluate import eval_windows, perplexity
 from .export import check_save_dir, save_quantized
 from .modeling import block_linear_shapes, load_config, load_model, model_name, resolve_model_path
 from .reference_format import ReferenceParams, ReferenceResume, write_reference_params
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
+from .tta import TTA_TARGETS, TTAConfig, adapt, swapped_blocks
 from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
     seed_everything, setup_logging, tensor_digest, write_json
 
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ppl_datasets", default="wikitext2,c4", help=f"comma-separated, from {', '.join(PPL_DATASETS)}")
     a("--no_kl", action="store_true", help="skip the KL/top-1 comparison with the full-precision model "
                                            "(it keeps a full-precision copy in memory)")
+    a("--tta", action="store_true",
+      help="LRQuant's test-time adaptation, done right: for each perplexity set, requantize the last blocks from their "
+           "FP weights on that set's unlabelled windows (the quantized model's hidden states as inputs, activation "
+           "quantization on) and report the adapted model's perplexity as a separate TTA figure (ppl_tta)")
+    a("--tta_blocks", type=int, default=1, help="TTA: how many of the last blocks to adapt (LRQuant: 1)")
+    a("--tta_epochs", type=int, default=5, help="TTA: epochs over the evaluation windows (LRQuant: 5)")
+    a("--tta_let_lr", type=float, default=None, help="TTA: LET learning rate (default: --let_lr, as LRQuant)")
+    a("--tta_lwc_lr", type=float, default=1e-2, help="TTA: LWC learning rate (LRQuant: 1e-2)")
+    a("--tta_target", default="fp_chain", choices=TTA_TARGETS,
+      help="TTA targets: fp_chain (the FP model's outputs of those blocks on the same text) or fp_block (the FP "
+           "block applied to the quantized inputs)")
     a("--tasks", default="", help="lm-eval tasks, comma-separated")
     a("--num_fewshot", type=int, default=None, help="default: 0, and 5 for MMLU (hendrycksTest) as AffineQuant")
     a("--eval_batch_size", type=int, default=8, help="batch size of lm-eval requests")
@@ -255,13 +267,21 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
 
     if cfg.full_precision:
         log.info("--wbits 16 --abits 16: nothing to quantize, evaluating the full-precision model")
-        reference = None   # KL against itself would be 0
+        reference, stats = None, (None, None)   # KL against itself would be 0
     else:
-        reference = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
-                             reference_params)
+        reference, stats = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id,
+                                    results, reference_params)
 
     if args.eval_ppl:
-        results["ppl"] = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen, adapter)
+        tta = None
+        if args.tta:
+            amp_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+            tta = lambda windows: adapt(model, reference, adapter, windows, cfg, tta_config(args), device,  # noqa: E731
+                                        amp_dtype, *stats)
+        results["ppl"], tta_results = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen,
+                                                   adapter, tta)
+        if tta_results:
+            results["ppl_tta"] = tta_results
     if args.tasks:
         from .tasks import run_tasks
         place_for_eval(model, device, args.multigpu, adapter)
@@ -314,6 +334,11 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
     if args.tasks:
         from .tasks import check_tasks
         check_tasks(args.tasks, data_dir)
+    if args.tta:
+        if not args.eval_ppl or cfg.full_precision:
+            raise ConfigError("--tta adapts the last blocks for the perplexity evaluation of a quantized model: add "
+                              "--eval_ppl (and quantize), or drop --tta")
+        tta_config(args).check(cfg, model_config.num_hidden_layers)
     if cfg.full_precision:
         return
     check_group_size(block_linear_shapes(model_config, adapter)[0], cfg.group_size)
@@ -340,6 +365,11 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
                                      model_config.num_hidden_layers)
 
 
+def tta_config(args) -> TTAConfig:
+    return TTAConfig(blocks=args.tta_blocks, epochs=args.tta_epochs, let_lr=args.tta_let_lr, lwc_lr=args.tta_lwc_lr,
+                     target=args.tta_target)
+
+
 def is_reference_file(resume: str) -> bool:
     """--resume names a parameter file of the reference code rather than our checkpoint directory."""
     path = Path(resume)
@@ -347,9 +377,10 @@ def is_reference_file(resume: str) -> bool:
 
 
 def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
-             reference_params=None) -> torch.nn.Module | None:
+             reference_params=None) -> tuple[torch.nn.Module | None, tuple]:
     """Calibrate and quantize `model` in place, recording into `results`; returns the FP copy kept
-    as the reference for KL (None without --eval_ppl or with --no_kl). `reference_params`: a
+    as the reference for KL and TTA (None without --eval_ppl, or with --no_kl and no --tta), and the
+    activation statistics (act_scales, act_shifts; None when no stage uses them). `reference_params`: a
     reference parameter file to rebuild blocks from (--resume FILE.pth)."""
     samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
                                                 cfg.seed, data_dir, model)
@@ -362,7 +393,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
 
     if cfg.reference_compat:
         round_to_half_(model)       # the reference holds its model in float16; the FP baseline too
-    reference = copy.deepcopy(model) if args.eval_ppl and not args.no_kl else None
+    reference = copy.deepcopy(model) if args.eval_ppl and (not args.no_kl or args.tta) else None
     own_resume = args.resume is not None and reference_params is None
     checkpoint = CalibrationCheckpoint(args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint",
                                        cfg, model_id, calib_source, len(adapter.layers(model)), resume=own_resume,
@@ -394,7 +425,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
              results["seconds_per_block"], memory_report(device))
     if args.save_params:
         results["saved_params"] = write_reference_params(args.save_params, own_checkpoint, cfg, model.config, adapter)
-    return reference
+    return reference, (act_scales, act_shifts)
 
 
 def place_for_eval(model, device, multigpu: bool, adapter) -> None:
@@ -409,11 +440,14 @@ def place_for_eval(model, device, multigpu: bool, adapter) -> None:
         model.to(device)
 
 
-def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, adapter) -> dict:
+def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, adapter, tta=None) -> tuple[dict, dict]:
+    """Perplexity on each set (with KL/top-1 against `reference` unless --no_kl); with `tta` (windows ->
+    (adapted blocks, report)), also the perplexity with the adapted blocks swapped in, as a separate figure."""
     place_for_eval(model, device, args.multigpu, adapter)
     if reference is not None:
         place_for_eval(reference, device, args.multigpu, adapter)
-    out = {}
+    kl_reference = None if args.no_kl else reference
+    out, out_tta = {}, {}
     for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
         try:
             tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
@@ -421,16 +455,27 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
             log.warning("perplexity on %s skipped: %s", name, exc)
             out[name] = {"skipped": str(exc)}
             continue
-        res = perplexity(model, tokens, seqlen, device, args.limit if args.limit > 0 else None, reference, desc=name)
+        limit = args.limit if args.limit > 0 else None
+        res = perplexity(model, tokens, seqlen, device, limit, kl_reference, desc=name)
         res["source"] = source
         out[name] = res
-        extra = (f"  (FP {res['fp_ppl']:.3f}, KL {res['kl']:.4f}, top-1 agreement {res['top1_agreement']:.3f})"
-                 if "kl" in res else "")
-        log.info("%s perplexity %.3f over %d windows%s", name, res["ppl"], res["windows"], extra)
+        log.info("%s perplexity %.3f over %d windows%s", name, res["ppl"], res["windows"], _agreement(res))
+        if tta is not None:
+            adapted, report = tta(eval_windows(tokens, seqlen, limit))
+            with swapped_blocks(model, adapter, adapted, device):
+                res_tta = perplexity(model, tokens, seqlen, device, limit, kl_reference, desc=f"{name} (TTA)")
+            out_tta[name] = {**res_tta, "source": source, "tta": report}
+            log.info("%s perplexity with TTA of the last %d block(s): %.3f (plain %.3f)%s; TTA itself %.1fs",
+                     name, len(adapted), res_tta["ppl"], res["ppl"], _agreement(res_tta), report["seconds"])
     model.to("cpu")
     if reference is not None:
         reference.to("cpu")
-    return out
+    return out, out_tta
+
+
+def _agreement(res: dict) -> str:
+    return (f"  (FP {res['fp_ppl']:.3f}, KL {res['kl']:.4f}, top-1 agreement {res['top1_agreement']:.3f})"
+            if "kl" in res else "")
 
 
 def main(argv=None) -> None:

@@ -18,13 +18,21 @@ from tqdm.auto import tqdm
 log = logging.getLogger("affinequant")
 
 
-@torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, seqlen: int, device, limit: int | None = None,
-               reference=None, desc: str = "ppl") -> dict:
+def eval_windows(tokens: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
+    """The windows a perplexity evaluates: (windows, seqlen), non-overlapping, the tail dropped, the first
+    `limit` of them."""
     n_windows = tokens.numel() // seqlen
     if n_windows == 0:
         raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     used = min(n_windows, limit) if limit else n_windows
+    return tokens[: used * seqlen].reshape(used, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seqlen: int, device, limit: int | None = None,
+               reference=None, desc: str = "ppl") -> dict:
+    windows = eval_windows(tokens, seqlen, limit)
+    n_windows, used = tokens.numel() // seqlen, windows.shape[0]
     if used < n_windows:
         log.info("%s: --limit %d evaluates the first %d of %d windows", desc, limit, used, n_windows)
     nll_sum = ref_nll_sum = kl_sum = 0.0
@@ -32,7 +40,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device, limit: int | No
     agree = positions = 0
     t0 = time.time()
     for i in tqdm(range(used), desc=desc, unit="window"):
-        ids = tokens[i * seqlen:(i + 1) * seqlen][None].to(device)
+        ids = windows[i][None].to(device)
         logp = F.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), dim=-1)
         target = ids[0, 1:]
         window_nll.append(-logp.gather(1, target[:, None]).mean().item())
