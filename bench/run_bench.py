@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,6 +26,11 @@ SETTINGS = {  # name: flags
     "W3A16g128": ["--wbits", "3", "--abits", "16", "--group_size", "128"],
     "W2A16g128": ["--wbits", "2", "--abits", "16", "--group_size", "128"],
     "W4A4": ["--wbits", "4", "--abits", "4"],
+    # ABQ-LLM's settings: bit balance (2-bit weights on 5 levels, 2.32 bits: W2*), W6A6 and W2A8
+    "W2*A16g128": ["--wbits", "2", "--abits", "16", "--group_size", "128", "--bit_balance"],
+    "W6A6": ["--wbits", "6", "--abits", "6"],
+    "W2A8": ["--wbits", "2", "--abits", "8"],
+    "W2*A8": ["--wbits", "2", "--abits", "8", "--bit_balance"],
 }
 METHODS = {
     "RTN": ["--epochs", "0"],
@@ -62,11 +68,16 @@ METHODS = {
     # on the quantized input, plus the symmetric KL of the attention maps)
     "LWC+LET (MSE+NLC)": ["--lwc", "--let", "--loss", "mse+nlc"],
     "LWC+LET (DC)": ["--lwc", "--let", "--loss", "dc"],
+    # LRQuant's test-time adaptation of the last block on the evaluation windows (transductive: it sees the text
+    # it is evaluated on), on the finished run named in TTA_BASE (its checkpoint: nothing is recalibrated)
+    "LWC+LET (MSE+NLC) +TTA": ["--lwc", "--let", "--loss", "mse+nlc", "--tta"],
+    "LWC+LET +TTA": ["--lwc", "--let", "--tta"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
     "AutoRound@48 steps": [],       # twice the steps: about the wall time of AffineQuant+TesseraQ (SmolLM2 W3)
 }
+TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET"}
 TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
@@ -187,6 +198,13 @@ def run_one(args, model: str, setting: str, method: str) -> dict:
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
     out, label = OUT / f"{model}__{setting}__{method}", f"{model} {setting} {method}"
+    if method in TTA_BASE and not (out / "results.json").is_file():
+        base = OUT / f"{model}__{setting}__{TTA_BASE[method]}"
+        if not (base / "checkpoint" / "manifest.json").is_file():
+            run_one(args, model, setting, TTA_BASE[method])
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        shutil.copytree(base / "checkpoint", out / "checkpoint")     # the same calibrated model, adapted at eval
+        flags += ["--resume", str(out / "checkpoint")]
     if (out / "results.json").is_file():
         reevaluate(out, flags, label, b["windows"])
     return run_main(out, flags, label)
@@ -205,10 +223,12 @@ def collect() -> list[dict]:
     whose folders are not here (bench/out is not committed: a fresh checkout keeps its table)."""
     rows = []
     for model, setting, method, res in quality_runs():
-        w = res["ppl"]["wikitext2"]
+        w = res["ppl_tta"]["wikitext2"] if method in TTA_BASE else res["ppl"]["wikitext2"]
+        # a TTA row's seconds: its adaptation per adapted block (its calibration is its base row's)
+        sec = (w["tta"]["seconds"] / len(w["tta"]["blocks"]) if method in TTA_BASE else res["seconds_per_block"])
         rows.append(dict(model=model, setting=setting, method=method, ppl=w["ppl"], fp_ppl=w["fp_ppl"], kl=w["kl"],
                          top1=w["top1_agreement"], windows=w["windows"], seqlen=w["seqlen"],
-                         sec_per_block=res["seconds_per_block"], eval_seconds=w["seconds"], peak_mib=res["calibration_peak_memory_mib"],
+                         sec_per_block=sec, eval_seconds=w["seconds"], peak_mib=res["calibration_peak_memory_mib"],
                          calibration=res["calibration"], epochs=res["config"]["epochs"],
                          nsamples=res["config"]["nsamples"], window_nll=w.get("window_nll")))
     here = {(r["model"], r["setting"], r["method"]) for r in rows}
@@ -234,6 +254,11 @@ def paired_vs_rtn(row: dict, rows: list[dict]) -> str:
     return f"{mean:+.3f} ± {se:.3f}"
 
 
+def setting_label(setting: str) -> str:
+    """W2* (bit balance: 5 levels) names its information content: never read as INT2."""
+    return f"{setting} ({math.log2(5):.2f} bits)" if "*" in setting else setting
+
+
 def write_tables(rows: list[dict], header: str) -> None:
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [header, "",
@@ -248,7 +273,7 @@ def write_tables(rows: list[dict], header: str) -> None:
             seen_fp.add((r["model"], r["windows"]))
             lines.append(f"| {r['model']} | FP (GGUF-dequantized) | – | – | {r['fp_ppl']:.2f} ({r['windows']}) | – | 0 "
                          f"| 1 | – | – | – |")
-        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['nsamples']} x {r['epochs']} | "
+        lines.append(f"| {r['model']} | {setting_label(r['setting'])} | {r['method']} | {r['nsamples']} x {r['epochs']} | "
                      f"{r['ppl']:.2f} ({r['windows']}) | {paired_vs_rtn(r, rows)} | "
                      f"{r['kl']:.4f} | {r['top1']:.3f} | {r['sec_per_block']:.1f} | {r['eval_seconds']:.0f} | "
                      f"{r['peak_mib']:.0f} |")

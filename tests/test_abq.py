@@ -115,3 +115,20 @@ def test_compensation_learns_in_the_chosen_blocks_only(tokens):
     assert "compensation" not in reports[1].stages and reports[1].losses == []      # nothing to learn in block 1
     expected = WeightQuantizer(tuple(w1.shape), 2, 16).to(torch.float32)
     assert torch.allclose(adapter.layers(model)[1].get_submodule("mlp.down_proj").weight, expected(w1), atol=1e-3)
+
+
+@pytest.mark.parametrize("wbits, abits, balance", [(6, 6, False), (2, 8, False), (2, 8, True)])
+def test_abq_settings_w6a6_and_w2a8_run(tokens, wbits, abits, balance):
+    """ABQ-LLM's table has W6A6 and W2A8 (and W2*A8): they calibrate end to end with LWC+LET, every weight on
+    its grid's 2^bits (or 5) levels per channel."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    stats = collect_act_stats(model, adapter, tokens, CPU)
+    cfg = QuantConfig(wbits=wbits, abits=abits, lwc=True, let=True, epochs=2, nsamples=8, bit_balance=balance)
+    reports = quantize_blocks(model, adapter, tokens, cfg.validate(), CPU, *stats)
+    assert all(math.isfinite(x) for r in reports for x in r.losses)
+    levels = 5 if balance else 2 ** wbits
+    down = adapter.layers(model)[0].get_submodule("mlp.down_proj")
+    assert down.act_quantizer.bits == abits
+    assert max(len(row.unique()) for row in down.weight) <= levels
+    assert max(len(row.unique()) for row in down.weight) > (levels + 1) // 2
