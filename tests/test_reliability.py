@@ -167,7 +167,7 @@ class _ExplodingBlock:
     def start_epoch(self, epoch):
         return {}
 
-    def loss(self, inputs, targets, kwargs, device):
+    def loss(self, data, batch):
         return 1.0 + (self.p - 1.0) ** 2        # Adam at lr 10 overshoots the minimum by ~10 every step
 
 
