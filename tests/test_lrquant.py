@@ -140,3 +140,19 @@ def test_tta_refuses_what_cannot_run_before_any_work(capsys, tmp_path, flags, ex
     from test_cli import _error, base
     tiny = save_tiny(tmp_path / "tiny-llama")
     assert expect.lower() in _error(capsys, base(tiny, write_text(tmp_path / "c.txt"), tmp_path, *flags))
+
+
+def test_tta_fp_block_target_is_the_fp_block_on_the_quantized_inputs(tokens, monkeypatch):
+    from affinequant import calibrate, tta
+    model, reference, adapter, cfg, stats = _quantized_w4a4(tokens)
+    windows = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(6))
+    seen = {}
+    real_quantize = calibrate.BlockRunner.quantize
+
+    def spy(self, block, index, q_inps, fp_inps, kwargs, *a, **k):
+        seen["same"] = torch.equal(q_inps, fp_inps)
+        return real_quantize(self, block, index, q_inps, fp_inps, kwargs, *a, **k)
+    monkeypatch.setattr(calibrate.BlockRunner, "quantize", spy)
+    tta.adapt(model, reference, adapter, windows, cfg, tta.TTAConfig(epochs=1, target="fp_block"), CPU,
+              torch.float16, *stats)
+    assert seen["same"]
