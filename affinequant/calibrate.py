@@ -52,25 +52,50 @@ def non_block_to(model: nn.Module, adapter: Adapter, device) -> None:
             tensor.data = tensor.data.to(device)
 
 
+class _ArgumentRecorder(nn.Module):
+    """Stands in for a decoder block while inputs are captured: records the keyword arguments the model
+    passes to this block (and, at the first recorded block, its input), then hands the hidden states on
+    unchanged, so capturing every block's arguments costs no block compute."""
+
+    def __init__(self, index: int, sink: "_Capture"):
+        super().__init__()
+        self.index, self.sink = index, sink
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return self.sink.record(self.index, hidden_states if hidden_states is not None else args[0], kwargs)
+
+
+class _Capture:
+    def __init__(self, first: int, last: int, cache_dtype):
+        self.first, self.last, self.cache_dtype = first, last, cache_dtype
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict[int, dict] = {}
+
+    def record(self, index: int, hidden: torch.Tensor, kwargs: dict):
+        if index == self.first:
+            self.inputs.append(hidden.detach().to(self.cache_dtype))
+        if index not in self.kwargs:
+            self.kwargs[index] = {k: v for k, v in kwargs.items()
+                                  if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
+        if index == self.last:
+            raise _StopForward
+        return hidden
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
-                         cache_dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, dict]:
-    """Run the model up to block `index` for every sample; return that block's inputs (N, L, d) and the
-    keyword arguments the model passes to its blocks (mask, position embeddings...). For block 0 only
-    the embeddings move to `device` and back; for a later block the model must already be on `device`."""
+def capture_block_arguments(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
+                            cache_dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, dict[int, dict]]:
+    """Run the model up to block `index` for every sample; return that block's inputs (N, L, d) and, for
+    every block from `index` on, the keyword arguments the model passes to it (mask, position embeddings...).
+    They differ between blocks where the model alternates layer types (Gemma's sliding-window and global
+    layers: other masks, and for Gemma-3 other RoPE tables), so each block gets its own. The blocks from
+    `index` on are replaced by recorders while this runs: they cost nothing. For block 0 only the
+    embeddings move to `device` and back; for a later block the model must already be on `device`."""
     layers = adapter.layers(model)
-    inputs = []
-    block_kwargs: dict = {}
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        inputs.append(hidden.detach().to(cache_dtype))
-        if not block_kwargs:
-            block_kwargs.update({k: v for k, v in kwargs.items()
-                                 if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")})
-        raise _StopForward
-
-    handle = layers[index].register_forward_pre_hook(grab, with_kwargs=True)
+    capture = _Capture(index, len(layers) - 1, cache_dtype)
+    originals = [layers[i] for i in range(index, len(layers))]
+    for i in range(index, len(layers)):
+        layers[i] = _ArgumentRecorder(i, capture)
     if index == 0:
         non_block_to(model, adapter, device)
     try:
@@ -80,10 +105,18 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for i, block in zip(range(index, len(layers)), originals):
+            layers[i] = block
         if index == 0:
             non_block_to(model, adapter, "cpu")
-    return torch.cat(inputs), block_kwargs
+    return torch.cat(capture.inputs), capture.kwargs
+
+
+def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
+                         cache_dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, dict]:
+    """Block `index`'s inputs and its keyword arguments (capture_block_arguments, for one block)."""
+    inputs, kwargs = capture_block_arguments(model, adapter, samples, device, cache_dtype, index)
+    return inputs, kwargs[index]
 
 
 @dataclass
@@ -260,14 +293,15 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     if cfg.reference_compat:
         round_to_half_(model)       # the reference loads its model in float16 (and calibrates in float32)
     runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts)
-    q_inps, kwargs = capture_block_inputs(model, adapter, samples, device, runner.cache_dtype)
+    q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype)
     fp_inps = q_inps.clone()
     layers = adapter.layers(model)
     reports = []
     log.info("recipe: %s", " -> ".join(s.name for s in runner.stages))
     bar = tqdm(range(len(layers)), desc="blocks", unit="block")
     for index in bar:
-        report, q_inps, fp_inps = runner.quantize(layers[index], index, q_inps, fp_inps, kwargs, checkpoint)
+        report, q_inps, fp_inps = runner.quantize(layers[index], index, q_inps, fp_inps, block_kwargs[index],
+                                                  checkpoint)
         reports.append(report)
         bar.set_postfix(mse=f"{report.final_mse:.3g}")
     if cfg.reference_compat:

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .calibrate import _block_output, capture_block_inputs
+from .calibrate import _block_output, capture_block_arguments
 from .transforms import QK_OUTPUT
 
 
@@ -23,7 +23,7 @@ from .transforms import QK_OUTPUT
 def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device) -> tuple[dict, dict]:
     scales: dict[str, torch.Tensor] = {}
     shifts: dict[str, torch.Tensor] = {}
-    inputs, kwargs = capture_block_inputs(model, adapter, samples, device, torch.float32)
+    inputs, block_kwargs = capture_block_arguments(model, adapter, samples, device, torch.float32)
     for index, block in enumerate(tqdm(adapter.layers(model), desc="activation statistics", unit="block")):
         orig_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32)
@@ -43,7 +43,7 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
                         _keep_max(scales, key, _rows(out).abs().amax(0).cpu())
                     handles.append(module.register_forward_hook(out_hook))
         for i in range(inputs.shape[0]):
-            inputs[i:i + 1] = _block_output(block(inputs[i:i + 1].to(device), **kwargs)).float().cpu()
+            inputs[i:i + 1] = _block_output(block(inputs[i:i + 1].to(device), **block_kwargs[index])).float().cpu()
         for h in handles:
             h.remove()
         block.to(device="cpu", dtype=orig_dtype)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .calibrate import BlockRunner, capture_block_inputs, prepare_attention
+from .calibrate import BlockRunner, capture_block_arguments, capture_block_inputs, prepare_attention
 from .config import ConfigError, QuantConfig
 
 log = logging.getLogger("affinequant")
@@ -78,7 +78,7 @@ def adapt(model: nn.Module, reference: nn.Module, adapter, windows: torch.Tensor
     run_cfg = tta.run_config(cfg, windows.shape[0])
     prepare_attention(model, run_cfg)
     runner = BlockRunner(model.config, adapter, run_cfg, device, amp_dtype, act_scales, act_shifts)
-    q_inps, kwargs = capture_block_inputs(model, adapter, windows, device, runner.cache_dtype, index=start)
+    q_inps, block_kwargs = capture_block_arguments(model, adapter, windows, device, runner.cache_dtype, index=start)
     if tta.target == "fp_chain":
         fp_inps, _ = capture_block_inputs(reference, adapter, windows, device, runner.cache_dtype, index=start)
     else:                   # the FP block on the quantized input: the FP "chain" starts at the real inputs
@@ -87,7 +87,7 @@ def adapt(model: nn.Module, reference: nn.Module, adapter, windows: torch.Tensor
     for index in range(start, len(layers)):
         block = copy.deepcopy(fp_layers[index]).to("cpu")
         _same_model(block, model.config)
-        report, q_inps, fp_inps = runner.quantize(block, index, q_inps, fp_inps, kwargs, desc="TTA block")
+        report, q_inps, fp_inps = runner.quantize(block, index, q_inps, fp_inps, block_kwargs[index], desc="TTA block")
         adapted[index] = block
         reports.append({"index": index, "losses": report.losses, "final_mse": report.final_mse,
                         "fell_back_to_rtn": report.fell_back_to_rtn, "stages": report.stages})
