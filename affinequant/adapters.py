@@ -26,6 +26,8 @@ class Adapter:
     rope: bool                              # q/k rotate in pairs (i, i + head_dim/2): scales must be tied per pair
     norm_has_bias: bool                     # LayerNorm-style norms can absorb LET shifts; RMSNorm cannot
     mlp_out: str = "mlp.down_proj"          # the MLP's output projection
+    norm_weight_offset: float = 0.0         # the norms scale by (offset + weight): Gemma's (1 + w)
+    qk_transform: bool = True               # False where q and k pass through their own norms (q_norm/k_norm)
     # the linear of each norm group whose weight the reference code's LET initialisation reads
     # (q_proj; up_proj for Llama, fc1 for OPT): --reference_compat
     reference_init_linears: tuple[str, ...] = ()
@@ -64,10 +66,20 @@ _LLAMA_LIKE = dict(
     reference_init_linears=("self_attn.q_proj", "mlp.up_proj"),
 )
 
+# Gemma-2/3: sandwich norms. input_layernorm feeds q/k/v and pre_feedforward_layernorm feeds gate/up;
+# post_attention_layernorm and post_feedforward_layernorm normalise the sublayers' outputs before the
+# residual add, so nothing folds into them (o_proj's and down_proj's outputs are unchanged by every transform).
+_GEMMA = {**_LLAMA_LIKE, "norm_groups": (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))), "norm_weight_offset": 1.0}
+
 ADAPTERS = [
     Adapter(model_types=("llama",), **_LLAMA_LIKE),
     Adapter(model_types=("mistral",), **_LLAMA_LIKE),
     Adapter(model_types=("qwen2",), **_LLAMA_LIKE),
+    Adapter(model_types=("qwen3",), **{**_LLAMA_LIKE, "qk_transform": False}),
+    Adapter(model_types=("gemma2",), **_GEMMA),
+    Adapter(model_types=("gemma3_text",), **{**_GEMMA, "qk_transform": False}),
     Adapter(
         model_types=("opt",),
         layers_path="model.decoder.layers",

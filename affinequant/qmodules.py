@@ -6,12 +6,14 @@ function registered in transformers' attention registry, so the HF attention cod
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from .quantizer import ActQuantizer, WeightQuantizer
 
@@ -121,12 +123,15 @@ class AttentionRead:
     """What one attention call read: q and k (after RoPE and their quantizers), the mask, the scaling
     and the GQA group count; `log_probs()` rebuilds its attention map (batch, heads, queries, keys)."""
 
-    def __init__(self, query, key, mask, scaling: float, groups: int):
+    def __init__(self, query, key, mask, scaling: float, groups: int, softcap: float | None = None):
         self.query, self.key, self.mask, self.scaling, self.groups = query, key, mask, scaling, groups
+        self.softcap = softcap
 
     def log_probs(self) -> torch.Tensor:
         key = repeat_kv(self.key, self.groups) if self.groups > 1 else self.key
         logits = (self.query.float() @ key.float().transpose(-1, -2)) * self.scaling
+        if self.softcap:                # Gemma-2's attention logit soft-capping
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         q_len, k_len = logits.shape[-2:]
         if self.mask is None:         # SDPA's is_causal path (aligned to the last key, as with a cache)
             allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=logits.device).tril(k_len - q_len)
@@ -160,40 +165,59 @@ class AttentionProbe:
         return exc_type is _AttentionRead
 
     @classmethod
-    def record(cls, module, query, key, mask, scaling) -> None:
+    def record(cls, module, query, key, mask, scaling, softcap=None) -> None:
         if not cls._active:
             return
         probe = cls._active[-1]
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-        probe.reads.append(AttentionRead(query, key, mask, scaling, getattr(module, "num_key_value_groups", 1)))
+        probe.reads.append(AttentionRead(query, key, mask, scaling, getattr(module, "num_key_value_groups", 1),
+                                         softcap))
         if probe.stop:
             raise _AttentionRead
 
 
-def quantized_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with q/k/v fake-quantized when the attention module carries QKVQuantizers.
-    q and k arrive here after RoPE, in (batch, heads, tokens, head_dim): the quantizer's
-    last-dimension grid is per token and per head. An active AttentionProbe sees what attention reads."""
-    quantizers = getattr(module, "qkv_quantizers", None)
-    if quantizers is not None:
-        query, key, value = quantizers.q(query), quantizers.k(key), quantizers.v(value)
-    AttentionProbe.record(module, query, key, attention_mask, kwargs.get("scaling"))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+def _eager_of_model(module, query, key, value, attention_mask, **kwargs):
+    """The eager attention of the module's own modeling file (Gemma-2's soft-capping lives there)."""
+    return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, attention_mask,
+                                                                        **kwargs)
 
 
+def _quantized(base):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        """`base` attention with q/k/v fake-quantized when the attention module carries QKVQuantizers.
+        q and k arrive here after RoPE (and q/k norms), in (batch, heads, tokens, head_dim): the quantizer's
+        last-dimension grid is per token and per head. An active AttentionProbe sees what attention reads."""
+        quantizers = getattr(module, "qkv_quantizers", None)
+        if quantizers is not None:
+            query, key, value = quantizers.q(query), quantizers.k(key), quantizers.v(value)
+        AttentionProbe.record(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
+        return base(module, query, key, value, attention_mask, **kwargs)
+    return attention
+
+
+quantized_sdpa = _quantized(sdpa_attention_forward)
+quantized_eager = _quantized(_eager_of_model)
+ATTN_IMPLEMENTATION_EAGER = "affinequant_eager"
 AttentionInterface.register(ATTN_IMPLEMENTATION, quantized_sdpa)
+AttentionInterface.register(ATTN_IMPLEMENTATION_EAGER, quantized_eager)
 # Without a mask function of the same name transformers would build no causal mask at all.
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION_EAGER, eager_mask)
 
 
 def use_quantized_attention(model: nn.Module) -> None:
-    """Route every attention module of `model` through quantized_sdpa."""
-    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    """Route every attention module of `model` through our attention function, on top of the model's own
+    implementation: SDPA, or the model's eager attention where the model runs eager (Gemma-2, whose
+    soft-capping SDPA cannot do)."""
+    current = model.config._attn_implementation
+    name = current if current in (ATTN_IMPLEMENTATION, ATTN_IMPLEMENTATION_EAGER) else (
+        ATTN_IMPLEMENTATION_EAGER if current == "eager" else ATTN_IMPLEMENTATION)
+    model.config._attn_implementation = name
     for sub in model.modules():
         cfg = getattr(sub, "config", None)
         if cfg is not None and cfg is not model.config and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = ATTN_IMPLEMENTATION
+            cfg._attn_implementation = name
 
 
 def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, weight_quantizer_for,

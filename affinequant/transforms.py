@@ -230,7 +230,9 @@ class LET(nn.Module):
         if use_shift:
             shift = initial_shift(o_name)
             self.out_shift = nn.Parameter(shift.view(self.n_kv, -1, self.head_dim).mean(1).reshape(-1).clone())
-        if reference and not qk_matrix:     # OmniQuant / AffineQuant: a scale per channel, starting at 1
+        if not adapter.qk_transform:        # q and k pass through their own norms: no q <-> k transform exists
+            self.qk_param = None
+        elif reference and not qk_matrix:   # OmniQuant / AffineQuant: a scale per channel, starting at 1
             self.qk_param = nn.Parameter(torch.ones(self.n_kv, self.head_dim, device=dev))
         elif qk_matrix and self.qk_pairs:
             pairs = torch.zeros(self.n_kv, self.head_dim // 2, 2, device=dev)
@@ -273,6 +275,8 @@ class LET(nn.Module):
             p.copy_(torch.eye(p.shape[-1], device=p.device).expand_as(p) if p.dim() >= 2 else torch.ones_like(p))
         for p in list(self.norm_shifts) + ([self.out_shift] if self.out_shift is not None else []):
             p.zero_()
+        if self.qk_param is None:
+            return
         if self.qk_matrix and self.qk_pairs:
             self.qk_param.zero_()
             self.qk_param[..., 0] = 1.0
@@ -283,7 +287,7 @@ class LET(nn.Module):
 
     def scale_params(self) -> list[nn.Parameter]:
         """The parameters the reference names *smooth_scale* (vectors and raw matrices)."""
-        return [*self.norm_params, self.out_param, self.qk_param]
+        return [p for p in (*self.norm_params, self.out_param, self.qk_param) if p is not None]
 
     @torch.no_grad()
     def truncate(self) -> None:
@@ -382,10 +386,11 @@ class LET(nn.Module):
         linear[o_name] = LinearTransform(
             col=expand_kv(t_out, self.n_kv, self.n_heads),
             shift_in=None if self.out_shift is None else expand_kv(self.out_shift, self.n_kv, self.n_heads))
-        q_name, k_name = self.adapter.qk_pair
-        q_row, k_row = self.qk_rows()
-        linear[q_name].row = expand_kv(q_row, self.n_kv, self.n_heads)
-        linear[k_name].row = k_row
+        if self.qk_param is not None:
+            q_name, k_name = self.adapter.qk_pair
+            q_row, k_row = self.qk_rows()
+            linear[q_name].row = expand_kv(q_row, self.n_kv, self.n_heads)
+            linear[k_name].row = k_row
         return linear, norms
 
     def qk_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,10 +431,11 @@ class LET(nn.Module):
                     scale, inverse = 1.0 / inverse.diagonal(), None   # a diagonal matrix folds like LET
                 if inverse is not None:
                     if shift is not None:
-                        fold_into_norm(wrapper, torch.ones_like(shift), shift.detach())
+                        fold_into_norm(wrapper, torch.ones_like(shift), shift.detach(), self.adapter.norm_weight_offset)
                     wrapper.set_inverse(inverse.detach())
                 else:
-                    fold_into_norm(wrapper, scale.detach(), None if shift is None else shift.detach())
+                    fold_into_norm(wrapper, scale.detach(), None if shift is None else shift.detach(),
+                                   self.adapter.norm_weight_offset)
             else:
                 wrapper.scale, wrapper.shift, wrapper.inverse_train = scale, shift, inverse
 
@@ -439,11 +445,14 @@ def _is_diagonal(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def fold_into_norm(wrapper: TransformedNorm, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+def fold_into_norm(wrapper: TransformedNorm, scale: torch.Tensor, shift: torch.Tensor | None,
+                   weight_offset: float = 0.0) -> None:
     """(w ⊙ x̂ + b − δ) / s  ==  (w / s) ⊙ x̂ + (b − δ) / s. A norm without a bias (RMSNorm) keeps
-    −δ / s in the wrapper's bias (only the reference's conventions shift there)."""
+    −δ / s in the wrapper's bias (only the reference's conventions shift there). A norm that scales by
+    (offset + w) (Gemma: 1 + w) stores w' = (offset + w) / s − offset."""
     norm = wrapper.norm
-    norm.weight.data.copy_((norm.weight.float() / scale).to(norm.weight.dtype))
+    new_weight = (weight_offset + norm.weight.float()) / scale - weight_offset
+    norm.weight.data.copy_(new_weight.to(norm.weight.dtype))
     bias = getattr(norm, "bias", None)
     if bias is not None:
         new = bias.float() - (shift if shift is not None else 0.0)

@@ -6,8 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,  # noqa: E402
-                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,  # noqa: E402
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 96
 
@@ -23,6 +24,15 @@ def tiny_model(family: str, seed: int = 0):
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))          # q/k/v biases
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))      # q_norm / k_norm
+    elif family == "gemma2":
+        # sliding-window layers (window 8) alternate with global ones; soft-capped attention logits, eager
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24))
+    elif family == "gemma3":
+        # q_norm / k_norm, and sliding layers with their own RoPE base (local vs global)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                                   layer_types=["sliding_attention", "full_attention"]))
     elif family == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                          num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256))
@@ -38,7 +48,7 @@ def tiny_model(family: str, seed: int = 0):
     return model.eval()
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "opt"]
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "qwen3", "gemma2", "gemma3"]
 
 
 @pytest.fixture
