@@ -5,6 +5,8 @@ layers and attention run unchanged.
     out_pair:    (v_proj, o_proj)            -- per-head transform, exact since softmax rows sum to 1
     qk_pair:     (q_proj, k_proj)            -- q divided, k multiplied by the same per-head scale
     mlp_out:     down_proj / fc2             -- the MLP's output projection (ABQ-LLM's compensation)
+    fused:       (qkv_proj, ((q_proj, "q"), (k_proj, "kv"), (v_proj, "kv")))  -- a linear that computes
+                 several projections as row slices (Phi-3); the pairs above may name its parts
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ class Adapter:
     mlp_out: str = "mlp.down_proj"          # the MLP's output projection
     norm_weight_offset: float = 0.0         # the norms scale by (offset + weight): Gemma's (1 + w)
     qk_transform: bool = True               # False where q and k pass through their own norms (q_norm/k_norm)
+    # fused linears: (name, ((part, size kind), ...)), parts in row order; size kinds "q" (heads x head_dim),
+    # "kv" (KV heads x head_dim), "ffn" (intermediate size)
+    fused: tuple = ()
     # the linear of each norm group whose weight the reference code's LET initialisation reads
     # (q_proj; up_proj for Llama, fc1 for OPT): --reference_compat
     reference_init_linears: tuple[str, ...] = ()
@@ -46,6 +51,12 @@ class Adapter:
         placed = {n for group in order for n in group}
         order.append([n for n in names if n not in placed])
         return [[n for n in group if n in names] for group in order if any(n in names for n in group)]
+
+    def part_rows(self, config) -> dict[str, list[tuple[str, int]]]:
+        """{fused linear: [(part, rows), ...]} in row order."""
+        n_heads, n_kv, head_dim = self.heads(config)
+        size = {"q": n_heads * head_dim, "kv": n_kv * head_dim, "ffn": getattr(config, "intermediate_size", 0)}
+        return {name: [(part, size[kind]) for part, kind in parts] for name, parts in self.fused}
 
     def heads(self, config) -> tuple[int, int, int]:
         n_heads = config.num_attention_heads
@@ -79,6 +90,15 @@ ADAPTERS = [
     Adapter(model_types=("qwen2",), **_LLAMA_LIKE),
     Adapter(model_types=("qwen3",), **{**_LLAMA_LIKE, "qk_transform": False}),
     Adapter(model_types=("gemma2",), **_GEMMA),
+    # Phi-3: q/k/v in one qkv_proj and gate/up in one gate_up_proj; the v -> o and q <-> k transforms act on
+    # qkv_proj's row slices
+    Adapter(model_types=("phi3",), **{**_LLAMA_LIKE, "norm_groups": (
+        ("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        "reference_init_linears": ("self_attn.qkv_proj", "mlp.gate_up_proj"),
+        "fused": (("self_attn.qkv_proj", (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"),
+                                          ("self_attn.v_proj", "kv"))),
+                  ("mlp.gate_up_proj", (("mlp.gate_proj", "ffn"), ("mlp.up_proj", "ffn")))),
+    }),
     Adapter(model_types=("gemma3_text",), **{**_GEMMA, "qk_transform": False}),
     Adapter(
         model_types=("opt",),

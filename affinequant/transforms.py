@@ -57,6 +57,13 @@ def mul_rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.einsum("Hij,Hj...->Hi...", r, x.reshape(heads, h, *x.shape[1:])).reshape(x.shape)
 
 
+def qk_transform_exists(adapter: Adapter, model_config) -> bool:
+    """Whether a q <-> k transform preserves the attention scores: not where q and k pass through their own
+    norms (Qwen3, Gemma-3), nor under partial RoPE (Phi-4-mini's partial_rotary_factor < 1), whose channel
+    pairs are not the (i, i + head_dim/2) that the tied scales assume."""
+    return adapter.qk_transform and getattr(model_config, "partial_rotary_factor", 1.0) in (None, 1.0)
+
+
 @dataclass
 class LinearTransform:
     col: torch.Tensor | None = None      # input transform T (consumer side)
@@ -193,6 +200,7 @@ class LET(nn.Module):
         self.ln_sf = self.head_sf = sf
         dev = next(block.parameters()).device
         self.hidden = block.get_submodule(adapter.norm_groups[0][1][0]).in_features
+        self.part_rows = adapter.part_rows(model_config)
         self.norm_params = nn.ParameterList()
         self.norm_shifts = nn.ParameterList()
 
@@ -230,7 +238,7 @@ class LET(nn.Module):
         if use_shift:
             shift = initial_shift(o_name)
             self.out_shift = nn.Parameter(shift.view(self.n_kv, -1, self.head_dim).mean(1).reshape(-1).clone())
-        if not adapter.qk_transform:        # q and k pass through their own norms: no q <-> k transform exists
+        if not qk_transform_exists(adapter, model_config):
             self.qk_param = None
         elif reference and not qk_matrix:   # OmniQuant / AffineQuant: a scale per channel, starting at 1
             self.qk_param = nn.Parameter(torch.ones(self.n_kv, self.head_dim, device=dev))
@@ -376,6 +384,7 @@ class LET(nn.Module):
             for c in consumers:
                 linear[c] = LinearTransform(col=t, shift_in=shift)
         v_name, o_name = self.adapter.out_pair
+        linear.setdefault(v_name, LinearTransform())            # a part of a fused linear has no entry yet
         if self.affine:
             t_out = self.out_param * self.head_mask                        # (n_kv, h, h)
             linear[v_name].row = torch.linalg.inv(t_out.float()).transpose(-1, -2)
@@ -389,9 +398,43 @@ class LET(nn.Module):
         if self.qk_param is not None:
             q_name, k_name = self.adapter.qk_pair
             q_row, k_row = self.qk_rows()
-            linear[q_name].row = expand_kv(q_row, self.n_kv, self.n_heads)
-            linear[k_name].row = k_row
-        return linear, norms
+            linear.setdefault(q_name, LinearTransform()).row = expand_kv(q_row, self.n_kv, self.n_heads)
+            linear.setdefault(k_name, LinearTransform()).row = k_row
+        return self.fuse(linear), norms
+
+    def fuse(self, linear: dict[str, LinearTransform]) -> dict[str, LinearTransform]:
+        """Fold the output transforms planned for the parts of a fused linear (Phi-3's q/k/v in qkv_proj) into
+        one transform of its rows: vectors concatenated, or per-head blocks where any part has blocks (a
+        vector part becomes diagonal blocks, a part without a transform identity blocks)."""
+        for name, parts in self.part_rows.items():
+            planned = [(linear.pop(part, None), rows) for part, rows in parts]
+            if all(t is None for t, _ in planned):
+                continue
+            if any(t is not None and (t.col is not None or t.shift_in is not None) for t, _ in planned):
+                raise ValueError(f"{name}: an input transform planned for one of its parts; the parts share the input")
+            target = linear.setdefault(name, LinearTransform())
+            rows = [(t.row if t is not None else None, n) for t, n in planned]
+            if all(r is None or r.dim() == 1 for r, _ in rows):
+                dev = next(r for r, _ in rows if r is not None).device if any(r is not None for r, _ in rows) else None
+                if dev is not None:
+                    target.row = torch.cat([r if r is not None else torch.ones(n, device=dev) for r, n in rows])
+            else:
+                h = self.head_dim
+                blocks = []
+                for r, n in rows:
+                    if r is None:
+                        dev = next(x for x, _ in rows if x is not None).device
+                        blocks.append(torch.eye(h, device=dev).expand(n // h, h, h))
+                    elif r.dim() == 1:
+                        blocks.append(torch.diag_embed(r.view(n // h, h)))
+                    else:
+                        blocks.append(r)
+                target.row = torch.cat(blocks)
+            shifts = [(t.shift_out if t is not None else None, n) for t, n in planned]
+            if any(sh is not None for sh, _ in shifts):
+                dev = next(sh for sh, _ in shifts if sh is not None).device
+                target.shift_out = torch.cat([sh if sh is not None else torch.zeros(n, device=dev) for sh, n in shifts])
+        return linear
 
     def qk_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Output transforms of q and k (per KV head) such that every q·k score is unchanged."""

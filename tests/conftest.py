@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,  # noqa: E402
                           LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 96
 
@@ -33,6 +33,8 @@ def tiny_model(family: str, seed: int = 0):
         # q_norm / k_norm, and sliding layers with their own RoPE base (local vs global)
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                                                    layer_types=["sliding_attention", "full_attention"]))
+    elif family == "phi3":          # fused qkv_proj and gate_up_proj
+        model = Phi3ForCausalLM(Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     elif family == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                          num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256))
@@ -48,7 +50,7 @@ def tiny_model(family: str, seed: int = 0):
     return model.eval()
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "opt", "qwen3", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "qwen3", "gemma2", "gemma3", "phi3"]
 
 
 @pytest.fixture

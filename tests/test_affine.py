@@ -1,5 +1,5 @@
 """AffineQuant's matrices: function-preserving before quantization for every matrix kind
-(Llama with GQA, Qwen2, OPT, Gemma-2), the gradual-mask schedule, invertibility under the sf used."""
+(Llama with GQA, Qwen2, OPT, Gemma-2, Phi-3's fused qkv_proj), the gradual-mask schedule, invertibility under the sf used."""
 import pytest
 import torch
 
@@ -32,7 +32,7 @@ def _block_with_matrices(family, tokens, epochs=4, **kinds):
     return block, bq, inputs, kwargs, reference
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma2", "phi3"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_matrices_preserve_block_output(family, kind, tokens):
     block, bq, inputs, kwargs, reference = _block_with_matrices(family, tokens, **KINDS[kind])

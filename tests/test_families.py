@@ -1,6 +1,6 @@
-"""Families beyond Llama/Qwen2/Mistral/OPT (Qwen3, Gemma-2, Gemma-3 text): each block gets its own
+"""Families beyond Llama/Qwen2/Mistral/OPT (Qwen3, Gemma-2, Gemma-3 text, Phi-3): each block gets its own
 arguments (Gemma's sliding-window and global layers), the quirks the adapters declare (Gemma's (1 + w)
-norms, q/k norms), and exports that load back with identical logits."""
+norms, q/k norms, Phi-3's fused projections), and exports that load back with identical logits."""
 import json
 
 import pytest
@@ -16,7 +16,7 @@ from conftest import save_tiny, tiny_model, write_text
 from test_cli import _run_keeping_model, base
 
 CPU = torch.device("cpu")
-NEW_FAMILIES = ["qwen3", "gemma2", "gemma3"]
+NEW_FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3"]
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "llama"])

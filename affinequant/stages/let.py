@@ -11,7 +11,7 @@ import torch
 
 from ..config import LET_INITS, QK_INITS, ConfigError, default_sf
 from ..qmodules import TransformedNorm, set_submodule
-from ..transforms import LET as LETModule
+from ..transforms import LET as LETModule, qk_transform_exists
 from .base import Stage, StageConfig, register
 
 log = logging.getLogger("affinequant")
@@ -66,10 +66,10 @@ class LET(Stage):
         sf = config.stability_factor(cfg.abits)
         affine = config.out_matrix if config.out_matrix is not None else (
             config.ln_matrix or config.qk_matrix or self.reference)
-        if config.qk_matrix and not adapter.qk_transform:
-            raise ConfigError(f"{ctx.model_config.model_type}: q and k pass through their own norms (q_norm, k_norm), "
-                              f"so no q <-> k transform preserves the block: drop --use_matrix (qk_matrix); the other "
-                              f"transforms apply")
+        if config.qk_matrix and not qk_transform_exists(adapter, ctx.model_config):
+            raise ConfigError(f"{ctx.model_config.model_type}: q and k pass through their own norms (q_norm, k_norm) "
+                              f"or a partial RoPE, so no q <-> k transform preserves the block: drop --use_matrix "
+                              f"(qk_matrix); the other transforms apply")
         if (config.ln_matrix or config.qk_matrix) and not affine:
             raise ConfigError("let: out_matrix false with ln_matrix or qk_matrix: AffineQuant's matrices come with a "
                               "v -> o matrix; drop out_matrix")
