@@ -17,6 +17,9 @@ from torch import nn
 from .config import ConfigError
 
 
+MLP_OUTPUTS = ("down_proj", "fc2")
+
+
 @dataclass(frozen=True)
 class Adapter:
     model_types: tuple[str, ...]
@@ -33,6 +36,8 @@ class Adapter:
     # fused linears: (name, ((part, size kind), ...)), parts in row order; size kinds "q" (heads x head_dim),
     # "kv" (KV heads x head_dim), "ffn" (intermediate size)
     fused: tuple = ()
+    experts: str = ""                       # MoE: the module holding a block's 3-D expert parameters (moe.py)
+    skip: tuple[str, ...] = ()              # linears kept in full precision (MoE shared-expert gates)
     # the linear of each norm group whose weight the reference code's LET initialisation reads
     # (q_proj; up_proj for Llama, fc1 for OPT): --reference_compat
     reference_init_linears: tuple[str, ...] = ()
@@ -49,7 +54,10 @@ class Adapter:
         A linear's inputs depend only on the groups before its own."""
         order = [list(self.norm_groups[0][1]), [self.out_pair[1]], *[list(c) for _, c in self.norm_groups[1:]]]
         placed = {n for group in order for n in group}
-        order.append([n for n in names if n not in placed])
+        rest = [n for n in names if n not in placed]
+        # an MLP's output projection reads what its input projections produce (per expert in MoE blocks)
+        order += [[n for n in rest if n.rsplit(".", 1)[-1] not in MLP_OUTPUTS],
+                  [n for n in rest if n.rsplit(".", 1)[-1] in MLP_OUTPUTS]]
         return [[n for n in group if n in names] for group in order if any(n in names for n in group)]
 
     def part_rows(self, config) -> dict[str, list[tuple[str, int]]]:
@@ -114,6 +122,18 @@ ADAPTERS = [
         reference_init_linears=("self_attn.q_proj", "fc1"),
     ),
 ]
+
+# Mixture-of-experts: attention as Llama's (q/k norms in Qwen3-MoE and OLMoE). The post-attention norm feeds
+# the router as well as every expert, and the router is no Linear, so no LET transform is placed there; each
+# expert's linears are quantized (moe.py unpacks the 3-D expert parameters), the router stays in full precision.
+_MOE = {**_LLAMA_LIKE, "norm_groups": _LLAMA_LIKE["norm_groups"][:1], "mlp_out": "", "experts": "mlp.experts"}
+ADAPTERS += [
+    Adapter(model_types=("mixtral",), **_MOE),
+    Adapter(model_types=("qwen2_moe",), **{**_MOE, "skip": ("mlp.shared_expert_gate",)}),
+    Adapter(model_types=("qwen3_moe",), **{**_MOE, "qk_transform": False}),
+    Adapter(model_types=("olmoe",), **{**_MOE, "qk_transform": False}),
+]
+
 
 def supported_model_types() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from .adapters import Adapter
 from .config import ConfigError, QuantConfig
 from .losses import BlockObjective, LossBatch
+from .gptq import fp16_scale
+from .moe import expert_report, reset_expert_counts, unpack_experts
 from .packing import PackedLinear, dequantize
 from .qmodules import AttentionProbe, install_quantizers, set_submodule, use_quantized_attention
 from .quantizer import WeightQuantizer
@@ -129,6 +131,7 @@ class BlockReport:
     fell_back_to_rtn: bool = False
     divergence_events: int = 0
     restored: bool = False                          # rebuilt from a checkpoint, not trained in this run
+    experts: dict | None = None                     # MoE: tokens routed to each expert (moe.expert_report)
     stages: dict = field(default_factory=dict)      # each stage's report, by stage name
 
 
@@ -146,6 +149,7 @@ class BlockQuantizer:
             if cfg.wbits < 16 else None), reference=cfg.reference_compat)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
+        self.round_to_nearest: set[str] = set()     # linears with no calibration data (unrouted MoE experts)
         for p in block.parameters():
             p.requires_grad_(False)
 
@@ -235,6 +239,13 @@ class BlockQuantizer:
             qlinear.weight_quantizer = None
             committed[name] = (codes, scale, zero, wq)
 
+        for name in sorted(self.round_to_nearest):      # no data to learn from: plain min-max grid, nearest codes
+            wq = self.linears[name].weight_quantizer
+            if wq is not None:
+                plain = WeightQuantizer(wq.shape, wq.bits, wq.group_size, wq.symmetric, reference=wq.reference,
+                                        balanced=wq.balanced)
+                codes, scale, zero = plain.integer_codes(self.linears[name].weight.float())
+                commit(name, codes, fp16_scale(scale), zero)
         rounder = self.stages[-1]
         rounder.round(self, data, commit)
         missing = [n for n, q in self.linears.items() if q.weight_quantizer is not None]
@@ -337,16 +348,24 @@ class BlockRunner:
         t0 = time.time()
         orig_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32)
+        unpack_experts(block, self.adapter)
+        reset_expert_counts(block)
         fp_outs = run_block(block, fp_inps, kwargs, cfg.batch_size, device, ctx)
+        experts = expert_report(block)     # routing on the FP trajectory: which experts calibration reaches
         aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.two_targets and trains else None
         # the FP block, for the FP attention maps of attention terms (one block's weights more)
         fp_block = copy.deepcopy(block) if self.objective.needs_attention else None
         prefix = f"{self.adapter.layers_path}.{index}."
         bq = BlockQuantizer(block, self.adapter, self.model_config, cfg, _block_stats(self.act_scales, prefix),
                             _block_stats(self.act_shifts, prefix), self.stages, index)
+        if experts and experts["unseen"]:
+            bq.round_to_nearest = set(experts["unseen_linears"])
+            log.warning("%s %d: experts %s saw none of the calibration tokens (tokens per expert: %s): their "
+                        "linears are rounded to nearest", desc, index, experts["unseen"], experts["tokens_per_expert"])
         data = BlockData(q_inps, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
                          cfg.batch_size, trains, fp_inps, fp_block)
-        report = BlockReport(index)
+        report = BlockReport(index, experts={k: v for k, v in experts.items() if k != "unseen_linears"}
+                             if experts else None)
         if checkpoint is not None and checkpoint.done(index):
             state, saved = checkpoint.load(index)
             bq.load_state({k: v.to(device) for k, v in state.items()})

@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from .adapters import get_adapter
 from .errors import OutputError
+from .moe import ExpertLinears, packed_experts, unpack_experts
 from .packing import PackedLinear
 from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
 from .utils import atomic_write, write_json
@@ -132,7 +133,11 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
     completely; another non-empty directory only with `overwrite` (check_save_dir)."""
     check_save_dir(save_dir, overwrite)
     final = Path(save_dir)
-    return _replace_dir(final, lambda tmp: _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format))
+
+    def write(tmp):
+        with packed_experts(model):     # fake-quantized MoE experts back in transformers' 3-D layout
+            return _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format)
+    return _replace_dir(final, write)
 
 
 def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, gptq_format: str) -> str:
@@ -150,6 +155,7 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
                 "effective_weight_bits": cfg.effective_wbits, "runtime_inverse_norms": norms,
                 "runtime_norm_biases": biases, "added_linear_biases": added_biases,
                 "activation_bits": cfg.abits if act_quant else 16, "packed": packed,
+                "unpacked_experts": any(isinstance(m, ExpertLinears) for m in model.modules()),
                 "weights": "packed integer codes (GPTQ layout)" if packed else "fake-quantized (dequantized floats)"}
     config = model.config
     saved_attn, saved_cache = config._attn_implementation, config.use_cache
@@ -211,6 +217,8 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32):
         del config.quantization_config      # we rebuild the packed layers ourselves
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     adapter = get_adapter(config)
+    if manifest.get("unpacked_experts"):
+        unpack_experts(model, adapter)
     for name in manifest.get("added_linear_biases", []):
         linear = model.get_submodule(name)
         linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))

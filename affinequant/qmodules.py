@@ -228,7 +228,7 @@ def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, w
     `reference`: the activation grids follow the reference code's range convention."""
     linears = {}
     for name, module in list(block.named_modules()):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and name not in adapter.skip:
             aq = ActQuantizer(abits, symmetric, reference) if abits < 16 else None
             qlinear = QuantLinear(module, weight_quantizer_for(module.weight), aq).to(module.weight.device)
             set_submodule(block, name, qlinear)

@@ -35,6 +35,8 @@ def tiny_model(family: str, seed: int = 0):
                                                    layer_types=["sliding_attention", "full_attention"]))
     elif family == "phi3":          # fused qkv_proj and gate_up_proj
         model = Phi3ForCausalLM(Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    elif family in MOE_FAMILIES:
+        model = _tiny_moe(family, common)
     elif family == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                          num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256))
@@ -48,6 +50,25 @@ def tiny_model(family: str, seed: int = 0):
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def _tiny_moe(family: str, common: dict):
+    """Mixture-of-experts: 4 experts, 2 per token; Qwen2-MoE adds a shared expert and its gate."""
+    import transformers as tf
+    moe = dict(num_experts_per_tok=2)
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**common, num_local_experts=4, **moe))
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=32,
+                                                        shared_expert_intermediate_size=48, **moe))
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=32,
+                                                        head_dim=16, **moe))
+    return tf.OlmoeForCausalLM(tf.OlmoeConfig(**common, num_experts=4, pad_token_id=0, bos_token_id=1,
+                                              eos_token_id=2, **moe))
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "qwen3", "gemma2", "gemma3", "phi3"]

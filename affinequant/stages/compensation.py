@@ -37,6 +37,9 @@ class Compensation(Stage):
 
     def __init__(self, config: CompensationConfig, ctx):
         super().__init__(config, ctx)
+        if not ctx.adapter.mlp_out:
+            raise ConfigError(f"compensation: {ctx.model_config.model_type} blocks have no single MLP output "
+                              f"projection (mixture of experts): drop --compensation")
         n_blocks = ctx.model_config.num_hidden_layers
         self.active = ctx.index < config.first or ctx.index >= n_blocks - config.last
         self.name = ctx.adapter.mlp_out
