@@ -59,7 +59,7 @@ def test_group_size_larger_than_layer(capsys, tiny_dir, calib, tmp_path):
 def test_unknown_model_type_lists_supported(capsys, tmp_path, calib):
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2ish")
     msg = _error(capsys, ["--model", str(tmp_path / "gpt2ish"), "--calib_dataset", calib])
-    assert "model_type 'gpt2' is not supported" in msg and "llama, mistral, opt, qwen2" in msg
+    assert "model_type 'gpt2' is not supported" in msg and "gemma2, gemma3_text, llama, mistral, mixtral, olmoe, opt, phi3, qwen2" in msg
 
 
 def test_missing_statistics_file(capsys, tiny_dir, calib, tmp_path):
