@@ -54,6 +54,8 @@ def recipe_differences(saved: list[dict], now: list[dict], whole: bool) -> dict:
         return {"recipe": (" -> ".join(e["stage"] for e in saved), " -> ".join(e["stage"] for e in now))}
     diff = {}
     for a, b in zip(saved, now):
+        # an option added since the checkpoint was written had its default then
+        a = {**STAGES[a["stage"]].config_class().to_dict(), **a}
         keys = set(a) | set(b) if whole else STRUCTURAL_OPTIONS.get(a["stage"], ())
         for k in sorted(keys):
             if a.get(k) != b.get(k):

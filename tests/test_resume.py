@@ -104,6 +104,22 @@ def test_manifest_from_before_a_config_key_existed(setup, tmp_path):
     run(setup + FLAGS + ["--output_dir", str(tmp_path / "a"), "--resume"])
 
 
+def test_checkpoint_from_before_a_stage_option_existed(setup, tmp_path):
+    """A recipe recorded before a stage option existed (LET's init) had that option's default: it resumes."""
+    import json
+    run(setup + FLAGS + ["--output_dir", str(tmp_path / "a")])
+    manifest = tmp_path / "a" / "checkpoint" / "manifest.json"
+    saved = json.loads(manifest.read_text())
+    let = next(e for e in saved["recipe"] if e["stage"] == "let")
+    del let["init"]
+    manifest.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as exc:
+        run(setup + FLAGS + ["--let_init", "log", "--output_dir", str(tmp_path / "a"), "--resume"])
+    assert "let.init: checkpoint 'smoothquant' vs now 'log'" in str(exc.value)
+    res = run(setup + FLAGS + ["--output_dir", str(tmp_path / "a"), "--resume"])
+    assert res["blocks_restored"] == 2
+
+
 RECIPE_FLAGS = ["--wbits", "3", "--group_size", "16", "--epochs", "2", "--nsamples", "4", "--seqlen", "32"]
 RECIPE = {"version": 1, "stages": [{"let": {"ln_matrix": True, "lr": 5e-3}}, "clip_search", {"lwc": {"lr": 5e-2}},
                                    {"gptq": {"act_order": True}}]}
