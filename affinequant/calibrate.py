@@ -261,9 +261,15 @@ class BlockQuantizer:
                 set_submodule(self.block, name, qlinear.to_linear())
 
 
+def amp_active(device: torch.device, cfg: QuantConfig, dtype: torch.dtype) -> bool:
+    """Autocast during calibration: on CUDA unless --deactive_amp (float16, or bfloat16 with --dtype bfloat16),
+    and on the CPU with bfloat16 (--dtype bfloat16), so the path GPU users run is the path CI tests."""
+    return not cfg.deactive_amp and (device.type == "cuda" or dtype == torch.bfloat16)
+
+
 def amp_context(device: torch.device, cfg: QuantConfig, dtype: torch.dtype):
-    if device.type == "cuda" and not cfg.deactive_amp:
-        return torch.autocast("cuda", dtype=dtype)
+    if amp_active(device, cfg, dtype):
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -337,7 +343,7 @@ class BlockRunner:
         self.model_config, self.adapter, self.cfg, self.device = model_config, adapter, cfg, device
         self.act_scales, self.act_shifts = act_scales, act_shifts
         self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, cfg.objective
-        self.cache_dtype = amp_dtype if device.type == "cuda" and not cfg.deactive_amp else torch.float32
+        self.cache_dtype = amp_dtype if amp_active(device, cfg, amp_dtype) else torch.float32
         self.ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
 
     def quantize(self, block: nn.Module, index: int, q_inps: torch.Tensor, fp_inps: torch.Tensor, kwargs: dict,

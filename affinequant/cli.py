@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--qk_init", default="stats", choices=QK_INITS,
       help="where the LET q<->k scale starts: stats (SmoothQuant-style from q/k output statistics) or ones "
            "(OmniQuant)")
-    a("--deactive_amp", action="store_true", help="train in float32 without autocast on CUDA")
+    a("--deactive_amp", action="store_true",
+      help="train in float32 without autocast (autocast is on for CUDA, and on the CPU with --dtype bfloat16)")
     a("--act-scales", dest="act_scales", default=None, help="default ./act_scales/<net>.pt")
     a("--act-shifts", dest="act_shifts", default=None, help="default ./act_shifts/<net>.pt")
     a("--multigpu", action="store_true")
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="TesseraQ: rounds of the hardening schedule, taken evenly from the reference's 20")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-      help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU)")
+      help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU); bfloat16 also makes "
+           "calibration autocast in bfloat16, on CUDA and on the CPU")
     a("--trust_remote_code", action="store_true", help="let transformers run the model repository's code")
     return p
 

@@ -1,0 +1,60 @@
+"""The autocast path GPU users run (AMP training, activation caches in the AMP dtype) runs in CI: on the CPU
+with bfloat16 autocast (--dtype bfloat16), device-agnostic."""
+import math
+
+import pytest
+import torch
+
+from affinequant import calibrate
+from affinequant.adapters import get_adapter
+from affinequant.calibrate import quantize_blocks
+from affinequant.config import QuantConfig
+from affinequant.qmodules import QuantLinear
+from affinequant.stats import collect_act_stats
+
+from conftest import tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("abits", [16, 4])
+def test_bfloat16_autocast_training_on_cpu(tokens, monkeypatch, abits):
+    seen = {"dtypes": set(), "cache": set()}
+    real_forward = QuantLinear.forward
+
+    def forward(self, x):
+        out = real_forward(self, x)
+        if torch.is_grad_enabled():         # a training step
+            seen["dtypes"].add(out.dtype)
+        return out
+    monkeypatch.setattr(QuantLinear, "forward", forward)
+    real_quantize = calibrate.BlockRunner.quantize
+
+    def spy(self, block, index, q_inps, fp_inps, kwargs, *a, **k):
+        seen["cache"].add(q_inps.dtype)
+        return real_quantize(self, block, index, q_inps, fp_inps, kwargs, *a, **k)
+    monkeypatch.setattr(calibrate.BlockRunner, "quantize", spy)
+    results = {}
+    for amp in (torch.bfloat16, torch.float32):
+        model = tiny_model("llama")
+        adapter = get_adapter(model.config)
+        stats = collect_act_stats(model, adapter, tokens, CPU)
+        cfg = QuantConfig(wbits=2, abits=abits, group_size=16, lwc=True, let=True, epochs=6, nsamples=8, lwc_lr=5e-2)
+        results[amp] = quantize_blocks(model, adapter, tokens, cfg, CPU, *stats, amp_dtype=amp)
+        if amp == torch.bfloat16:
+            assert seen["dtypes"] == {torch.bfloat16} and seen["cache"] == {torch.bfloat16}
+            seen["dtypes"].clear(), seen["cache"].clear()
+    assert seen["dtypes"] == {torch.float32} and seen["cache"] == {torch.float32}    # float32: no autocast
+    for amp_report, fp32_report in zip(results[torch.bfloat16], results[torch.float32]):
+        assert all(math.isfinite(x) for x in amp_report.losses)
+        assert amp_report.losses[-1] < amp_report.losses[0]
+        # bfloat16 keeps 8 bits of mantissa: the same optimisation, not the same numbers
+        assert amp_report.final_mse < 2 * fp32_report.final_mse + 1e-6
+
+
+def test_deactive_amp_turns_autocast_off():
+    from affinequant.calibrate import amp_active
+    assert amp_active(CPU, QuantConfig(), torch.bfloat16)
+    assert not amp_active(CPU, QuantConfig(deactive_amp=True), torch.bfloat16)
+    assert not amp_active(CPU, QuantConfig(), torch.float16)      # float16 autocast is a CUDA path
+    assert amp_active(torch.device("cuda"), QuantConfig(), torch.float16)
