@@ -72,12 +72,14 @@ METHODS = {
     # it is evaluated on), on the finished run named in TTA_BASE (its checkpoint: nothing is recalibrated)
     "LWC+LET (MSE+NLC) +TTA": ["--lwc", "--let", "--loss", "mse+nlc", "--tta"],
     "LWC+LET +TTA": ["--lwc", "--let", "--tta"],
+    "LWC+LET (MSE+NLC) +TTA fp_block": ["--lwc", "--let", "--loss", "mse+nlc", "--tta", "--tta_target", "fp_block"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
     "AutoRound@48 steps": [],       # twice the steps: about the wall time of AffineQuant+TesseraQ (SmolLM2 W3)
 }
-TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET"}
+TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET",
+            "LWC+LET (MSE+NLC) +TTA fp_block": "LWC+LET (MSE+NLC)"}
 TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
