@@ -18,6 +18,7 @@ from .errors import AffineQuantError, OutputError
 from .evaluate import eval_windows, perplexity
 from .export import check_save_dir, save_quantized
 from .modeling import block_linear_shapes, load_config, load_model, model_name, resolve_model_path
+from .packing import use_packed_kernel
 from .reference_format import ReferenceParams, ReferenceResume, write_reference_params
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="reproduce the reference code's conventions: its LET initialisation and shifts, per-channel q/k "
            "scales, truncation, quantizer range, float16 model (docs/reference-compat.md)")
     a("--real_quant", action="store_true", help="pack weights into real low-bit tensors")
+    a("--packed_kernel", default="exact", choices=["exact", "int4_cpu"],
+      help="with --real_quant, how packed layers run in evaluation: exact (unpack + matmul, bit-exact against "
+           "fake-quant) or int4_cpu (torch's int4 CPU kernel for 4-bit layers whose group size (32-256) divides "
+           "in_features: bfloat16 activations, several times faster at decode, within 1%% of exact)")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
     a("--calib_dataset", default=None,
@@ -274,6 +279,10 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
         reference, stats = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id,
                                     results, reference_params)
 
+    if cfg.real_quant and args.packed_kernel != "exact":
+        switched, total = use_packed_kernel(model, args.packed_kernel)
+        results["packed_kernel"] = {"kernel": args.packed_kernel, "layers": switched, "packed_layers": total}
+        log.info("packed kernel %s on %d of %d packed layers (the others: exact)", args.packed_kernel, switched, total)
     if args.eval_ppl:
         tta = None
         if args.tta:

@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from .adapters import get_adapter
 from .errors import OutputError
 from .moe import ExpertLinears, packed_experts, unpack_experts
-from .packing import PackedLinear
+from .packing import PackedLinear, use_packed_kernel
 from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
 from .utils import atomic_write, write_json
 
@@ -201,8 +201,9 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
     return fmt
 
 
-def load_quantized(path: str, dtype: torch.dtype = torch.float32):
-    """Load a model written by save_quantized, with every module it needs."""
+def load_quantized(path: str, dtype: torch.dtype = torch.float32, kernel: str = "exact"):
+    """Load a model written by save_quantized, with every module it needs. `kernel`: how packed layers run
+    ("exact", or "int4_cpu": torch's int4 CPU kernel where a 4-bit layer allows it; packing.PackedLinear)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -244,4 +245,5 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32):
     except Exception as exc:
         raise RuntimeError(f"{weights} does not match its manifest or is corrupt ({exc}); save the model again") from exc
     model.config.use_cache = False
+    use_packed_kernel(model, kernel)
     return model

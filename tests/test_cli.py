@@ -216,3 +216,24 @@ def test_full_precision_baseline_evaluates_the_unquantized_model(tiny_dir, calib
     assert "blocks" not in fp and "kl" not in fp["ppl"]["wikitext2"]
     assert fp["ppl"]["wikitext2"]["ppl"] == pytest.approx(rtn["ppl"]["wikitext2"]["fp_ppl"], rel=1e-5)
     assert rtn["ppl"]["wikitext2"]["ppl"] != pytest.approx(fp["ppl"]["wikitext2"]["ppl"], rel=1e-3)
+
+
+def test_int4_cpu_kernel_in_evaluation_and_loading(tiny_dir, calib, tmp_path, monkeypatch):
+    """--packed_kernel int4_cpu runs every 4-bit layer whose group divides in_features through torch's int4 CPU
+    kernel: perplexity within 1% of the exact packed model's, the export unchanged, load_quantized(kernel=...)
+    the same switch."""
+    from affinequant import load_quantized
+    from affinequant.packing import PackedLinear
+    monkeypatch.chdir(tmp_path)
+    Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
+    flags = ["--wbits", "4", "--group_size", "32", "--real_quant", "--eval_ppl", "--ppl_datasets", "wikitext2",
+             "--limit", "2", "--data_dir", str(Path(calib).parent), "--no_kl"]
+    exact = run(base(tiny_dir, calib, tmp_path / "exact", *flags))
+    fast = run(base(tiny_dir, calib, tmp_path / "fast", *flags, "--packed_kernel", "int4_cpu", "--save_dir",
+                    str(tmp_path / "q")))
+    assert fast["packed_kernel"] == {"kernel": "int4_cpu", "layers": 14, "packed_layers": 14}
+    a, b = exact["ppl"]["wikitext2"]["ppl"], fast["ppl"]["wikitext2"]["ppl"]
+    assert a != b and abs(a - b) / a < 1e-2
+    model = load_quantized(str(tmp_path / "q"), kernel="int4_cpu")
+    assert {m.kernel for m in model.modules() if isinstance(m, PackedLinear)} == {"int4_cpu"}
+    assert {m.kernel for m in load_quantized(str(tmp_path / "q")).modules() if isinstance(m, PackedLinear)} == {"exact"}

@@ -63,3 +63,28 @@ def test_zero_offset_reencoding_keeps_weights():
     assert v2.zero_offset == 1 and torch.equal(v2.weight(torch.float32), before)
     stored_v1 = unpack_bits(v2.qzeros.T.contiguous(), 3, 8).T
     assert torch.equal(stored_v1.to(torch.int64), (zero.to(torch.int64).T - 1) & 7)
+
+
+def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_it_can_run():
+    """torch's int4 CPU kernel runs 4-bit layers with bfloat16 activations, scales and offsets: not bit-exact.
+    The tolerance: relative error of the output below 1% (bfloat16 keeps 8 bits of mantissa). 3-bit layers
+    and groups the kernel does not take stay on the exact path."""
+    from affinequant.packing import PackedLinear, use_packed_kernel
+    from affinequant.quantizer import WeightQuantizer
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256)
+    codes, scale, zero = WeightQuantizer((96, 256), 4, 64).integer_codes(weight)
+    layer = PackedLinear.from_codes(codes, scale.half().float(), zero, 4, 64, torch.randn(96), zero_offset=0)
+    x = torch.randn(3, 5, 256)
+    exact = layer(x)
+    assert layer.use_kernel("int4_cpu")
+    fast = layer(x)
+    assert fast.shape == exact.shape and not torch.equal(fast, exact)
+    assert ((fast - exact).norm() / exact.norm()).item() < 1e-2
+    three = PackedLinear.from_codes(*WeightQuantizer((96, 256), 3, 64).integer_codes(weight), 3, 64, None, zero_offset=0)
+    ragged = PackedLinear.from_codes(*WeightQuantizer((96, 200), 4, 64).integer_codes(weight[:, :200]), 4, 64, None,
+                                     zero_offset=0)
+    assert not three.use_kernel("int4_cpu") and not ragged.use_kernel("int4_cpu") and three.kernel == "exact"
+    model = torch.nn.Sequential(layer, three)
+    assert use_packed_kernel(model, "exact") == (2, 2) and layer.kernel == "exact"
+    assert use_packed_kernel(model, "int4_cpu") == (1, 2)
