@@ -8,7 +8,6 @@ import torch
 
 from affinequant.adapters import get_adapter
 from affinequant.calibrate import BlockQuantizer, capture_block_inputs, quantize_blocks
-from affinequant.cli import run
 from affinequant.config import ConfigError, QuantConfig
 from affinequant.packing import PackedLinear
 from affinequant.quantizer import WeightQuantizer
