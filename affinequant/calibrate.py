@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import Adapter
 from .config import ConfigError, QuantConfig
 from .losses import BlockObjective, LossBatch
@@ -309,7 +310,14 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     prepare_attention(model, cfg)
     if cfg.reference_compat:
         round_to_half_(model)       # the reference loads its model in float16 (and calibrates in float32)
-    runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts)
+    data_parallel = distributed.active()
+    if data_parallel:
+        check_data_parallel(cfg)
+        samples = samples[distributed.shard(samples.shape[0], cfg.batch_size)]
+        log.info("data-parallel calibration: rank %d of %d, %d samples", distributed.rank(), distributed.world(),
+                 samples.shape[0])
+    runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts,
+                         data_parallel=data_parallel)
     q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype)
     fp_inps = q_inps.clone()
     layers = adapter.layers(model)
@@ -326,6 +334,22 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     return reports
 
 
+# stages that read calibration data outside the shared trainer, and do not average it over ranks yet
+NOT_DATA_PARALLEL = ("clip_search", "gptq", "tesseraq")
+
+
+def check_data_parallel(cfg: QuantConfig) -> None:
+    """What data-parallel calibration (distributed.py) can run."""
+    world = distributed.world()
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch_size {cfg.batch_size} does not split over {world} ranks: give a multiple of "
+                          f"{world} (each rank takes batch_size / {world} samples per step)")
+    blocked = [s.name for s in cfg.stages() if s.name in NOT_DATA_PARALLEL]
+    if blocked:
+        raise ConfigError(f"stage {', '.join(blocked)}: reads the calibration data outside the shared trainer and is not "
+                          f"data-parallel yet: run it in one process (without torchrun), or drop it")
+
+
 def prepare_attention(model: nn.Module, cfg: QuantConfig) -> None:
     """Route attention through our function where the run quantizes q/k/v or a loss term reads the maps."""
     if cfg.abits < 16 or cfg.objective.needs_attention:
@@ -339,8 +363,10 @@ class BlockRunner:
 
     def __init__(self, model_config, adapter: Adapter, cfg: QuantConfig, device: torch.device,
                  amp_dtype: torch.dtype = torch.float16, act_scales: dict | None = None,
-                 act_shifts: dict | None = None):
+                 act_shifts: dict | None = None, data_parallel: bool = False):
         self.model_config, self.adapter, self.cfg, self.device = model_config, adapter, cfg, device
+        self.data_parallel = data_parallel
+        self.step_batch = cfg.batch_size // distributed.world() if data_parallel else cfg.batch_size
         self.act_scales, self.act_shifts = act_scales, act_shifts
         self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, cfg.objective
         self.cache_dtype = amp_dtype if amp_active(device, cfg, amp_dtype) else torch.float32
@@ -369,7 +395,7 @@ class BlockRunner:
             log.warning("%s %d: experts %s saw none of the calibration tokens (tokens per expert: %s): their "
                         "linears are rounded to nearest", desc, index, experts["unseen"], experts["tokens_per_expert"])
         data = BlockData(q_inps, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
-                         cfg.batch_size, trains, fp_inps, fp_block)
+                         self.step_batch, trains, fp_inps, fp_block, self.data_parallel)
         report = BlockReport(index, experts={k: v for k, v in experts.items() if k != "unseen_linears"}
                              if experts else None)
         if checkpoint is not None and checkpoint.done(index):
@@ -390,13 +416,15 @@ class BlockRunner:
             # saved after the rounding, so that a rounder that learns (TesseraQ) is saved too; a kill
             # before this line retrains the block on resume
             report.stages = bq.report()
-            if checkpoint is not None:
+            if checkpoint is not None:     # rank 0 writes; the others' checkpoint only records the index
                 checkpoint.save(index, bq.state(), {"losses": report.losses, "nan_events": report.nan_events,
                                                     "divergence_events": report.divergence_events,
                                                     "fell_back_to_rtn": report.fell_back_to_rtn,
                                                     "stages": report.stages})
         q_outs = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
         report.final_mse = F.mse_loss(q_outs.float(), fp_outs.float()).item()
+        if self.data_parallel:
+            report.final_mse = distributed.mean(report.final_mse)
         block.to(device="cpu", dtype=orig_dtype)
         report.seconds = time.time() - t0
         log.info("%s %d done in %.1fs: output MSE vs full precision %.6g", desc, index, report.seconds,

@@ -69,18 +69,21 @@ class CheckpointError(AffineQuantError):
 
 class CalibrationCheckpoint:
     def __init__(self, directory: str | Path, cfg: QuantConfig, model: str, calibration: str, n_blocks: int,
-                 resume: bool, data_digest: str | None = None):
+                 resume: bool, data_digest: str | None = None, writer: bool = True):
+        """`writer`: False for the ranks other than 0 of a data-parallel run, which read the checkpoint (after
+        rank 0 has set it up) and record the blocks they finish, but write nothing."""
         self.dir = Path(directory)
+        self.writer = writer
         self.manifest_path = self.dir / "manifest.json"
         self.manifest = {"config": cfg.to_dict(), "recipe": cfg.recipe_data(), "model": model,
                          "calibration": calibration, "calibration_digest": data_digest, "n_blocks": n_blocks,
                          "finished": []}
-        for stray in self.dir.glob("*.tmp"):      # a write killed mid-way (atomic_write's temporary file)
+        for stray in self.dir.glob("*.tmp") if writer else ():    # a write killed mid-way (atomic_write's file)
             stray.unlink()
         if resume:
             self._check_compatible(cfg.to_dict(), self.manifest["recipe"], model, n_blocks, data_digest,
                                    calibration)
-        elif self.manifest_path.is_file():
+        elif self.manifest_path.is_file() and writer:
             log.warning("%s holds a calibration checkpoint from an earlier run: starting afresh and replacing it "
                         "(pass --resume to continue it instead)", self.dir)
             for old in self.dir.glob("block_*.safetensors"):
@@ -146,7 +149,8 @@ class CalibrationCheckpoint:
         log.info("--resume: %d of %d blocks finished in %s", len(self.manifest["finished"]), n_blocks, self.dir)
 
     def _write_manifest(self) -> None:
-        write_json(self.manifest_path, self.manifest)
+        if self.writer:
+            write_json(self.manifest_path, self.manifest)
 
     def path(self, index: int) -> Path:
         return self.dir / f"block_{index:04d}.safetensors"
@@ -155,6 +159,9 @@ class CalibrationCheckpoint:
         return index in self.manifest["finished"]
 
     def save(self, index: int, state: dict[str, torch.Tensor], report: dict) -> None:
+        if not self.writer:
+            self.manifest["finished"] = sorted(set(self.manifest["finished"]) | {index})
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         metadata = {"report": json.dumps(report), "index": str(index), "digest": tensor_digest(tensors)}
         atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp, metadata=metadata))

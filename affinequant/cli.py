@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .adapters import get_adapter
 from .calibrate import quantize_blocks
 from .checkpoint import CalibrationCheckpoint
@@ -217,10 +218,11 @@ def load_or_collect_stats(args, model, adapter, samples, device, net: str):
                      "generate_act_scale_shift.py) for their SmoothQuant-style start", scales_path)
         return scales, shifts
     log.info("activation statistics %s not found: computing them on the calibration set", scales_path)
-    scales, shifts = collect_act_stats(model, adapter, samples, device)
-    save_tensors(scales_path, scales)       # default paths only: stats_files refuses a named file that is missing
-    save_tensors(shifts_path, shifts)
-    log.info("wrote %s and %s", scales_path, shifts_path)
+    scales, shifts = collect_act_stats(model, adapter, samples, device)      # every rank: all samples, same stats
+    if distributed.is_main():
+        save_tensors(scales_path, scales)   # default paths only: stats_files refuses a named file that is missing
+        save_tensors(shifts_path, shifts)
+        log.info("wrote %s and %s", scales_path, shifts_path)
     return scales, shifts
 
 
@@ -238,13 +240,25 @@ def run(argv=None) -> dict:
     except AffineQuantError as exc:
         log.error("%s", exc)
         raise SystemExit(f"main.py: error: {exc}") from exc
+    except RuntimeError as exc:
+        if not distributed.active():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = (f"rank {distributed.rank()}: a collective with the other ranks failed ({first}): another rank "
+               f"stopped. The blocks finished before are checkpointed by rank 0: rerun with --resume")
+        log.error("%s", msg)
+        raise SystemExit(f"main.py: error: {msg}") from exc
+    finally:
+        distributed.finish()
 
 
 def _run(parser, args, cfg: QuantConfig) -> dict:
     check_output_paths(args)
-    setup_logging(args.output_dir)
+    device = distributed.init(resolve_device(args.device))
+    setup_logging(args.output_dir if distributed.is_main() else None)
+    if not distributed.is_main():           # rank 0 reports; the others only warn
+        log.setLevel(logging.WARNING)
     seed_everything(args.seed)
-    device = resolve_device(args.device)
     if args.multigpu and torch.cuda.device_count() < 2:
         log.warning("--multigpu: %d CUDA device(s) visible, nothing to spread: running on %s",
                     torch.cuda.device_count(), device)
@@ -283,6 +297,8 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
         switched, total = use_packed_kernel(model, args.packed_kernel)
         results["packed_kernel"] = {"kernel": args.packed_kernel, "layers": switched, "packed_layers": total}
         log.info("packed kernel %s on %d of %d packed layers (the others: exact)", args.packed_kernel, switched, total)
+    if not distributed.is_main():           # data-parallel: rank 0 evaluates, exports and writes the results
+        return results
     if args.eval_ppl:
         tta = None
         if args.tta:
@@ -352,6 +368,9 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
         tta_config(args).check(cfg, model_config.num_hidden_layers)
     if cfg.full_precision:
         return
+    if distributed.active():
+        from .calibrate import check_data_parallel
+        check_data_parallel(cfg)
     check_group_size(block_linear_shapes(model_config, adapter)[0], cfg.group_size)
     calib = args.calib_dataset
     if calib and (Path(calib).suffix in (".txt", ".jsonl", ".json", ".parquet", ".gz") or "/" in calib) \
@@ -406,9 +425,15 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
         round_to_half_(model)       # the reference holds its model in float16; the FP baseline too
     reference = copy.deepcopy(model) if args.eval_ppl and (not args.no_kl or args.tta) else None
     own_resume = args.resume is not None and reference_params is None
-    checkpoint = CalibrationCheckpoint(args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint",
-                                       cfg, model_id, calib_source, len(adapter.layers(model)), resume=own_resume,
-                                       data_digest=tensor_digest({"samples": samples}))
+    checkpoint_dir = args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint"
+    make_checkpoint = lambda writer: CalibrationCheckpoint(  # noqa: E731
+        checkpoint_dir, cfg, model_id, calib_source, len(adapter.layers(model)), resume=own_resume,
+        data_digest=tensor_digest({"samples": samples}), writer=writer)
+    # data-parallel: rank 0 sets the checkpoint up (and writes it); the others read it once it is there
+    checkpoint = make_checkpoint(True) if distributed.is_main() else None
+    distributed.barrier()
+    if checkpoint is None:
+        checkpoint = make_checkpoint(False)
     own_checkpoint = checkpoint
     if reference_params is not None:
         checkpoint = ReferenceResume(reference_params, checkpoint)
@@ -434,7 +459,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
         results["blocks_fell_back_to_rtn"] = [r.index for r in reports if r.fell_back_to_rtn]
     log.info("calibration done in %.1fs (%.2fs per block), %s", results["calibration_seconds"],
              results["seconds_per_block"], memory_report(device))
-    if args.save_params:
+    if args.save_params and distributed.is_main():
         results["saved_params"] = write_reference_params(args.save_params, own_checkpoint, cfg, model.config, adapter)
     return reference, (act_scales, act_shifts)
 

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from . import distributed
 from .utils import memory_report
 
 log = logging.getLogger("affinequant")
@@ -58,24 +59,28 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
         good = [p.detach().clone() for g in params for p in g["params"]]
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         t0, total, finite = time.time(), 0.0, True
-        for i in range(0, n, cfg.batch_size):
-            batch = slice(i, i + cfg.batch_size)
+        for i in range(0, n, data.batch_size):
+            batch = slice(i, i + data.batch_size)
             with data.ctx_factory():
                 loss = bq.loss(data, batch)
-            if not torch.isfinite(loss):
+            # data-parallel: every decision reads the loss averaged over the ranks, so all ranks take it alike
+            value = distributed.mean(loss.item()) if data.data_parallel else loss.item()
+            if not math.isfinite(value):
                 finite, why = False, "NaN/Inf"
                 break
             if start_loss is None:
-                start_loss = loss.item()
-            elif loss.item() > DIVERGED_STEP * start_loss:
-                finite, why = False, f"diverging ({loss.item():.3g} against {start_loss:.3g} at the start)"
+                start_loss = value
+            elif value > DIVERGED_STEP * start_loss:
+                finite, why = False, f"diverging ({value:.3g} against {start_loss:.3g} at the start)"
                 break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if data.data_parallel:
+                distributed.all_reduce_mean_([p.grad for g in params for p in g["params"] if p.grad is not None])
             scaler.step(optimizer)
             scaler.update()
-            total += loss.item()
-        steps = math.ceil(n / cfg.batch_size)
+            total += value
+        steps = math.ceil(n / data.batch_size)
         if finite and start_loss is not None and total / steps > DIVERGED_EPOCH * start_loss:
             finite, why = False, f"diverging (epoch mean {total / steps:.3g} against {start_loss:.3g} at the start)"
         if not finite:

@@ -69,6 +69,7 @@ class BlockData:
     trains: bool = False                           # the run learns (epochs > 0)
     fp_inputs: torch.Tensor | None = None          # the block's inputs on the FP trajectory
     fp_block: nn.Module | None = None              # the block before quantization (attention terms only)
+    data_parallel: bool = False                    # this rank holds its share of the samples (distributed.py)
 
 
 class Stage:

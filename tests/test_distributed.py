@@ -1,0 +1,108 @@
+"""Data-parallel calibration (torch.distributed, gloo on the CPU, two processes): the same model as one
+process with the same global batch, one writer, and a rank that dies stops the run cleanly for --resume."""
+import json
+import multiprocessing as mp
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_tiny, write_text
+
+FLAGS = ["--wbits", "3", "--group_size", "16", "--lwc", "--let", "--epochs", "2", "--nsamples", "4", "--batch_size",
+         "2", "--seqlen", "32"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, argv: list, queue, die_at_block: int | None, cwd: str):
+    os.chdir(cwd)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), AFFINEQUANT_DIST_TIMEOUT="60", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from affinequant import calibrate
+    from affinequant.cli import run
+    if die_at_block is not None and rank == 1:
+        real = calibrate.BlockRunner.quantize
+
+        def dying(self, block, index, *a, **k):
+            if index == die_at_block:
+                os._exit(3)             # a rank lost mid-run (killed, out of memory...)
+            return real(self, block, index, *a, **k)
+        calibrate.BlockRunner.quantize = dying
+    try:
+        res = run(argv)
+        queue.put((rank, "ok", res.get("blocks_restored")))
+    except SystemExit as exc:
+        queue.put((rank, "exit", str(exc.code)))
+
+
+def _run_ranks(argv, cwd, world=2, die_at_block=None, timeout=240):
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, argv, queue, die_at_block, str(cwd)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank hung")
+    out = {}
+    while not queue.empty():
+        rank, status, detail = queue.get()
+        out[rank] = (status, detail)
+    return out, [p.exitcode for p in procs]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return ["--model", save_tiny(tmp_path / "tiny-llama"), "--calib_dataset", write_text(tmp_path / "c.txt")]
+
+
+def _blocks(folder: Path) -> dict:
+    return {p.name: load_file(p) for p in sorted((folder / "checkpoint").glob("block_*.safetensors"))}
+
+
+def test_two_ranks_learn_what_one_process_learns(setup, tmp_path):
+    from affinequant.cli import run
+    run(setup + FLAGS + ["--output_dir", str(tmp_path / "one")])
+    out, codes = _run_ranks(setup + FLAGS + ["--output_dir", str(tmp_path / "two")], tmp_path)
+    assert codes == [0, 0] and out[0][0] == "ok" and out[1][0] == "ok", out
+    one, two = _blocks(tmp_path / "one"), _blocks(tmp_path / "two")
+    assert list(one) == list(two) == ["block_0000.safetensors", "block_0001.safetensors"]
+    for name in one:
+        for key, value in one[name].items():
+            assert torch.allclose(two[name][key], value, atol=1e-5, rtol=1e-4), (name, key)
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())       # written once, by rank 0
+    for x, y in zip(a["blocks"], b["blocks"]):
+        assert y["losses"] == pytest.approx(x["losses"], rel=1e-4)
+        assert y["final_mse"] == pytest.approx(x["final_mse"], rel=1e-4)
+
+
+def test_stages_outside_the_trainer_are_refused_data_parallel(setup, tmp_path):
+    out, codes = _run_ranks(setup + FLAGS + ["--gptq", "--output_dir", str(tmp_path / "g")], tmp_path)
+    assert out == {0: ("exit", "2"), 1: ("exit", "2")}      # argparse's usage error, on every rank, before any work
+    assert not (tmp_path / "g" / "checkpoint").exists()
+
+
+def test_a_rank_that_dies_stops_the_run_and_resume_continues(setup, tmp_path):
+    from affinequant.cli import run
+    argv = setup + FLAGS + ["--output_dir", str(tmp_path / "two")]
+    out, codes = _run_ranks(argv, tmp_path, die_at_block=1)
+    assert codes[1] == 3
+    status, message = out[0]
+    assert status == "exit" and "another rank stopped" in message and "--resume" in message
+    assert list(_blocks(tmp_path / "two")) == ["block_0000.safetensors"]
+    res = run(argv + ["--resume"])      # one process continues from rank 0's checkpoint
+    assert res["blocks_restored"] == 1 and len(res["blocks"]) == 2
