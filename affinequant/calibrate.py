@@ -335,7 +335,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
 
 
 # stages that read calibration data outside the shared trainer, and do not average it over ranks yet
-NOT_DATA_PARALLEL = ("clip_search", "gptq", "tesseraq")
+NOT_DATA_PARALLEL = ("tesseraq",)
 
 
 def check_data_parallel(cfg: QuantConfig) -> None:
@@ -383,6 +383,8 @@ class BlockRunner:
         unpack_experts(block, self.adapter)
         reset_expert_counts(block)
         fp_outs = run_block(block, fp_inps, kwargs, cfg.batch_size, device, ctx)
+        if self.data_parallel:             # every rank decides on the tokens all ranks routed
+            distributed.all_reduce_sum_([m.tokens_seen for m in block.modules() if hasattr(m, "tokens_seen")])
         experts = expert_report(block)     # routing on the FP trajectory: which experts calibration reaches
         aug = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx) if cfg.two_targets and trains else None
         # the FP block, for the FP attention maps of attention terms (one block's weights more)

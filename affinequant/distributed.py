@@ -6,7 +6,7 @@ Every rank draws the same calibration samples and takes its share of each global
 --batch_size B on W ranks, B/W samples per rank per step), runs the block loop on its share, and the
 shared trainer averages the gradients (and the loss its decisions read) over the ranks every step, so every
 rank holds the same block parameters, equal to one process with --batch_size B up to float summation
-order. Rank 0 alone writes (checkpoints, statistics, results, exports) and evaluates. gloo on the CPU,
+order; the clipping search's and GPTQ's Hessians are summed over the ranks. Rank 0 alone writes (checkpoints, statistics, results, exports) and evaluates. gloo on the CPU,
 nccl on CUDA (one GPU per rank, LOCAL_RANK). A rank that dies ends the others' collectives with an
 error; main.py then stops with one line, and --resume continues from the blocks rank 0 checkpointed.
 """
@@ -58,6 +58,12 @@ def shard(n: int, batch_size: int) -> list[int]:
     per_rank = batch_size // world()
     r = rank()
     return [i for i in range(n) if (i % batch_size) // per_rank == r]
+
+
+def all_reduce_sum_(tensors) -> None:
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
 
 
 def all_reduce_mean_(tensors) -> None:

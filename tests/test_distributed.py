@@ -90,8 +90,26 @@ def test_two_ranks_learn_what_one_process_learns(setup, tmp_path):
         assert y["final_mse"] == pytest.approx(x["final_mse"], rel=1e-4)
 
 
+def test_clip_search_and_gptq_average_their_statistics_over_ranks(setup, tmp_path):
+    """Their Hessians cover every rank's samples: the searched clipping ratios are one process's, and the
+    GPTQ-rounded blocks' output error too."""
+    from affinequant.cli import run
+    flags = FLAGS + ["--clip_search", "--gptq"]
+    run(setup + flags + ["--output_dir", str(tmp_path / "one")])
+    out, codes = _run_ranks(setup + flags + ["--output_dir", str(tmp_path / "two")], tmp_path)
+    assert codes == [0, 0] and out[0][0] == "ok", out
+    one, two = _blocks(tmp_path / "one"), _blocks(tmp_path / "two")
+    for name in one:
+        for key in (k for k in one[name] if k.startswith("clip.")):
+            assert torch.equal(two[name][key], one[name][key]), (name, key)
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    for x, y in zip(a["blocks"], b["blocks"]):
+        assert y["final_mse"] == pytest.approx(x["final_mse"], rel=1e-3)
+
+
 def test_stages_outside_the_trainer_are_refused_data_parallel(setup, tmp_path):
-    out, codes = _run_ranks(setup + FLAGS + ["--gptq", "--output_dir", str(tmp_path / "g")], tmp_path)
+    out, codes = _run_ranks(setup + FLAGS + ["--tesseraq", "--output_dir", str(tmp_path / "g")], tmp_path)
     assert out == {0: ("exit", "2"), 1: ("exit", "2")}      # argparse's usage error, on every rank, before any work
     assert not (tmp_path / "g" / "checkpoint").exists()
 

@@ -145,8 +145,8 @@ class _AllSeen(Exception):
 
 @torch.no_grad()
 def linear_hessians(ctx: BlockContext, data: BlockData, names: list[str]) -> dict:
-    """GPTQ's H = 2/n·Σxᵀx of the inputs of each linear in `names`, from one pass of the block over
-    data.inputs as it stands now (transforms refreshed, earlier linears as already rounded). The
+    """GPTQ's H = 2/n·Σxᵀx of the inputs of each linear in `names` (over every rank's samples when
+    data-parallel), from one pass of the block over data.inputs as it stands now (transforms refreshed, earlier linears as already rounded). The
     input is what the linear receives, before its own activation quantizer. Each forward stops as
     soon as every named linear has seen its input, so the later part of the block does not run."""
     from ..gptq import Hessian
@@ -175,4 +175,11 @@ def linear_hessians(ctx: BlockContext, data: BlockData, names: list[str]) -> dic
     finally:
         for h in handles:
             h.remove()
+    if data.data_parallel:          # H over every rank's inputs: Σ_r n_r·H_r / Σ_r n_r
+        from .. import distributed
+        for h in hessians.values():
+            h.H *= h.nsamples
+            distributed.all_reduce_sum_([h.H])
+            h.nsamples = int(distributed.total(h.nsamples))
+            h.H /= max(h.nsamples, 1)
     return hessians
