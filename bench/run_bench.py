@@ -69,7 +69,7 @@ METHODS = {
     "LWC+LET (MSE+NLC)": ["--lwc", "--let", "--loss", "mse+nlc"],
     "LWC+LET (DC)": ["--lwc", "--let", "--loss", "dc"],
     # LRQuant as its code runs (log-activation LET init, MSE+NLC), and ABQ-LLM's rank-1 down_proj compensation
-    "LRQuant (log init, MSE+NLC)": ["--lwc", "--let", "--let_init", "log", "--loss", "mse+nlc"],
+    "LRQuant (log init; MSE+NLC)": ["--lwc", "--let", "--let_init", "log", "--loss", "mse+nlc"],
     "LWC+LET (DC) +compensation": ["--lwc", "--let", "--loss", "dc", "--compensation"],
     # LRQuant's test-time adaptation of the last block on the evaluation windows (transductive: it sees the text
     # it is evaluated on), on the finished run named in TTA_BASE (its checkpoint: nothing is recalibrated)
