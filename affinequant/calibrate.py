@@ -334,20 +334,12 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     return reports
 
 
-# stages that read calibration data outside the shared trainer, and do not average it over ranks yet
-NOT_DATA_PARALLEL = ("tesseraq",)
-
-
 def check_data_parallel(cfg: QuantConfig) -> None:
-    """What data-parallel calibration (distributed.py) can run."""
+    """What data-parallel calibration (distributed.py) needs: a global batch that splits over the ranks."""
     world = distributed.world()
     if cfg.batch_size % world:
         raise ConfigError(f"--batch_size {cfg.batch_size} does not split over {world} ranks: give a multiple of "
                           f"{world} (each rank takes batch_size / {world} samples per step)")
-    blocked = [s.name for s in cfg.stages() if s.name in NOT_DATA_PARALLEL]
-    if blocked:
-        raise ConfigError(f"stage {', '.join(blocked)}: reads the calibration data outside the shared trainer and is not "
-                          f"data-parallel yet: run it in one process (without torchrun), or drop it")
 
 
 def prepare_attention(model: nn.Module, cfg: QuantConfig) -> None:

@@ -6,7 +6,8 @@ Every rank draws the same calibration samples and takes its share of each global
 --batch_size B on W ranks, B/W samples per rank per step), runs the block loop on its share, and the
 shared trainer averages the gradients (and the loss its decisions read) over the ranks every step, so every
 rank holds the same block parameters, equal to one process with --batch_size B up to float summation
-order; the clipping search's and GPTQ's Hessians are summed over the ranks. Rank 0 alone writes (checkpoints, statistics, results, exports) and evaluates. gloo on the CPU,
+order; the clipping search's and GPTQ's Hessians are summed over the ranks, and TesseraQ averages its
+gradients the same way. Rank 0 alone writes (checkpoints, statistics, results, exports) and evaluates. gloo on the CPU,
 nccl on CUDA (one GPU per rank, LOCAL_RANK). A rank that dies ends the others' collectives with an
 error; main.py then stops with one line, and --resume continues from the blocks rank 0 checkpointed.
 """
@@ -64,6 +65,20 @@ def all_reduce_sum_(tensors) -> None:
     if active():
         for t in tensors:
             dist.all_reduce(t)
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of `params` over the ranks. A parameter this rank's batch did not reach (an
+    MoE expert no local token was routed to) contributes zeros, so every rank reduces the same list."""
+    if not active():
+        return
+    grads = []
+    for p in params:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    all_reduce_mean_(grads)
 
 
 def all_reduce_mean_(tensors) -> None:

@@ -76,7 +76,7 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if data.data_parallel:
-                distributed.all_reduce_mean_([p.grad for g in params for p in g["params"] if p.grad is not None])
+                distributed.average_gradients([p for g in params for p in g["params"]])
             scaler.step(optimizer)
             scaler.update()
             total += value

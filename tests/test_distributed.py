@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, argv: list, queue, die_at_block: i
         calibrate.BlockRunner.quantize = dying
     try:
         res = run(argv)
-        queue.put((rank, "ok", res.get("blocks_restored")))
+        queue.put((rank, "ok", json.dumps(res.get("blocks"))))
     except SystemExit as exc:
         queue.put((rank, "exit", str(exc.code)))
 
@@ -108,8 +108,21 @@ def test_clip_search_and_gptq_average_their_statistics_over_ranks(setup, tmp_pat
         assert y["final_mse"] == pytest.approx(x["final_mse"], rel=1e-3)
 
 
-def test_stages_outside_the_trainer_are_refused_data_parallel(setup, tmp_path):
-    out, codes = _run_ranks(setup + FLAGS + ["--tesseraq", "--output_dir", str(tmp_path / "g")], tmp_path)
+def test_tesseraq_keeps_every_rank_identical(setup, tmp_path):
+    """TesseraQ's own mini-batch loop averages its gradients over the ranks: both ranks end with the same
+    rounding (the same losses and the same share of codes moved off round-to-nearest)."""
+    flags = ["--wbits", "3", "--group_size", "16", "--tesseraq", "--par_iters", "4", "--par_rounds", "3",
+             "--par_batch", "2", "--par_lr", "1e-2", "--nsamples", "4", "--batch_size", "2", "--seqlen", "32"]
+    out, codes = _run_ranks(setup + flags + ["--output_dir", str(tmp_path / "t")], tmp_path)
+    assert codes == [0, 0] and out[0][0] == out[1][0] == "ok", out
+    ranks = [[b["stages"]["tesseraq"] for b in json.loads(out[r][1])] for r in (0, 1)]
+    assert ranks[0] == ranks[1] and all(t["changed_vs_rtn"] > 0 for t in ranks[0])
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(setup, tmp_path):
+    flags = list(FLAGS)
+    flags[flags.index("--batch_size") + 1] = "1"
+    out, _ = _run_ranks(setup + flags + ["--output_dir", str(tmp_path / "g")], tmp_path)
     assert out == {0: ("exit", "2"), 1: ("exit", "2")}      # argparse's usage error, on every rank, before any work
     assert not (tmp_path / "g" / "checkpoint").exists()
 

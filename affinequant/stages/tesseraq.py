@@ -16,12 +16,14 @@ into float weights and re-rounds, which can move a group's scale).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import ConfigError
 from ..gptq import fp16_scale
 from .base import Rounder, StageConfig, quantized_linears, register
@@ -181,10 +183,16 @@ class TesseraQ(Rounder):
             with data.ctx_factory():
                 return objective_on(self.ctx.block, data, idx, self.ctx.cfg.objective)
 
+        # data-parallel: each rank draws its share of every mini-batch from its own samples, the gradients
+        # and losses are averaged over the ranks, so the rounding variables stay identical on every rank
+        parallel = data.data_parallel
+        batch = max(1, cfg.batch // distributed.world()) if parallel else cfg.batch
+
         @torch.no_grad()
         def full_loss() -> float:
-            return sum(loss_on(torch.arange(i, min(i + cfg.batch, n))).item() * min(cfg.batch, n - i)
-                       for i in range(0, n, cfg.batch)) / n
+            value = sum(loss_on(torch.arange(i, min(i + batch, n))).item() * min(batch, n - i)
+                        for i in range(0, n, batch)) / n
+            return distributed.mean(value) if parallel else value
 
         try:
             for s in soft.values():           # the loss at round-to-nearest on this grid, for the report
@@ -203,17 +211,20 @@ class TesseraQ(Rounder):
                 optimizer = torch.optim.Adam(params, lr=cfg.lr)      # a fresh one every round, as the reference
                 total = 0.0
                 for _ in range(cfg.iters):
-                    idx = torch.randperm(n, generator=gen)[: min(cfg.batch, n)]
+                    idx = torch.randperm(n, generator=gen)[: min(batch, n)]
                     loss = loss_on(idx)
-                    if not torch.isfinite(loss):
+                    value = distributed.mean(loss.item()) if parallel else loss.item()
+                    if not math.isfinite(value):
                         raise FloatingPointError("TesseraQ: the block loss is not finite")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if parallel:
+                        distributed.average_gradients([p for s in soft.values() for p in (s.nu, s.mu)])
                     for s in soft.values():              # hardened variables are fixed
                         if s.nu.grad is not None:
                             s.nu.grad[s.hard] = 0
                     optimizer.step()
-                    total += loss.item()
+                    total += value
                 hardened = sum(int(s.hard.sum()) for s in soft.values()) / sum(s.hard.numel() for s in soft.values())
                 rounds.append({"threshold": threshold, "hardened": round(hardened, 4), "loss": total / cfg.iters})
                 log.info("TesseraQ round %d/%d: %.1f%% hard, loss %.6g", len(rounds), len(schedule(cfg.rounds)),
