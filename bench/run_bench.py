@@ -123,7 +123,11 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "TesseraQ rows: 8 of the reference's 20 hardening rounds x 3 (SmolLM2) or 2 (Qwen) Adam steps on one sample, "
          "as many steps per block as AutoRound's iters here, at lr 1e-2 (the reference's 1e-3 barely moves the "
          "rounding in so few steps); the reference's budget is 20 rounds x 250 steps x 4 samples. AutoRound@48 steps "
-         "is AutoRound with twice its bench steps, about the wall time per block of AffineQuant+TesseraQ.")
+         "is AutoRound with twice its bench steps, about the wall time per block of AffineQuant+TesseraQ. '(MSE+NLC)' and '(DC)' rows are LWC+LET under LRQuant's and "
+         "ABQ-LLM's objectives (--loss mse+nlc, --loss dc); '+compensation' adds ABQ-LLM's rank-1 down_proj term. '+TTA' "
+         "rows are their base row's checkpoint with LRQuant's test-time adaptation of the last block on the evaluated "
+         "windows (transductive; 5 epochs): their seconds are the adaptation per adapted block, their calibration is the "
+         "base row's. W2* is ABQ-LLM's bit balance, 5 levels (2.32 bits of information), not INT2.")
 
 
 def budget(args, model: str, setting: str) -> dict:
