@@ -66,7 +66,8 @@ INT4_CPU_GROUPS = (32, 64, 128, 256)     # group sizes torch's int4 CPU kernel t
 class PackedLinear(nn.Module):
     """A linear layer whose weight is stored packed (GPTQ layout) and unpacked on the fly
     with torch operations, on any device (kernel "exact": bit-exact against the fake-quantized weight).
-    Kernel "int4_cpu" (use_kernel) runs 4-bit layers through torch's int4 CPU matmul instead: activations
+    Kernel "int4_cpu" (use_kernel) runs 2/3/4-bit layers through torch's int4 CPU matmul instead (their codes
+    repacked once into an int4 copy held beside the packed storage, 0.5 byte per weight): activations
     and the per-group scale and offset in bfloat16, so not bit-exact (tests/test_packing.py states the
     tolerance), and several times faster than the dense float32 layer at decode."""
 
@@ -149,7 +150,8 @@ class PackedLinear(nn.Module):
     @property
     def int4_cpu_supported(self) -> bool:
         gs = self.group_size or self.in_features
-        return (self.bits == 4 and gs in INT4_CPU_GROUPS and self.in_features % gs == 0
+        # 2- and 3-bit codes (and bit balance's five levels) are int4 codes too: the kernel runs them alike
+        return (self.bits <= 4 and gs in INT4_CPU_GROUPS and self.in_features % gs == 0
                 and hasattr(torch, "_weight_int4pack_mm_for_cpu"))
 
     def use_kernel(self, kernel: str) -> bool:
@@ -163,10 +165,13 @@ class PackedLinear(nn.Module):
 
     @torch.no_grad()
     def _int4_tensors(self):
-        # the kernel computes (q - 8) * scale + offset: our (q - zero) * scale has offset (8 - zero) * scale
-        packed = torch._convert_weight_to_int4pack_for_cpu(self.codes().contiguous().cpu(), 2)
+        # the kernel computes (q' - 8) * scale + offset. Codes of fewer bits are moved to the middle of the int4
+        # range (q' = q + 8 - 2^(bits-1)), so that the offset (2^(bits-1) - zero) * scale stays small: a bfloat16
+        # offset near 8 * scale would cancel against (q' - 8) * scale and lose the low bits' precision
+        shift = 8 - 2 ** (self.bits - 1)
+        packed = torch._convert_weight_to_int4pack_for_cpu((self.codes() + shift).contiguous().cpu(), 2)
         scales = self.scales.float().cpu()                                   # (groups, out)
-        offsets = (8 - self.zeros().float().cpu().T) * scales
+        offsets = (2 ** (self.bits - 1) - self.zeros().float().cpu().T) * scales
         return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,10 +81,16 @@ def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_
     fast = layer(x)
     assert fast.shape == exact.shape and not torch.equal(fast, exact)
     assert ((fast - exact).norm() / exact.norm()).item() < 1e-2
-    three = PackedLinear.from_codes(*WeightQuantizer((96, 256), 3, 64).integer_codes(weight), 3, 64, None, zero_offset=0)
+    for bits in (2, 3):             # lower bit-widths are int4 codes too
+        low = PackedLinear.from_codes(*WeightQuantizer((96, 256), bits, 64).integer_codes(weight), bits, 64, None,
+                                      zero_offset=0)
+        exact_low = low(x)
+        assert low.use_kernel("int4_cpu")
+        assert ((low(x) - exact_low).norm() / exact_low.norm()).item() < 1e-2
+    eight = PackedLinear.from_codes(*WeightQuantizer((96, 256), 8, 64).integer_codes(weight), 8, 64, None, zero_offset=0)
     ragged = PackedLinear.from_codes(*WeightQuantizer((96, 200), 4, 64).integer_codes(weight[:, :200]), 4, 64, None,
                                      zero_offset=0)
-    assert not three.use_kernel("int4_cpu") and not ragged.use_kernel("int4_cpu") and three.kernel == "exact"
-    model = torch.nn.Sequential(layer, three)
+    assert not eight.use_kernel("int4_cpu") and not ragged.use_kernel("int4_cpu") and eight.kernel == "exact"
+    model = torch.nn.Sequential(layer, eight)
     assert use_packed_kernel(model, "exact") == (2, 2) and layer.kernel == "exact"
     assert use_packed_kernel(model, "int4_cpu") == (1, 2)
