@@ -4,7 +4,10 @@ layers and attention run unchanged.
     norm_groups: (norm, [linears it feeds])  -- LET / affine transforms between them
     out_pair:    (v_proj, o_proj)            -- per-head transform, exact since softmax rows sum to 1
     qk_pair:     (q_proj, k_proj)            -- q divided, k multiplied by the same per-head scale
-    mlp_out:     down_proj / fc2             -- the MLP's output projection (ABQ-LLM's compensation)
+    mlp_out:     down_proj / fc2             -- the MLP's output projection (ABQ-LLM's compensation, FlatQuant)
+    mlp_up:      up_proj                     -- the linear whose output multiplies into mlp_out's input channel
+                                                by channel, so a per-channel scale there folds into its rows
+                                                ("" where a nonlinearity sits between: OPT's fc1)
     fused:       (qkv_proj, ((q_proj, "q"), (k_proj, "kv"), (v_proj, "kv")))  -- a linear that computes
                  several projections as row slices (Phi-3); the pairs above may name its parts
 """
@@ -31,6 +34,7 @@ class Adapter:
     rope: bool                              # q/k rotate in pairs (i, i + head_dim/2): scales must be tied per pair
     norm_has_bias: bool                     # LayerNorm-style norms can absorb LET shifts; RMSNorm cannot
     mlp_out: str = "mlp.down_proj"          # the MLP's output projection
+    mlp_up: str = "mlp.up_proj"             # its input's linear factor (gated MLPs); "" where none is
     norm_weight_offset: float = 0.0         # the norms scale by (offset + weight): Gemma's (1 + w)
     qk_transform: bool = True               # False where q and k pass through their own norms (q_norm/k_norm)
     # fused linears: (name, ((part, size kind), ...)), parts in row order; size kinds "q" (heads x head_dim),
@@ -119,6 +123,7 @@ ADAPTERS = [
         rope=False,
         norm_has_bias=True,
         mlp_out="fc2",
+        mlp_up="",
         reference_init_linears=("self_attn.q_proj", "fc1"),
     ),
 ]
@@ -126,7 +131,7 @@ ADAPTERS = [
 # Mixture-of-experts: attention as Llama's (q/k norms in Qwen3-MoE and OLMoE). The post-attention norm feeds
 # the router as well as every expert, and the router is no Linear, so no LET transform is placed there; each
 # expert's linears are quantized (moe.py unpacks the 3-D expert parameters), the router stays in full precision.
-_MOE = {**_LLAMA_LIKE, "norm_groups": _LLAMA_LIKE["norm_groups"][:1], "mlp_out": "", "experts": "mlp.experts"}
+_MOE = {**_LLAMA_LIKE, "norm_groups": _LLAMA_LIKE["norm_groups"][:1], "mlp_out": "", "mlp_up": "", "experts": "mlp.experts"}
 ADAPTERS += [
     Adapter(model_types=("mixtral",), **_MOE),
     Adapter(model_types=("qwen2_moe",), **{**_MOE, "skip": ("mlp.shared_expert_gate",)}),

@@ -147,7 +147,7 @@ class BlockQuantizer:
         self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda w: (
             WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, reference=cfg.reference_compat,
                             balanced=cfg.bit_balance)
-            if cfg.wbits < 16 else None), reference=cfg.reference_compat)
+            if cfg.wbits < 16 else None), reference=cfg.reference_compat, q_bits=cfg.q_width, kv_bits=cfg.kv_width)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
         self.round_to_nearest: set[str] = set()     # linears with no calibration data (unrouted MoE experts)
@@ -258,7 +258,7 @@ class BlockQuantizer:
                 bias = None if qlinear.bias is None else qlinear.bias.detach()
                 set_submodule(self.block, name, PackedLinear.from_codes(
                     codes, scale, zero, wq.storage_bits, wq.group_size, bias, zero_offset=0 if int(zero.min()) < 1 else 1))
-            elif qlinear.act_quantizer is None:     # weight-only: a plain nn.Linear, loadable by anything
+            elif qlinear.act_quantizer is None and qlinear.online is None:  # weight-only: a plain nn.Linear
                 set_submodule(self.block, name, qlinear.to_linear())
 
 
@@ -344,7 +344,7 @@ def check_data_parallel(cfg: QuantConfig) -> None:
 
 def prepare_attention(model: nn.Module, cfg: QuantConfig) -> None:
     """Route attention through our function where the run quantizes q/k/v or a loss term reads the maps."""
-    if cfg.abits < 16 or cfg.objective.needs_attention:
+    if min(cfg.abits, cfg.q_width, cfg.kv_width) < 16 or cfg.objective.needs_attention:
         use_quantized_attention(model)
 
 
@@ -388,7 +388,9 @@ class BlockRunner:
             bq.round_to_nearest = set(experts["unseen_linears"])
             log.warning("%s %d: experts %s saw none of the calibration tokens (tokens per expert: %s): their "
                         "linears are rounded to nearest", desc, index, experts["unseen"], experts["tokens_per_expert"])
-        data = BlockData(q_inps, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
+        # the inputs a block learns on: the quantized trajectory (OmniQuant), or the FP one (FlatQuant)
+        inputs = fp_inps if cfg.train_inputs == "fp" else q_inps
+        data = BlockData(inputs, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
                          self.step_batch, trains, fp_inps, fp_block, self.data_parallel)
         report = BlockReport(index, experts={k: v for k, v in experts.items() if k != "unseen_linears"}
                              if experts else None)

@@ -31,7 +31,8 @@ STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "reference_compat", "b
 TRAINING = ("wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed")
 # Options that change what a stage stores (its tensors' meaning or shapes); other options change only
 # how the values were reached, or, for the rounder, how a rebuild rounds.
-STRUCTURAL_OPTIONS = {"let": ("ln_matrix", "qk_matrix", "out_matrix")}
+STRUCTURAL_OPTIONS = {"let": ("ln_matrix", "qk_matrix", "out_matrix"),
+                      "flatquant": ("parametrization", "diag", "key_transform", "lac")}
 
 
 def _saved_recipe(saved: dict) -> list[dict]:

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wbits", type=int, default=4)
     a("--abits", type=int, default=16)
     a("--group_size", type=int, default=None)
+    a("--kv_bits", type=int, default=None,
+      help="bits of k and v as attention reads them (the KV cache): per token and head, asymmetric, dynamic "
+           "(default: --abits; 16: not quantized). Results name them: W4A4KV16, W4A4KV4")
+    a("--q_bits", type=int, default=None,
+      help="bits of q as attention reads it (default: --kv_bits, as OmniQuant quantizes q, k and v alike; FlatQuant "
+           "and QuaRot leave q at 16)")
     a("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
     a("--bit_balance", action="store_true",
       help="ABQ-LLM's bit balance: 2-bit asymmetric weights on 5 levels {0..4} (W2*, about 2.32 bits of information; "
@@ -127,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compensation", action="store_true",
       help="ABQ-LLM's compensation: learn a rank-1 term a*b^T added to down_proj before quantization in the first 3 "
            "and last 4 blocks, merged into the weight (a recipe sets other blocks: compensation: {first: N, last: M})")
+    a("--flatquant", action="store_true",
+      help="FlatQuant: a learnable Kronecker-factored transform with a per-channel scale in front of every linear "
+           "(online where no weight or norm can absorb it), the k-cache transform, learnable activation clipping, and "
+           "LWC; cosine learning rate (docs/flatquant.md)")
+    a("--flat_lr", type=float, default=5e-3, help="FlatQuant: learning rate of the transforms (LAC: 10x)")
+    a("--direct_inv", action="store_true",
+      help="FlatQuant: learn each factor as a free matrix inverted in float64, not through its SVD")
+    a("--train_inputs", default="quantized", choices=["quantized", "fp"],
+      help="what a block learns on: its inputs on the quantized model (OmniQuant, AffineQuant) or on the FP model "
+           "(FlatQuant)")
     a("--gptq", action="store_true", help="round the weights with GPTQ after the transforms (instead of to nearest)")
     a("--percdamp", type=float, default=0.01, help="GPTQ dampening: fraction of the Hessian's mean diagonal")
     a("--act_order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order (static groups)")
@@ -160,6 +176,8 @@ def config_from_args(args) -> QuantConfig:
                        deactive_amp=args.deactive_amp,
                        use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,
                        real_quant=args.real_quant, reference_compat=args.reference_compat,
+                       kv_bits=args.kv_bits, q_bits=args.q_bits, flatquant=args.flatquant, flat_lr=args.flat_lr,
+                       direct_inv=args.direct_inv, train_inputs=args.train_inputs,
                        seed=args.seed).validate()
 
 

@@ -12,6 +12,7 @@ class ConfigError(AffineQuantError, ValueError):
     """A setting that cannot work; the message names the fix."""
 
 
+TRAIN_INPUTS = ("quantized", "fp")             # a block learns on the quantized trajectory (OmniQuant) or the FP one (FlatQuant)
 QK_INITS = ("stats", "ones")                    # where the LET q <-> k scale starts: transforms.LET
 LET_INITS = ("smoothquant", "log")              # where the LET scales start: SmoothQuant's, or LRQuant's log-activation
 
@@ -26,6 +27,8 @@ def default_sf(abits: int) -> float:
 class QuantConfig:
     wbits: int = 4
     abits: int = 16
+    kv_bits: int | None = None         # k and v as attention reads them (the KV cache); None: as abits, 16: not quantized
+    q_bits: int | None = None          # q as attention reads it; None: as kv_bits (OmniQuant quantizes q, k, v alike)
     group_size: int | None = None      # None: one group per output channel
     symmetric: bool = False
     bit_balance: bool = False          # ABQ-LLM: 2-bit asymmetric weights on 5 levels (about 2.32 bits; "W2*")
@@ -62,6 +65,19 @@ class QuantConfig:
     reference_compat: bool = False     # reproduce the reference code's conventions (docs/reference-compat.md)
     recipe: list | None = None         # the stages as data (recipe.py); None: from the flags above
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
+    flatquant: bool = False            # FlatQuant's Kronecker transforms, LAC and LWC (stages.flatquant)
+    flat_lr: float = 5e-3              # FlatQuant: learning rate of the transforms (LAC: 10x)
+    direct_inv: bool = False           # FlatQuant: learn the factors directly (inverted in float64), not through their SVD
+    train_inputs: str = "quantized"    # "quantized": blocks learn on the quantized trajectory (OmniQuant); "fp": on FP inputs (FlatQuant)
+
+    @property
+    def kv_width(self) -> int:
+        """The bits of k and v as attention reads them."""
+        return self.abits if self.kv_bits is None else self.kv_bits
+
+    @property
+    def q_width(self) -> int:
+        return self.kv_width if self.q_bits is None else self.q_bits
 
     @property
     def full_precision(self) -> bool:
@@ -73,6 +89,14 @@ class QuantConfig:
             raise ConfigError(f"--wbits {self.wbits} is not supported: use one of 2..8 or 16 (no weight quantization)")
         if self.abits not in VALID_BITS:
             raise ConfigError(f"--abits {self.abits} is not supported: use one of 2..8 or 16 (no activation quantization)")
+        for name in ("kv_bits", "q_bits"):
+            if getattr(self, name) is not None and getattr(self, name) not in VALID_BITS:
+                raise ConfigError(f"--{name} {getattr(self, name)} is not supported: use one of 2..8, or 16 (not quantized)")
+        if self.train_inputs not in TRAIN_INPUTS:
+            raise ConfigError(f"--train_inputs {self.train_inputs!r} is not known: use quantized (OmniQuant) or fp "
+                              f"(FlatQuant)")
+        if not self.flat_lr > 0:
+            raise ConfigError(f"--flat_lr {self.flat_lr} must be positive: FlatQuant uses 5e-3")
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"--group_size {self.group_size} is not a group size: give a positive number of input "
                               f"columns per group (128 is usual), or omit --group_size for one grid per output channel")
@@ -90,7 +114,7 @@ class QuantConfig:
             raise ConfigError(f"--real_quant packs 2, 3, 4 or 8-bit weights of weight-only models (got --wbits "
                               f"{self.wbits} --abits {self.abits}): drop --real_quant, or use --abits 16 and one "
                               f"of those bit-widths")
-        if self.full_precision and (self.let or self.real_quant or self.recipe is not None):
+        if self.full_precision and (self.let or self.flatquant or self.real_quant or self.recipe is not None):
             raise ConfigError("--wbits 16 --abits 16 quantizes nothing (it evaluates the full-precision model), so "
                               "there is nothing to transform or pack: drop --let/--real_quant/--recipe, or lower --wbits or --abits")
         if self.lwc and self.wbits >= 16:
@@ -114,10 +138,12 @@ class QuantConfig:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
         if self.recipe is not None:
             flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq", "act_order",
-                                        "tesseraq", "compensation") if getattr(self, k)]
+                                        "tesseraq", "compensation", "flatquant") if getattr(self, k)]
             if flags:
                 raise ConfigError(f"--recipe names the stages, so {' '.join(flags)} would be ignored: drop them, or "
                                   f"put them in the recipe")
+        if self.flatquant and self.let:
+            raise ConfigError("--flatquant and --let both transform what the norms feed: keep one")
         if self.tesseraq and self.gptq:
             raise ConfigError("--tesseraq and --gptq both round the weights: keep one")
         if self.act_order and not self.gptq:
@@ -139,8 +165,11 @@ class QuantConfig:
 
     @property
     def setting(self) -> str:
-        """The setting as the papers write it: W4A4, W3A16g128, and W2* for bit balance."""
-        return f"W{self.wbits}{'*' if self.bit_balance else ''}A{self.abits}" + (f"g{self.group_size}" if self.group_size else "")
+        """The setting as the papers write it: W3A16g128, W2* for bit balance, and the KV-cache bits wherever
+        activations or the cache are quantized (W4A4KV16, W4A4KV4: the papers' W4A4 figures differ in them)."""
+        kv = f"KV{self.kv_width}" if min(self.abits, self.kv_width) < 16 else ""
+        return (f"W{self.wbits}{'*' if self.bit_balance else ''}A{self.abits}{kv}"
+                + (f"g{self.group_size}" if self.group_size else ""))
 
     @property
     def objective(self):

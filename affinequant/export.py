@@ -5,7 +5,8 @@ standard  weight-only, fake-quantized floats in plain nn.Linear: a stock Hugging
 gptq      packed weights (--real_quant) in the GPTQ layout, with config.json's
           quantization_config (quant_method "gptq"): for transformers + GPTQModel, vLLM, SGLang.
 runtime   anything a stock class lacks (per-token activation quantizers, AffineQuant's runtime
-          inverse after a norm, a bias the architecture does not declare): such a model would
+          inverse after a norm, FlatQuant's online transforms and clipping factors, a bias the
+          architecture does not declare): such a model would
           reload *silently wrong* with stock classes, so there is no standard weight file, stock
           from_pretrained fails loudly, and `load_quantized(path)` rebuilds the modules and loads
           strictly from affinequant.safetensors.
@@ -24,7 +25,9 @@ from .adapters import get_adapter
 from .errors import OutputError
 from .moe import ExpertLinears, packed_experts, unpack_experts
 from .packing import PackedLinear, use_packed_kernel
-from .qmodules import QuantLinear, TransformedNorm, install_quantizers, set_submodule, use_quantized_attention
+from .qmodules import (KeyTransform, OnlineTransform, QKVQuantizers, QuantLinear, TransformedNorm, install_quantizers,
+                       set_submodule, use_quantized_attention)
+from .quantizer import ActQuantizer
 from .utils import atomic_write, write_json
 
 log = logging.getLogger("affinequant")
@@ -41,6 +44,20 @@ def runtime_norms(model) -> list[str]:
 def norm_biases(model) -> list[str]:
     """Norms given a bias their architecture lacks (a reference-convention shift after an RMSNorm)."""
     return [name for name, m in model.named_modules() if isinstance(m, TransformedNorm) and m.bias is not None]
+
+
+def online_transforms(model) -> dict[str, list]:
+    """FlatQuant's online transforms, by module name: their factor sizes."""
+    return {name: m.sizes for name, m in model.named_modules() if isinstance(m, OnlineTransform)}
+
+
+def key_transforms(model) -> dict[str, int]:
+    return {name: m.key.shape[0] for name, m in model.named_modules() if isinstance(m, KeyTransform)}
+
+
+def lac_quantizers(model) -> list[str]:
+    """Activation quantizers with learned clipping factors (FlatQuant's LAC)."""
+    return [name for name, m in model.named_modules() if isinstance(m, ActQuantizer) and m.lac]
 
 
 def packed_modules(model) -> dict[str, list]:
@@ -144,17 +161,22 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         choose_gptq_format(model, cfg.symmetric, gptq_format)
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
+    attention_quant = any(isinstance(m, QKVQuantizers) for m in model.modules())
+    online, keys, lac = online_transforms(model), key_transforms(model), lac_quantizers(model)
     norms, biases, packed = runtime_norms(model), norm_biases(model), packed_modules(model)
     stock_keys = _stock_keys(model.config)
     # biases the transforms gave linears the architecture has none on (reference-convention shifts)
     added_biases = sorted(name for name, m in model.named_modules() if hasattr(m, "in_features")
                           and getattr(m, "bias", None) is not None and f"{name}.bias" not in stock_keys)
-    extra_keys = sorted(_as_stock_keys(model) - stock_keys) if not (act_quant or norms) else []
-    fmt = "runtime" if (act_quant or norms or extra_keys) else ("gptq" if packed else "standard")
+    runtime_modules = act_quant or attention_quant or norms or online
+    extra_keys = sorted(_as_stock_keys(model) - stock_keys) if not runtime_modules else []
+    fmt = "runtime" if (runtime_modules or extra_keys) else ("gptq" if packed else "standard")
     manifest = {"format": fmt, "config": cfg.to_dict(), "model": model_id, "setting": cfg.setting,
                 "effective_weight_bits": cfg.effective_wbits, "runtime_inverse_norms": norms,
                 "runtime_norm_biases": biases, "added_linear_biases": added_biases,
                 "activation_bits": cfg.abits if act_quant else 16, "packed": packed,
+                "attention_bits": {"q": cfg.q_width, "kv": cfg.kv_width} if attention_quant else {"q": 16, "kv": 16},
+                "online_transforms": online, "key_transforms": keys, "lac_quantizers": lac,
                 "unpacked_experts": any(isinstance(m, ExpertLinears) for m in model.modules()),
                 "weights": "packed integer codes (GPTQ layout)" if packed else "fake-quantized (dequantized floats)"}
     config = model.config
@@ -187,7 +209,8 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
         else:
             config.save_pretrained(save_dir)
             atomic_write(save_dir / RUNTIME_WEIGHTS, lambda tmp: save_model(model, tmp))
-            what = [w for w, on in (("per-token activation quantizers", act_quant),
+            what = [w for w, on in (("per-token activation quantizers", act_quant or attention_quant),
+                                    (f"{len(online)} online transforms (FlatQuant)", online),
                                     (f"{len(norms)} runtime inverse matrices after norms", norms),
                                     (f"tensors the stock class lacks ({', '.join(extra_keys[:3])})", extra_keys)) if on]
             log.warning("the model needs %s: saved to %s in affinequant's format. Load it with "
@@ -224,12 +247,24 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, kernel: str = 
         linear = model.get_submodule(name)
         linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
     bits = manifest["activation_bits"]
-    if bits < 16:
+    attention_bits = manifest.get("attention_bits", {"q": bits, "kv": bits})
+    online = manifest.get("online_transforms", {})
+    if min(bits, attention_bits["q"], attention_bits["kv"]) < 16 or online:
         symmetric = manifest["config"].get("symmetric", False)
         for block in adapter.layers(model):
             install_quantizers(block, adapter, bits, symmetric, lambda w: None,
-                               reference=manifest["config"].get("reference_compat", False))
+                               reference=manifest["config"].get("reference_compat", False),
+                               q_bits=attention_bits["q"], kv_bits=attention_bits["kv"])
         use_quantized_attention(model)
+    for name in manifest.get("lac_quantizers", []):
+        model.get_submodule(name).enable_lac()
+    for name, head_dim in manifest.get("key_transforms", {}).items():
+        set_submodule(model, name, KeyTransform(head_dim))
+    for name, sizes in online.items():
+        parent = name.rsplit(".", 1)[0]
+        if not isinstance(model.get_submodule(parent), QuantLinear | TransformedNorm):
+            set_submodule(model, parent, TransformedNorm(model.get_submodule(parent)))
+        set_submodule(model, name, OnlineTransform(*sizes))
     inverse_norms, biased = set(manifest["runtime_inverse_norms"]), set(manifest.get("runtime_norm_biases", []))
     for name in sorted(inverse_norms | biased):
         norm = model.get_submodule(name)

@@ -15,7 +15,56 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
+from .kronecker import kron_matmul
 from .quantizer import ActQuantizer, WeightQuantizer
+
+
+class OnlineTransform(nn.Module):
+    """x ↦ x·(left ⊗ right) at run time (FlatQuant's transforms that no weight or norm can absorb: after a norm
+    under activation quantization, before o_proj and down_proj). `right` None: the identity (o_proj's transform
+    mixes heads only; its per-head part is folded into v_proj). While a stage learns it, `train_factors` holds
+    the current (left, right) and overrides the buffers; the merge writes the buffers, which are saved."""
+
+    def __init__(self, left: int, right: int | None):
+        super().__init__()
+        self.register_buffer("left", torch.eye(left))
+        self.register_buffer("right", None if right is None else torch.eye(right))
+        self.train_factors: tuple | None = None
+
+    @property
+    def sizes(self) -> list:
+        return [self.left.shape[0], None if self.right is None else self.right.shape[0]]
+
+    def set_factors(self, left: torch.Tensor, right: torch.Tensor | None) -> None:
+        self.train_factors = None
+        self.left = left.detach().float().contiguous()
+        self.right = None if right is None else right.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.train_factors if self.train_factors is not None else (self.left, self.right)
+        return kron_matmul(x, left, right)
+
+    def extra_repr(self) -> str:
+        return f"kronecker {' x '.join(str(n) for n in self.sizes if n)}"
+
+
+class KeyTransform(nn.Module):
+    """FlatQuant's k-cache transform, inside attention after RoPE: k ↦ k·P and q ↦ q·P⁻ᵀ per head, so every
+    score q·kᵀ is unchanged and the quantized k is the transformed one."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.register_buffer("key", torch.eye(head_dim))
+        self.register_buffer("query", torch.eye(head_dim))
+        self.train_matrices: tuple | None = None
+
+    def set_matrices(self, key: torch.Tensor, query: torch.Tensor) -> None:
+        self.train_matrices = None
+        self.key, self.query = key.detach().float().contiguous(), query.detach().float().contiguous()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor):
+        k_mat, q_mat = self.train_matrices if self.train_matrices is not None else (self.key, self.query)
+        return query @ q_mat.to(query.dtype), key @ k_mat.to(key.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -36,8 +85,11 @@ class QuantLinear(nn.Module):
         self.act_quantizer = act_quantizer
         self.temp_weight: torch.Tensor | None = None
         self.temp_bias: torch.Tensor | None = None
+        self.online: OnlineTransform | None = None      # applied to the input first (FlatQuant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online is not None:
+            x = self.online(x)
         weight = self.weight if self.temp_weight is None else self.temp_weight
         bias = self.bias if self.temp_bias is None else self.temp_bias
         if self.weight_quantizer is not None:
@@ -78,6 +130,7 @@ class TransformedNorm(nn.Module):
         # None until a matrix is merged; given hidden_size, an empty one for load_state_dict to fill
         self.register_buffer("inverse", None if hidden_size is None else torch.zeros(hidden_size, hidden_size))
         self.register_buffer("bias", torch.zeros(norm.weight.shape[0]) if with_bias else None)
+        self.online: OnlineTransform | None = None      # FlatQuant's transform of the norm's output
 
     def set_inverse(self, inverse: torch.Tensor) -> None:
         self.inverse_train = None
@@ -89,7 +142,7 @@ class TransformedNorm(nn.Module):
     @property
     def holds_runtime_ops(self) -> bool:
         """Whether the merged wrapper still does something the stock norm cannot."""
-        return self.inverse is not None or self.bias is not None
+        return self.inverse is not None or self.bias is not None or self.online is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
@@ -102,17 +155,33 @@ class TransformedNorm(nn.Module):
         inverse = self.inverse_train if self.inverse_train is not None else self.inverse
         if inverse is not None:
             y = (y.float() @ inverse).to(y.dtype)
+        if self.online is not None:
+            y = self.online(y)
         return y
 
 
 class QKVQuantizers(nn.Module):
-    """Per-token, per-head activation quantizers for q, k (after RoPE) and v."""
+    """Per-token, per-head dynamic quantizers of what attention reads: q at `q_bits`, k and v (the KV cache) at
+    `kv_bits` (None: as `bits`), asymmetric as the KV-cache methods do (under `reference`, OmniQuant's quantizers
+    follow `symmetric` like every activation); a width of 16 leaves that input alone. `k_transform`: FlatQuant's
+    k-cache transform, applied before the quantizers."""
 
-    def __init__(self, bits: int, symmetric: bool = False, reference: bool = False):
+    def __init__(self, bits: int, symmetric: bool = False, reference: bool = False, q_bits: int | None = None,
+                 kv_bits: int | None = None):
         super().__init__()
-        self.q = ActQuantizer(bits, symmetric, reference)
-        self.k = ActQuantizer(bits, symmetric, reference)
-        self.v = ActQuantizer(bits, symmetric, reference)
+        q_bits = bits if q_bits is None else q_bits
+        kv_bits = bits if kv_bits is None else kv_bits
+        kv_symmetric = symmetric if reference else False
+        self.q = ActQuantizer(q_bits, symmetric, reference) if q_bits < 16 else None
+        self.k = ActQuantizer(kv_bits, kv_symmetric, reference) if kv_bits < 16 else None
+        self.v = ActQuantizer(kv_bits, kv_symmetric, reference) if kv_bits < 16 else None
+        self.k_transform: KeyTransform | None = None
+
+    def forward(self, query, key, value):
+        if self.k_transform is not None:
+            query, key = self.k_transform(query, key)
+        return tuple(x if quantizer is None else quantizer(x)
+                     for x, quantizer in ((query, self.q), (key, self.k), (value, self.v)))
 
 
 ATTN_IMPLEMENTATION = "affinequant_sdpa"
@@ -190,7 +259,7 @@ def _quantized(base):
         last-dimension grid is per token and per head. An active AttentionProbe sees what attention reads."""
         quantizers = getattr(module, "qkv_quantizers", None)
         if quantizers is not None:
-            query, key, value = quantizers.q(query), quantizers.k(key), quantizers.v(value)
+            query, key, value = quantizers(query, key, value)
         AttentionProbe.record(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
         return base(module, query, key, value, attention_mask, **kwargs)
     return attention
@@ -221,10 +290,11 @@ def use_quantized_attention(model: nn.Module) -> None:
 
 
 def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, weight_quantizer_for,
-                       reference: bool = False) -> dict:
+                       reference: bool = False, q_bits: int | None = None, kv_bits: int | None = None) -> dict:
     """Replace every nn.Linear of `block` by a QuantLinear (weight quantizer from
     `weight_quantizer_for(weight)`, per-token input quantizer when abits < 16) and give its
-    attention q/k/v quantizers. Used for calibration and again when a saved model is rebuilt.
+    attention q/k/v quantizers (q at q_bits, k and v at kv_bits; both default to abits) where any is below 16.
+    Used for calibration and again when a saved model is rebuilt.
     `reference`: the activation grids follow the reference code's range convention."""
     linears = {}
     for name, module in list(block.named_modules()):
@@ -233,8 +303,11 @@ def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, w
             qlinear = QuantLinear(module, weight_quantizer_for(module.weight), aq).to(module.weight.device)
             set_submodule(block, name, qlinear)
             linears[name] = qlinear
-    if abits < 16:
-        block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(abits, symmetric, reference)
+    q_bits = abits if q_bits is None else q_bits
+    kv_bits = abits if kv_bits is None else kv_bits
+    if min(q_bits, kv_bits) < 16:
+        block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(abits, symmetric, reference, q_bits,
+                                                                              kv_bits)
     return linears
 
 

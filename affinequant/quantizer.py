@@ -149,19 +149,34 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Dynamic per-token quantizer: a min-max grid over the last dimension of every token."""
+    """Dynamic per-token quantizer: a min-max grid over the last dimension of every token.
+    With LAC (FlatQuant's learnable activation clipping, `enable_lac`) the token's max and min are scaled by
+    sigmoid(clip_upper) and sigmoid(clip_lower): one pair of scalars per quantizer (per layer, not per channel),
+    starting at sigmoid(4) = 0.982."""
 
     def __init__(self, bits: int, symmetric: bool = False, reference: bool = False):
         super().__init__()
         self.bits, self.symmetric, self.reference = bits, symmetric, reference
+        self.clip_upper = self.clip_lower = None
+
+    def enable_lac(self, device=None) -> None:
+        self.clip_upper = nn.Parameter(torch.full((), LWC_INIT, device=device))
+        self.clip_lower = nn.Parameter(torch.full((), LWC_INIT, device=device))
+
+    @property
+    def lac(self) -> bool:
+        return self.clip_upper is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return x
         xmax = x.amax(dim=-1, keepdim=True)
         xmin = x.amin(dim=-1, keepdim=True)
+        if self.clip_upper is not None:
+            xmax = torch.sigmoid(self.clip_upper).to(x.dtype) * xmax
+            xmin = torch.sigmoid(self.clip_lower).to(x.dtype) * xmin
         scale, zero = minmax_scale_zero(xmin, xmax, self.bits, self.symmetric, self.reference)
         return fake_quant(x, scale, zero, 2**self.bits - 1)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, per-token dynamic"
+        return f"bits={self.bits}, symmetric={self.symmetric}, per-token dynamic" + (", LAC" if self.lac else "")

@@ -82,6 +82,7 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
     the transformed weights, LWC, then the rounder."""
     from .stages.clip_search import ClipSearchConfig
     from .stages.compensation import CompensationConfig
+    from .stages.flatquant import FlatQuantConfig
     from .stages.let import LETConfig
     from .stages.lwc import LWCConfig
     from .stages.rounding import GPTQConfig, RTNConfig
@@ -91,12 +92,15 @@ def recipe_from_flags(cfg) -> list[StageConfig]:
     if cfg.let:
         stages.append(LETConfig(lr=cfg.let_lr, alpha=cfg.alpha, init=cfg.let_init, qk_init=cfg.qk_init, ln_matrix=cfg.use_ln_matrix,
                                 qk_matrix=cfg.use_matrix, sf=cfg.sf))
+    if cfg.flatquant:
+        stages.append(FlatQuantConfig(lr=cfg.flat_lr, lac_lr=10 * cfg.flat_lr,
+                                      parametrization="direct" if cfg.direct_inv else "svd"))
     if cfg.compensation:
         stages.append(CompensationConfig())
     if cfg.clip_search:
         stages.append(ClipSearchConfig())
-    if cfg.lwc:
-        stages.append(LWCConfig(lr=cfg.lwc_lr))
+    if cfg.lwc or (cfg.flatquant and cfg.wbits < 16):      # FlatQuant learns LWC with its transforms
+        stages.append(LWCConfig(lr=cfg.lwc_lr, schedule="cosine" if cfg.flatquant else "constant"))
     if cfg.tesseraq:
         stages.append(TesseraQConfig(iters=cfg.par_iters, batch=cfg.par_batch, lr=cfg.par_lr, rounds=cfg.par_rounds))
     else:
@@ -118,6 +122,10 @@ def resolve(cfg) -> list[StageConfig]:
     if not rounders:
         from .stages.rounding import RTNConfig
         stages.append(RTNConfig())
+    if cfg.real_quant and "flatquant" in names:
+        raise ConfigError("--real_quant writes the GPTQ layout, which has no place for FlatQuant's online transforms "
+                          "(they run in front of the linears): drop --real_quant; the model saves in affinequant's "
+                          "runtime format")
     if cfg.wbits >= 16:
         wq = [s.name for s in stages if s.quantizes_weights]
         if wq:

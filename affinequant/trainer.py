@@ -21,6 +21,14 @@ log = logging.getLogger("affinequant")
 # differ from each other by a few x; a learning rate that blows up goes orders of magnitude past this.
 DIVERGED_STEP = 100.0
 DIVERGED_EPOCH = 10.0
+COSINE_FLOOR = 1e-3     # a group with schedule "cosine" decays to this fraction of its rate (FlatQuant's eta_min)
+
+
+def scheduled_lr(base: float, schedule: str | None, step: int, total: int) -> float:
+    """A group's learning rate at `step` of `total`: constant, or cosine from `base` to COSINE_FLOOR x base."""
+    if schedule != "cosine" or total <= 1:
+        return base
+    return base * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
 def _describe(health: dict) -> str:
@@ -49,10 +57,13 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
     epoch = 0
 
     def make_optimizer():  # a fresh one per block, and after each NaN rollback at the lowered LR
-        return torch.optim.AdamW([{**g, "lr": g["lr"] * lr_scale} for g in params], weight_decay=cfg.wd)
+        return torch.optim.AdamW([{**g, "lr": g["lr"] * lr_scale, "base_lr": g["lr"] * lr_scale} for g in params],
+                                 weight_decay=cfg.wd)
 
     optimizer = make_optimizer()
     start_loss = None
+    steps_per_epoch = math.ceil(n / data.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
     while epoch < cfg.epochs:
         for name, health in bq.start_epoch(epoch).items():
             log.info("%s epoch %d: %s: %s", progress_desc, epoch, name, _describe(health))
@@ -73,6 +84,9 @@ def train_block(bq, data, cfg, report, progress_desc: str) -> None:
             elif value > DIVERGED_STEP * start_loss:
                 finite, why = False, f"diverging ({value:.3g} against {start_loss:.3g} at the start)"
                 break
+            for g in optimizer.param_groups:
+                g["lr"] = scheduled_lr(g["base_lr"], g.get("schedule"), epoch * steps_per_epoch + i // data.batch_size,
+                                       total_steps)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if data.data_parallel:

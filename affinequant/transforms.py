@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .kronecker import kron_matmul
 from .qmodules import QuantLinear, TransformedNorm
 
 log = logging.getLogger("affinequant")
@@ -70,6 +71,7 @@ class LinearTransform:
     shift_in: torch.Tensor | None = None
     row: torch.Tensor | None = None      # output transform R (producer side)
     shift_out: torch.Tensor | None = None
+    col_kron: tuple | None = None        # then W·(A ⊗ B) on the input side: FlatQuant's (P1⁻ᵀ, P2⁻ᵀ) (kronecker.py)
 
     def weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):
         new_bias = bias
@@ -80,6 +82,8 @@ class LinearTransform:
             new_bias = -self.shift_out if new_bias is None else new_bias - self.shift_out
         if self.col is not None:
             weight = mul_cols(weight, self.col)
+        if self.col_kron is not None:
+            weight = kron_matmul(weight, *self.col_kron)
         if self.row is not None:
             weight = mul_rows(weight, self.row)
             if new_bias is not None:
@@ -171,6 +175,44 @@ def rope_pair_blocks(pairs: torch.Tensor) -> torch.Tensor:
     top = torch.cat([torch.diag_embed(a), -torch.diag_embed(b)], dim=-1)
     bottom = torch.cat([torch.diag_embed(b), torch.diag_embed(a)], dim=-1)
     return torch.cat([top, bottom], dim=-2)
+
+
+def fuse_part_transforms(linear: dict[str, LinearTransform], part_rows: dict, head_dim: int) -> dict[str, LinearTransform]:
+    """Fold the output transforms planned for the parts of a fused linear (Phi-3's q/k/v in qkv_proj) into
+    one transform of its rows: vectors concatenated, or per-head blocks where any part has blocks (a
+    vector part becomes diagonal blocks, a part without a transform identity blocks)."""
+    for name, parts in part_rows.items():
+        planned = [(linear.pop(part, None), rows) for part, rows in parts]
+        if all(t is None for t, _ in planned):
+            continue
+        if any(t is not None and (t.col is not None or t.shift_in is not None) for t, _ in planned):
+            raise ValueError(f"{name}: an input transform planned for one of its parts; the parts share the input")
+        target = linear.setdefault(name, LinearTransform())
+        rows = [(t.row if t is not None else None, n) for t, n in planned]
+        if all(r is None or r.dim() == 1 for r, _ in rows):
+            dev = next(r for r, _ in rows if r is not None).device if any(r is not None for r, _ in rows) else None
+            if dev is not None:
+                row = torch.cat([r if r is not None else torch.ones(n, device=dev) for r, n in rows])
+                target.row = row if target.row is None else row * target.row
+        else:
+            h = head_dim
+            blocks = []
+            for r, n in rows:
+                if r is None:
+                    dev = next(x for x, _ in rows if x is not None).device
+                    blocks.append(torch.eye(h, device=dev).expand(n // h, h, h))
+                elif r.dim() == 1:
+                    blocks.append(torch.diag_embed(r.view(n // h, h)))
+                else:
+                    blocks.append(r)
+            if target.row is not None:
+                raise ValueError(f"{name}: a row transform of the whole fused linear and per-head ones of its parts")
+            target.row = torch.cat(blocks)
+        shifts = [(t.shift_out if t is not None else None, n) for t, n in planned]
+        if any(sh is not None for sh, _ in shifts):
+            dev = next(sh for sh, _ in shifts if sh is not None).device
+            target.shift_out = torch.cat([sh if sh is not None else torch.zeros(n, device=dev) for sh, n in shifts])
+    return linear
 
 
 class LET(nn.Module):
@@ -403,38 +445,7 @@ class LET(nn.Module):
         return self.fuse(linear), norms
 
     def fuse(self, linear: dict[str, LinearTransform]) -> dict[str, LinearTransform]:
-        """Fold the output transforms planned for the parts of a fused linear (Phi-3's q/k/v in qkv_proj) into
-        one transform of its rows: vectors concatenated, or per-head blocks where any part has blocks (a
-        vector part becomes diagonal blocks, a part without a transform identity blocks)."""
-        for name, parts in self.part_rows.items():
-            planned = [(linear.pop(part, None), rows) for part, rows in parts]
-            if all(t is None for t, _ in planned):
-                continue
-            if any(t is not None and (t.col is not None or t.shift_in is not None) for t, _ in planned):
-                raise ValueError(f"{name}: an input transform planned for one of its parts; the parts share the input")
-            target = linear.setdefault(name, LinearTransform())
-            rows = [(t.row if t is not None else None, n) for t, n in planned]
-            if all(r is None or r.dim() == 1 for r, _ in rows):
-                dev = next(r for r, _ in rows if r is not None).device if any(r is not None for r, _ in rows) else None
-                if dev is not None:
-                    target.row = torch.cat([r if r is not None else torch.ones(n, device=dev) for r, n in rows])
-            else:
-                h = self.head_dim
-                blocks = []
-                for r, n in rows:
-                    if r is None:
-                        dev = next(x for x, _ in rows if x is not None).device
-                        blocks.append(torch.eye(h, device=dev).expand(n // h, h, h))
-                    elif r.dim() == 1:
-                        blocks.append(torch.diag_embed(r.view(n // h, h)))
-                    else:
-                        blocks.append(r)
-                target.row = torch.cat(blocks)
-            shifts = [(t.shift_out if t is not None else None, n) for t, n in planned]
-            if any(sh is not None for sh, _ in shifts):
-                dev = next(sh for sh, _ in shifts if sh is not None).device
-                target.shift_out = torch.cat([sh if sh is not None else torch.zeros(n, device=dev) for sh, n in shifts])
-        return linear
+        return fuse_part_transforms(linear, self.part_rows, self.head_dim)
 
     def qk_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Output transforms of q and k (per KV head) such that every q·k score is unchanged."""
@@ -454,18 +465,7 @@ class LET(nn.Module):
 
     def apply(self, block: nn.Module, merge: bool) -> None:
         linear_plan, norm_plan = self.plan()
-        for name, transform in linear_plan.items():
-            module: QuantLinear = block.get_submodule(name)
-            weight, bias = transform.weight_bias(module.weight.float(), None if module.bias is None else module.bias.float())
-            if merge:
-                module.weight.data.copy_(weight.detach().to(module.weight.dtype))
-                if bias is not None:
-                    if module.bias is None:
-                        module.bias = nn.Parameter(torch.zeros_like(bias, dtype=module.weight.dtype), requires_grad=False)
-                    module.bias.data.copy_(bias.detach().to(module.bias.dtype))
-                module.temp_weight = module.temp_bias = None
-            else:
-                module.temp_weight, module.temp_bias = weight, bias
+        apply_linear_plan(block, linear_plan, merge)
         for name, (scale, shift, inverse) in norm_plan.items():
             wrapper: TransformedNorm = block.get_submodule(name)
             if merge:
@@ -481,6 +481,24 @@ class LET(nn.Module):
                                    self.adapter.norm_weight_offset)
             else:
                 wrapper.scale, wrapper.shift, wrapper.inverse_train = scale, shift, inverse
+
+
+def apply_linear_plan(block: nn.Module, plan: dict[str, LinearTransform], merge: bool) -> None:
+    """Every planned linear's transformed weight and bias: its temp weights while training (differentiable,
+    stored weights untouched), or written into the stored weights once at the merge. One function for both,
+    so training and merge cannot drift apart."""
+    for name, transform in plan.items():
+        module: QuantLinear = block.get_submodule(name)
+        weight, bias = transform.weight_bias(module.weight.float(), None if module.bias is None else module.bias.float())
+        if merge:
+            module.weight.data.copy_(weight.detach().to(module.weight.dtype))
+            if bias is not None:
+                if module.bias is None:
+                    module.bias = nn.Parameter(torch.zeros_like(bias, dtype=module.weight.dtype), requires_grad=False)
+                module.bias.data.copy_(bias.detach().to(module.bias.dtype))
+            module.temp_weight = module.temp_bias = None
+        else:
+            module.temp_weight, module.temp_bias = weight, bias
 
 
 def _is_diagonal(t: torch.Tensor) -> bool:

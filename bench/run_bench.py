@@ -25,7 +25,10 @@ SETTINGS = {  # name: flags
     "W4A16g128": ["--wbits", "4", "--abits", "16", "--group_size", "128"],
     "W3A16g128": ["--wbits", "3", "--abits", "16", "--group_size", "128"],
     "W2A16g128": ["--wbits", "2", "--abits", "16", "--group_size", "128"],
-    "W4A4": ["--wbits", "4", "--abits", "4"],
+    "W4A4": ["--wbits", "4", "--abits", "4"],     # q, k and v at 4 bits too (OmniQuant's attention quantizers)
+    # the papers' two W4A4s: KV16 (OmniQuant, AffineQuant, ABQ-LLM tables) and KV4 with q at 16 (FlatQuant, QuaRot)
+    "W4A4KV16": ["--wbits", "4", "--abits", "4", "--kv_bits", "16"],
+    "W4A4KV4": ["--wbits", "4", "--abits", "4", "--kv_bits", "4", "--q_bits", "16"],
     # ABQ-LLM's settings: bit balance (2-bit weights on 5 levels, 2.32 bits: W2*), W6A6 and W2A8
     "W2*A16g128": ["--wbits", "2", "--abits", "16", "--group_size", "128", "--bit_balance"],
     "W6A6": ["--wbits", "6", "--abits", "6"],
@@ -76,6 +79,13 @@ METHODS = {
     "LWC+LET (MSE+NLC) +TTA": ["--lwc", "--let", "--loss", "mse+nlc", "--tta"],
     "LWC+LET +TTA": ["--lwc", "--let", "--tta"],
     "LWC+LET (MSE+NLC) +TTA fp_block": ["--lwc", "--let", "--loss", "mse+nlc", "--tta", "--tta_target", "fp_block"],
+    # FlatQuant: Kronecker transforms + LAC + LWC trained on FP inputs (as its code), with RTN or GPTQ weights; the
+    # same on the quantized trajectory; and its transforms at their start (random Kronecker rotation after the
+    # smoothing scale), untrained
+    "FlatQuant": ["--flatquant", "--train_inputs", "fp"],
+    "FlatQuant+GPTQ": ["--flatquant", "--train_inputs", "fp", "--gptq", "--act_order"],
+    "FlatQuant (quantized inputs)": ["--flatquant"],
+    "FlatQuant (untrained)": ["--flatquant"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
@@ -83,7 +93,7 @@ METHODS = {
 }
 TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET",
             "LWC+LET (MSE+NLC) +TTA fp_block": "LWC+LET (MSE+NLC)"}
-TRAINLESS = {"RTN", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
+TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
@@ -265,6 +275,8 @@ def paired_vs_rtn(row: dict, rows: list[dict]) -> str:
 
 def setting_label(setting: str) -> str:
     """W2* (bit balance: 5 levels) names its information content: never read as INT2."""
+    if setting == "W4A4":
+        return "W4A4 (q, k, v at 4)"
     return f"{setting} ({math.log2(5):.2f} bits)" if "*" in setting else setting
 
 
@@ -298,7 +310,8 @@ def main():
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--model_overrides",
                    default="qwen2.5-coder-0.5b:nsamples=4,epochs=2,windows=10,par_steps=16;"
-                           "qwen2.5-coder-0.5b/W4A4:windows=40",
+                           "qwen2.5-coder-0.5b/W4A4:windows=40;qwen2.5-coder-0.5b/W4A4KV16:windows=40;"
+                           "qwen2.5-coder-0.5b/W4A4KV4:windows=40",
                    help="budget overrides per model or model/setting (CPU time): "
                         "'model:nsamples=N,epochs=E,windows=W;model/SETTING:windows=W;...'")
     p.add_argument("--seqlen", type=int, default=512)

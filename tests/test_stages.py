@@ -170,9 +170,9 @@ def test_gptq_after_the_transforms_beats_both(tokens):
 
 
 def test_recipes_refuse_what_cannot_run():
-    with pytest.raises(ConfigError, match="unknown stage 'flatquant'"):
-        parse_recipe(["flatquant"])
-    with pytest.raises(ConfigError, match="has no option 'learning_rate'; its options: lr"):
+    with pytest.raises(ConfigError, match="unknown stage 'quarot'"):
+        parse_recipe(["quarot"])
+    with pytest.raises(ConfigError, match="has no option 'learning_rate'; its options: lr, schedule"):
         parse_recipe([{"lwc": {"learning_rate": 1}}])
     with pytest.raises(ConfigError, match="keep one rounder, last"):
         resolve(QuantConfig(recipe=["gptq", "lwc"]))

@@ -157,7 +157,8 @@ def linear_hessians(ctx: BlockContext, data: BlockData, names: list[str]) -> dic
 
     def hook_for(name):
         def hook(module, args):
-            hessians[name].add_batch(args[0])
+            # what the weight multiplies: the input after the linear's online transform (FlatQuant)
+            hessians[name].add_batch(args[0] if module.online is None else module.online(args[0]))
             seen.add(name)
             if len(seen) == len(modules):
                 raise _AllSeen

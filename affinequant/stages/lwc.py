@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ConfigError
 from .base import Stage, StageConfig, block_device, quantized_linears, register
 
 
@@ -14,6 +15,11 @@ class LWCConfig(StageConfig):
     name = "lwc"
     quantizes_weights = True
     lr: float = 1e-2
+    schedule: str = "constant"          # or "cosine" (down to 1e-3 x lr: FlatQuant trains LWC with its transforms)
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lwc: schedule {self.schedule!r} is not known: use constant or cosine")
 
 
 @register
@@ -29,7 +35,7 @@ class LWC(Stage):
 
     def param_groups(self) -> list[dict]:
         params = [p for q in self.quantizers.values() for p in (q.upbound_factor, q.lowbound_factor)]
-        return [{"params": params, "lr": self.config.lr}]
+        return [{"params": params, "lr": self.config.lr, "schedule": self.config.schedule}]
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"lwc.{name}.{side}": getattr(q, side) for name, q in self.quantizers.items()
