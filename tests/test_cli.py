@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config
 
 from affinequant.cli import run
+from affinequant.config import QuantConfig
 
 from conftest import save_tiny, write_text
 
@@ -237,3 +238,25 @@ def test_int4_cpu_kernel_in_evaluation_and_loading(tiny_dir, calib, tmp_path, mo
     model = load_quantized(str(tmp_path / "q"), kernel="int4_cpu")
     assert {m.kernel for m in model.modules() if isinstance(m, PackedLinear)} == {"int4_cpu"}
     assert {m.kernel for m in load_quantized(str(tmp_path / "q")).modules() if isinstance(m, PackedLinear)} == {"exact"}
+
+
+def test_every_script_and_recipe_is_a_valid_run():
+    """The shell scripts' flags parse and validate, and every recipe file resolves: a renamed flag or stage
+    option fails here, not on a user's GPU box."""
+    import shlex
+
+    from affinequant.cli import build_parser, config_from_args
+    from affinequant.recipe import load_recipe_file
+    root = Path(__file__).resolve().parents[1]
+    checked = 0
+    for script in sorted((root / "scripts").glob("*.sh")):
+        line = next((ln for ln in script.read_text().splitlines() if ln.startswith("$PY main.py")), None)
+        if line is None:
+            continue
+        argv = [a for a in shlex.split(line)[2:] if a != "$@"]
+        argv = ["x" if a == "$MODEL" else a for a in argv]
+        config_from_args(build_parser().parse_args(argv))
+        checked += 1
+    assert checked >= 40
+    for recipe in sorted((root / "recipes").glob("*.yaml")):
+        QuantConfig(wbits=3, recipe=load_recipe_file(recipe)).validate()

@@ -25,7 +25,8 @@ from torch import nn
 from ..config import ConfigError
 from ..kronecker import PARAMETRIZATIONS, decompose_dim, make_factor
 from ..qmodules import KeyTransform, OnlineTransform, TransformedNorm, set_submodule
-from ..transforms import SCALE_FLOOR, LinearTransform, _floor, apply_linear_plan, fold_into_norm, fuse_part_transforms
+from ..transforms import (LinearTransform, _floor, apply_linear_plan, fold_into_norm, fuse_part_transforms,
+                          smooth_scale)
 from .base import Stage, StageConfig, block_device, register
 
 SCHEDULES = ("cosine", "constant")
@@ -70,10 +71,9 @@ class KroneckerParameters(nn.Module):
 
 
 def smooth_start(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """FlatQuant's scale start: s = max|W|^(1−α) / max|x|^α per input channel; x is multiplied by s."""
-    w = torch.cat(weights).abs().amax(0).float().clamp(min=SCALE_FLOOR)
-    x = act_absmax.float().clamp(min=SCALE_FLOOR)
-    return (w.pow(1 - alpha) / x.pow(alpha)).clamp(min=SCALE_FLOOR)
+    """FlatQuant's scale start: s = max|W|^(1−α) / max|x|^α per input channel; x is multiplied by s (the
+    reciprocal of SmoothQuant's divisor, which LET uses)."""
+    return 1.0 / smooth_scale(act_absmax, [w.float() for w in weights], alpha)
 
 
 @register
