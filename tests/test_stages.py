@@ -195,6 +195,12 @@ def test_flags_map_onto_the_recipe_in_one_place():
     data = cfg.validate().recipe_data()
     assert [e["stage"] for e in data] == ["let", "clip_search", "lwc", "gptq"]
     assert data[0]["ln_matrix"] and data[0]["sf"] == 0.5 and data[2]["lr"] == 0.05 and data[3]["act_order"]
+    # --flatquant: its stage, then LWC on the same cosine schedule; the shipped recipe says the same
+    from pathlib import Path
+    from affinequant.recipe import load_recipe_file
+    flat = QuantConfig(wbits=4, abits=4, flatquant=True, lwc_lr=0.05, gptq=True, act_order=True, epochs=1).validate()
+    shipped = load_recipe_file(Path(__file__).resolve().parents[1] / "recipes" / "flatquant-gptq.yaml")
+    assert flat.recipe_data() == shipped and shipped[1]["schedule"] == "cosine"
 
 
 def test_sequential_groups_follow_gptq_true_sequential():
