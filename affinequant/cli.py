@@ -16,7 +16,7 @@ from .checkpoint import CalibrationCheckpoint
 from .config import LET_INITS, QK_INITS, ConfigError, QuantConfig
 from .data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_samples, default_data_dir, eval_tokens
 from .errors import AffineQuantError, OutputError
-from .evaluate import eval_windows, perplexity
+from .evaluate import FPReference, eval_windows, perplexity
 from .export import check_save_dir, save_quantized
 from .modeling import block_linear_shapes, load_config, load_model, model_name, resolve_model_path
 from .packing import use_packed_kernel
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ppl_datasets", default="wikitext2,c4", help=f"comma-separated, from {', '.join(PPL_DATASETS)}")
     a("--no_kl", action="store_true", help="skip the KL/top-1 comparison with the full-precision model "
                                            "(it keeps a full-precision copy in memory)")
+    a("--kl_reference", default="model", choices=["model", "disk"],
+      help="what the KL/top-1 comparison reads: a full-precision copy of the model kept in memory (model), or the FP "
+           "model's log-probabilities on the evaluation windows, recorded before quantization into <output_dir>/"
+           "fp_reference (disk: windows x seqlen x vocab x 4 bytes, deleted after the evaluation; the same figures, "
+           "no second model in memory). --tta keeps the copy anyway")
     a("--tta", action="store_true",
       help="LRQuant's test-time adaptation, done right: for each perplexity set, requantize the last blocks from their "
            "FP weights on that set's unlabelled windows (the quantized model's hidden states as inputs, activation "
@@ -426,8 +431,9 @@ def is_reference_file(resume: str) -> bool:
 
 def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
              reference_params=None) -> tuple[torch.nn.Module | None, tuple]:
-    """Calibrate and quantize `model` in place, recording into `results`; returns the FP copy kept
-    as the reference for KL and TTA (None without --eval_ppl, or with --no_kl and no --tta), and the
+    """Calibrate and quantize `model` in place, recording into `results`; returns the reference for KL and TTA:
+    an FP copy of the model (None without --eval_ppl, or with --no_kl and no --tta), or with --kl_reference disk
+    the FP log-probabilities of each perplexity set ({set: FPReference}), recorded before calibration; and the
     activation statistics (act_scales, act_shifts; None when no stage uses them). `reference_params`: a
     reference parameter file to rebuild blocks from (--resume FILE.pth)."""
     samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
@@ -441,7 +447,10 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
 
     if cfg.reference_compat:
         round_to_half_(model)       # the reference holds its model in float16; the FP baseline too
-    reference = copy.deepcopy(model) if args.eval_ppl and (not args.no_kl or args.tta) else None
+    kl_on_disk = args.eval_ppl and not args.no_kl and not args.tta and args.kl_reference == "disk"
+    reference = copy.deepcopy(model) if args.eval_ppl and (not args.no_kl or args.tta) and not kl_on_disk else None
+    if kl_on_disk and distributed.is_main():
+        reference = record_fp_reference(args, model, tokenizer, device, data_dir, cfg.seqlen, adapter)
     own_resume = args.resume is not None and reference_params is None
     checkpoint_dir = args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint"
     make_checkpoint = lambda writer: CalibrationCheckpoint(  # noqa: E731
@@ -482,6 +491,39 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     return reference, (act_scales, act_shifts)
 
 
+def _eval_sets(args, tokenizer, seqlen, data_dir):
+    """(name, windows, source) of every perplexity set that can be read; the others are reported by evaluate_ppl."""
+    for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
+        try:
+            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
+        except DataError:
+            continue
+        yield name, eval_windows(tokens, seqlen, args.limit if args.limit > 0 else None), source
+
+
+def record_fp_reference(args, model, tokenizer, device, data_dir, seqlen, adapter) -> dict[str, FPReference]:
+    """--kl_reference disk: the FP model's log-probabilities on every evaluation window, recorded before
+    quantization, so that no copy of the model is kept for the KL comparison. Checks the disk space first."""
+    import shutil
+    folder = Path(args.output_dir) / "fp_reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    sets = list(_eval_sets(args, tokenizer, seqlen, data_dir))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    need = sum(FPReference.nbytes(windows, vocab) for _, windows, _ in sets)
+    free = shutil.disk_usage(folder).free
+    if need > 0.95 * free:
+        raise SystemExit(f"--kl_reference disk needs {need / 2**30:.1f} GiB in {folder} and {free / 2**30:.1f} GiB are "
+                         f"free: free space, give another --output_dir, evaluate fewer windows (--limit), or use "
+                         f"--kl_reference model (a copy in memory) or --no_kl")
+    log.info("recording the FP model's log-probabilities for the KL comparison: %.2f GiB in %s", need / 2**30, folder)
+    place_for_eval(model, device, args.multigpu, adapter)
+    try:
+        return {name: FPReference.record(model, windows, device, folder / f"{name}.npy", desc=f"{name} (FP)")
+                for name, windows, _ in sets}
+    finally:
+        model.to("cpu")
+
+
 def place_for_eval(model, device, multigpu: bool, adapter) -> None:
     """Put the model on `device`, or with --multigpu spread its blocks over every visible GPU."""
     if multigpu and torch.cuda.device_count() > 1:
@@ -497,8 +539,9 @@ def place_for_eval(model, device, multigpu: bool, adapter) -> None:
 def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, adapter, tta=None) -> tuple[dict, dict]:
     """Perplexity on each set (with KL/top-1 against `reference` unless --no_kl); with `tta` (windows ->
     (adapted blocks, report)), also the perplexity with the adapted blocks swapped in, as a separate figure."""
+    recorded = isinstance(reference, dict)       # --kl_reference disk: {set: FPReference}
     place_for_eval(model, device, args.multigpu, adapter)
-    if reference is not None:
+    if reference is not None and not recorded:
         place_for_eval(reference, device, args.multigpu, adapter)
     kl_reference = None if args.no_kl else reference
     out, out_tta = {}, {}
@@ -510,7 +553,8 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
             out[name] = {"skipped": str(exc)}
             continue
         limit = args.limit if args.limit > 0 else None
-        res = perplexity(model, tokens, seqlen, device, limit, kl_reference, desc=name)
+        res = perplexity(model, tokens, seqlen, device, limit,
+                         kl_reference.get(name) if recorded else kl_reference, desc=name)
         res["source"] = source
         out[name] = res
         log.info("%s perplexity %.3f over %d windows%s", name, res["ppl"], res["windows"], _agreement(res))
@@ -522,7 +566,14 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
             log.info("%s perplexity with TTA of the last %d block(s): %.3f (plain %.3f)%s; TTA itself %.1fs",
                      name, len(adapted), res_tta["ppl"], res["ppl"], _agreement(res_tta), report["seconds"])
     model.to("cpu")
-    if reference is not None:
+    if recorded:
+        for fp in reference.values():
+            fp.remove()
+        folders = {fp.path.parent for fp in reference.values()}
+        for folder in folders:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    elif reference is not None:
         reference.to("cpu")
     return out, out_tta
 

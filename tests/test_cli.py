@@ -260,3 +260,32 @@ def test_every_script_and_recipe_is_a_valid_run():
     assert checked >= 40
     for recipe in sorted((root / "recipes").glob("*.yaml")):
         QuantConfig(wbits=3, recipe=load_recipe_file(recipe)).validate()
+
+
+def test_kl_reference_on_disk_gives_the_same_figures_without_a_model_copy(tiny_dir, calib, tmp_path, monkeypatch):
+    """--kl_reference disk: the FP log-probabilities recorded before quantization replace the FP copy of the
+    model; perplexity, FP perplexity, KL and top-1 are those against the copy, bit for bit, and the recorded
+    file is gone afterwards."""
+    import types
+
+    from affinequant import cli
+    ppl = ["--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "3", "--data_dir", str(Path(calib).parent)]
+    Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
+    flags = ["--wbits", "3", "--abits", "8", "--lwc", "--let", "--epochs", "1", *ppl]
+    copied = run(base(tiny_dir, calib, tmp_path / "copy", *flags))
+    monkeypatch.setattr(cli, "copy", types.SimpleNamespace(deepcopy=lambda m: pytest.fail("model copied")))
+    disk = run(base(tiny_dir, calib, tmp_path / "disk", *flags, "--kl_reference", "disk"))
+    for key in ("ppl", "fp_ppl", "kl", "top1_agreement", "window_nll"):
+        assert disk["ppl"]["wikitext2"][key] == copied["ppl"]["wikitext2"][key], key
+    assert disk["ppl"]["wikitext2"]["kl"] > 0
+    assert not (tmp_path / "disk" / "out" / "fp_reference").exists()
+
+
+def test_kl_reference_on_disk_checks_the_space_first(tiny_dir, calib, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    ppl = ["--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "3", "--data_dir", str(Path(calib).parent)]
+    Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10, 10, 1000))
+    with pytest.raises(SystemExit, match="--kl_reference disk needs .* GiB .* free"):
+        run(base(tiny_dir, calib, tmp_path, "--wbits", "3", *ppl, "--kl_reference", "disk"))
