@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--let_lr", type=float, default=5e-3)
     a("--lwc_lr", type=float, default=1e-2)
     a("--wd", type=float, default=0.0)
-    a("--epochs", type=int, default=0, help="0 = round-to-nearest")
+    a("--epochs", type=int, default=None,
+      help="training epochs per block; 0 = round-to-nearest (default 0, and FlatQuant's 15 with --flatquant)")
     a("--lwc", action="store_true", help="learnable weight clipping")
     a("--let", action="store_true", help="learnable equivalent transformation")
     a("--aug_loss", action="store_true", help="also match the FP block applied to the quantized input")
@@ -167,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FLATQUANT_EPOCHS = 15     # FlatQuant's default (its scripts: 15 epochs of 128 x 2048 tokens)
+
+
+def default_epochs(args) -> int:
+    """--epochs, or its default: 0 (round-to-nearest, as AffineQuant), FlatQuant's 15 with --flatquant."""
+    if args.epochs is not None:
+        return args.epochs
+    return FLATQUANT_EPOCHS if args.flatquant else 0
+
+
 def config_from_args(args) -> QuantConfig:
     from .recipe import load_recipe_file
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
@@ -176,7 +187,7 @@ def config_from_args(args) -> QuantConfig:
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        bit_balance=args.bit_balance,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_init=args.let_init, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
-                       wd=args.wd, epochs=args.epochs, nsamples=args.nsamples, batch_size=args.batch_size,
+                       wd=args.wd, epochs=default_epochs(args), nsamples=args.nsamples, batch_size=args.batch_size,
                        seqlen=args.seqlen, aug_loss=args.aug_loss, loss=args.loss, qk_init=args.qk_init,
                        deactive_amp=args.deactive_amp,
                        use_ln_matrix=args.use_ln_matrix, use_matrix=args.use_matrix, sf=args.sf,

@@ -208,7 +208,7 @@ def reevaluate(out: Path, flags: list[str], label: str, windows: int) -> None:
 
 def run_one(args, model: str, setting: str, method: str) -> dict:
     b = budget(args, model, setting)
-    epochs = [] if method in TRAINLESS else ["--epochs", str(b["epochs"])]
+    epochs = ["--epochs", "0"] if method in TRAINLESS else ["--epochs", str(b["epochs"])]
     flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
              *budget_flags(args, model, setting), *METHODS[method]]
     if "--tesseraq" in METHODS[method]:

@@ -277,3 +277,11 @@ def test_resume_rebuilds_flatquant_exactly(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(first(ids).logits, rebuilt(ids).logits)
     assert math.isfinite(first(ids).logits.sum().item())
+
+
+def test_flatquant_defaults_to_its_15_epochs_and_the_rest_to_rtn():
+    from affinequant.cli import build_parser, config_from_args
+    parse = lambda *a: config_from_args(build_parser().parse_args(list(a)))  # noqa: E731
+    assert parse("--abits", "4", "--flatquant").epochs == 15
+    assert parse("--abits", "4", "--flatquant", "--epochs", "0").epochs == 0
+    assert parse("--wbits", "3").epochs == 0
