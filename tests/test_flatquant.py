@@ -285,3 +285,18 @@ def test_flatquant_defaults_to_its_15_epochs_and_the_rest_to_rtn():
     assert parse("--abits", "4", "--flatquant").epochs == 15
     assert parse("--abits", "4", "--flatquant", "--epochs", "0").epochs == 0
     assert parse("--wbits", "3").epochs == 0
+
+
+def test_flatquant_trains_under_bfloat16_autocast(tokens):
+    """The GPU path (autocast) runs on the CPU in bfloat16: Cayley solves, Kronecker products and the online
+    transforms in mixed precision, losses finite and decreasing."""
+    from affinequant.adapters import get_adapter
+    from affinequant.calibrate import quantize_blocks
+    from affinequant.stats import collect_act_stats
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    stats = collect_act_stats(model, adapter, tokens, CPU)
+    cfg = QuantConfig(wbits=4, abits=4, kv_bits=4, flatquant=True, epochs=6, nsamples=8)
+    reports = quantize_blocks(model, adapter, tokens, cfg, CPU, *stats, amp_dtype=torch.bfloat16)
+    for report in reports:
+        assert all(math.isfinite(x) for x in report.losses) and report.losses[-1] < report.losses[0]
