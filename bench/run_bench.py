@@ -86,6 +86,7 @@ METHODS = {
     "FlatQuant+GPTQ": ["--flatquant", "--train_inputs", "fp", "--gptq", "--act_order"],
     "FlatQuant (quantized inputs)": ["--flatquant"],
     "FlatQuant (untrained)": ["--flatquant"],
+    "FlatQuant@15 epochs": ["--flatquant", "--train_inputs", "fp", "--epochs", "15"],   # FlatQuant's epochs
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
