@@ -61,6 +61,14 @@ class SVDFactor(nn.Module):
         self.v_skew = nn.Parameter(torch.zeros(n, n, device=device))
         self.sigma = nn.Parameter(torch.ones(n, device=device))
 
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        for t in (self.u0, self.v0):
+            t.copy_(torch.eye(t.shape[0], device=t.device))
+        self.u_skew.zero_()
+        self.v_skew.zero_()
+        self.sigma.fill_(1.0)
+
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, P⁻ᵀ), differentiable."""
         u = self.u0 @ cayley(self.u_skew)
@@ -74,6 +82,10 @@ class DirectFactor(nn.Module):
     def __init__(self, n: int, generator: torch.Generator | None = None, device=None):
         super().__init__()
         self.matrix = nn.Parameter(random_orthogonal(n, generator).to(device))
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        self.matrix.copy_(torch.eye(self.matrix.shape[0], device=self.matrix.device))
 
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.matrix, torch.linalg.inv(self.matrix.double()).transpose(0, 1).to(self.matrix.dtype)

@@ -112,13 +112,16 @@ def test_learnable_activation_clipping_narrows_the_token_range_and_learns():
     assert q.clip_upper.grad is not None and q.clip_upper.grad != 0
 
 
-def _quantized_block(tokens, cfg):
-    """Block 0 of a tiny Llama under `cfg` with every quantizer on, and its FP output."""
+def _quantized_block(tokens, cfg, edit=None):
+    """Block 0 of a tiny Llama under `cfg` with every quantizer on, and its FP output; `edit(model)` first."""
     from affinequant.adapters import get_adapter
     from affinequant.calibrate import BlockQuantizer, capture_block_inputs
     from affinequant.qmodules import use_quantized_attention
     from affinequant.stats import collect_act_stats
     model = tiny_model("llama")
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     adapter = get_adapter(model.config)
     use_quantized_attention(model)
     scales, _ = collect_act_stats(model, adapter, tokens, CPU)
@@ -300,3 +303,30 @@ def test_flatquant_trains_under_bfloat16_autocast(tokens):
     reports = quantize_blocks(model, adapter, tokens, cfg, CPU, *stats, amp_dtype=torch.bfloat16)
     for report in reports:
         assert all(math.isfinite(x) for x in report.losses) and report.losses[-1] < report.losses[0]
+
+
+@pytest.mark.parametrize("outlier, expected", [(1.0, "rotation"), (30.0, "identity")])
+def test_key_transform_starts_where_the_block_loss_is_lower(tokens, outlier, expected):
+    """The k-cache transform starts at FlatQuant's random rotation or at the identity, whichever gives the lower
+    block loss: with two k channels 30x the rest (as Qwen2.5's) the identity, otherwise the rotation here."""
+    import contextlib
+    from affinequant.stages import BlockData
+    from affinequant.stages.base import probe_loss
+
+    def boost(model):
+        model.model.layers[0].self_attn.k_proj.weight[[3, 21]] *= outlier
+    block, bq, inputs, kwargs, reference = _quantized_block(
+        tokens, QuantConfig(wbits=16, abits=16, kv_bits=3, q_bits=16, flatquant=True), edit=boost)
+    stage = bq.stages[0]
+    data = BlockData(inputs, [reference], kwargs, CPU, contextlib.nullcontext, 1)
+    factor = stage.transforms["key"]
+    rotated = {k: v.clone() for k, v in factor.state_dict().items()}
+    losses = {"rotation": probe_loss(bq, data)}
+    factor.reset_to_identity()
+    losses["identity"] = probe_loss(bq, data)
+    factor.load_state_dict(rotated)
+    stage.prepare(bq, data)
+    assert stage.key_start == expected == min(losses, key=losses.get)
+    assert stage.report()["key_start"] == expected
+    p, _ = factor.pair()
+    assert torch.allclose(p, torch.eye(p.shape[0]), atol=1e-6) == (expected == "identity")

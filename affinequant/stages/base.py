@@ -139,6 +139,19 @@ def quantized_linears(ctx: BlockContext) -> dict:
     return {n: q for n, q in ctx.linears.items() if q.weight_quantizer is not None}
 
 
+@torch.no_grad()
+def probe_loss(bq, data: BlockData, probe: int = 4) -> float:
+    """The block objective summed over the first `probe` calibration samples, as the block stands now: what
+    the initialisation guards compare (data-parallel: each rank probes its share, summed over the ranks)."""
+    from .. import distributed
+    per_rank = max(1, probe // distributed.world()) if data.data_parallel else probe
+    total = 0.0
+    for i in range(min(per_rank, data.inputs.shape[0])):
+        with data.ctx_factory():
+            total += bq.loss(data, slice(i, i + 1)).item()
+    return distributed.total(total) if data.data_parallel else total
+
+
 class _AllSeen(Exception):
     pass
 

@@ -27,7 +27,7 @@ from ..kronecker import PARAMETRIZATIONS, decompose_dim, make_factor
 from ..qmodules import KeyTransform, OnlineTransform, TransformedNorm, set_submodule
 from ..transforms import (LinearTransform, _floor, apply_linear_plan, fold_into_norm, fuse_part_transforms,
                           smooth_scale)
-from .base import Stage, StageConfig, block_device, register
+from .base import Stage, StageConfig, block_device, probe_loss, register
 
 SCHEDULES = ("cosine", "constant")
 
@@ -120,7 +120,7 @@ class FlatQuant(Stage):
             self.transforms["down"] = KroneckerParameters(n, config.parametrization, generator, device, scale)
             self.down_online = ctx.linears[self.down].online = OnlineTransform(*decompose_dim(n)).to(device)
         qkv = getattr(block.get_submodule(adapter.attention), "qkv_quantizers", None)
-        self.key = None
+        self.key, self.key_start = None, ""
         if config.key_transform and qkv is not None and qkv.k is not None:
             self.transforms["key"] = make_factor(self.head_dim, config.parametrization, generator, device)
             self.key = qkv.k_transform = KeyTransform(self.head_dim).to(device)
@@ -132,6 +132,25 @@ class FlatQuant(Stage):
             self.lac = {n: q for n, q in quantizers.items() if q is not None}
             for q in self.lac.values():
                 q.enable_lac(device)
+
+    def prepare(self, bq, data) -> None:
+        self.key_start = self.choose_key_start(bq, data) if self.key is not None else ""
+
+    @torch.no_grad()
+    def choose_key_start(self, bq, data) -> str:
+        """FlatQuant starts the k-cache transform at a random rotation. Where k has a few huge channels (Qwen2.5's
+        k biases) a rotated k quantizes far worse than k itself: Qwen2.5-Coder-0.5B with only k at 4 bits goes
+        from 45.4 to 94.4 perplexity unrotated and to 1570 rotated (4 windows), where SmolLM2 gains a little
+        (33.7 -> 32.7). So the transform starts at the rotation or at the identity, whichever gives the lower
+        block loss on the first calibration samples (the guard LET's initialisation has too)."""
+        factor = self.transforms["key"]
+        rotated_state = {k: v.clone() for k, v in factor.state_dict().items()}
+        rotated = probe_loss(bq, data)
+        factor.reset_to_identity()
+        if rotated <= probe_loss(bq, data):
+            factor.load_state_dict(rotated_state)
+            return "rotation"
+        return "identity"
 
     # ----- the transforms ---------------------------------------------------------------------
     def _apply(self, merge: bool) -> None:
@@ -224,6 +243,8 @@ class FlatQuant(Stage):
                 cond *= (sv.max() / sv.min()).item()
             conds[name] = round(cond, 4)
         out = {"condition": conds}
+        if self.key_start:
+            out["key_start"] = self.key_start
         if self.lac:
             out["mean_lac_clip"] = round(torch.sigmoid(torch.stack(self.lac_parameters())).mean().item(), 5)
         return out

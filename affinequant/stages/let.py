@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed
 from ..config import LET_INITS, QK_INITS, ConfigError, default_sf
 from ..qmodules import TransformedNorm, set_submodule
 from ..transforms import LET as LETModule, qk_transform_exists
-from .base import Stage, StageConfig, register
+from .base import Stage, StageConfig, probe_loss, register
 
 log = logging.getLogger("affinequant")
 
@@ -92,19 +91,10 @@ class LET(Stage):
         """Start from the statistics' initialisation (SmoothQuant's, or LRQuant's) or from the identity, whichever gives the lower
         block loss on the first `probe` samples (a guard in the spirit of AWQ's scale search: with
         outlier-heavy blocks and short budgets the migration can start worse than no transform)."""
-        # data-parallel: each rank probes its share of the first `probe` samples, summed over the ranks
-        per_rank = max(1, probe // distributed.world()) if data.data_parallel else probe
-
-        def loss() -> float:
-            total = 0.0
-            for i in range(min(per_rank, data.inputs.shape[0])):
-                with data.ctx_factory():
-                    total += bq.loss(data, slice(i, i + 1)).item()
-            return distributed.total(total) if data.data_parallel else total
         smooth_state = {k: v.clone() for k, v in self.let.state_dict().items()}
-        smooth = loss()
+        smooth = probe_loss(bq, data, probe)
         self.let.reset_to_identity()
-        identity = loss()
+        identity = probe_loss(bq, data, probe)
         if smooth <= identity:
             self.let.load_state_dict(smooth_state)
             return self.config.init
