@@ -115,7 +115,9 @@ def test_tesseraq_keeps_every_rank_identical(setup, tmp_path):
              "--par_batch", "2", "--par_lr", "1e-2", "--nsamples", "4", "--batch_size", "2", "--seqlen", "32"]
     out, codes = _run_ranks(setup + flags + ["--output_dir", str(tmp_path / "t")], tmp_path)
     assert codes == [0, 0] and out[0][0] == out[1][0] == "ok", out
-    ranks = [[b["stages"]["tesseraq"] for b in json.loads(out[r][1])] for r in (0, 1)]
+    # everything the ranks learned and measured, not their wall time (which differs on a loaded machine)
+    ranks = [[{k: v for k, v in b["stages"]["tesseraq"].items() if k != "seconds"} for b in json.loads(out[r][1])]
+             for r in (0, 1)]
     assert ranks[0] == ranks[1] and all(t["changed_vs_rtn"] > 0 for t in ranks[0])
 
 
