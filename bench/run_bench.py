@@ -138,7 +138,13 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "ABQ-LLM's objectives (--loss mse+nlc, --loss dc); '+compensation' adds ABQ-LLM's rank-1 down_proj term. '+TTA' "
          "rows are their base row's checkpoint with LRQuant's test-time adaptation of the last block on the evaluated "
          "windows (transductive; 5 epochs): their seconds are the adaptation per adapted block, their calibration is the "
-         "base row's. W2* is ABQ-LLM's bit balance, 5 levels (2.32 bits of information), not INT2.")
+         "base row's. W2* is ABQ-LLM's bit balance, 5 levels (2.32 bits of information), not INT2. "
+         "W4A4 (q, k, v at 4) quantizes attention's inputs as OmniQuant does; W4A4KV16 leaves them in full precision "
+         "(the OmniQuant/AffineQuant/ABQ-LLM tables); W4A4KV4 quantizes k and v, q at 16 (FlatQuant, QuaRot). "
+         "FlatQuant rows train on FP inputs (--train_inputs fp) with its learning rates and cosine schedule on this "
+         "bench's epochs, except '@15 epochs' (its own); '(quantized inputs)' trains on the quantized trajectory; "
+         "'(untrained)' is its start (random Kronecker rotations after SmoothQuant-style scales, alpha 0.3). Its KV4 "
+         "rows start the k-cache transform at the rotation or the identity by block loss (docs/flatquant.md).")
 
 
 def budget(args, model: str, setting: str) -> dict:
