@@ -35,7 +35,11 @@ class OnlineTransform(nn.Module):
     def sizes(self) -> list:
         return [self.left.shape[0], None if self.right is None else self.right.shape[0]]
 
-    def set_factors(self, left: torch.Tensor, right: torch.Tensor | None) -> None:
+    def use(self, left: torch.Tensor, right: torch.Tensor | None, merge: bool) -> None:
+        """The stage's current factors: differentiable while training, or written into the buffers at the merge."""
+        if not merge:
+            self.train_factors = (left, right)
+            return
         self.train_factors = None
         self.left = left.detach().float().contiguous()
         self.right = None if right is None else right.detach().float().contiguous()
@@ -58,7 +62,11 @@ class KeyTransform(nn.Module):
         self.register_buffer("query", torch.eye(head_dim))
         self.train_matrices: tuple | None = None
 
-    def set_matrices(self, key: torch.Tensor, query: torch.Tensor) -> None:
+    def use(self, key: torch.Tensor, query: torch.Tensor, merge: bool) -> None:
+        """As OnlineTransform.use: k's matrix P and q's P⁻ᵀ."""
+        if not merge:
+            self.train_matrices = (key, query)
+            return
         self.train_matrices = None
         self.key, self.query = key.detach().float().contiguous(), query.detach().float().contiguous()
 

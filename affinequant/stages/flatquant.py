@@ -165,35 +165,24 @@ class FlatQuant(Stage):
                 wrapper.scale = None
                 if s is not None:       # (y / s⁻¹): the norm's weight times s
                     fold_into_norm(wrapper, 1.0 / s.detach(), None, adapter.norm_weight_offset)
-                online.set_factors(p1, p2)
             else:
                 wrapper.scale = None if s is None else 1.0 / s
-                online.train_factors = (p1, p2)
+            online.use(p1, p2, merge)
         v_name, o_name = adapter.out_pair
         heads, heads_inv_t = self.transforms["out_heads"].pair()
         value, value_inv_t = self.transforms["out_value"].pair()
         # v·P_v per KV head: v_proj's rows per head become P_vᵀ·W
         linear.setdefault(v_name, LinearTransform()).row = value.transpose(0, 1).expand(self.n_kv, -1, -1)
         linear[o_name] = LinearTransform(col_kron=(heads_inv_t, value_inv_t))
-        if merge:
-            self.o_online.set_factors(heads, None)
-        else:
-            self.o_online.train_factors = (heads, None)
+        self.o_online.use(heads, None, merge)
         if self.down:
             (d1, d1_inv_t), (d2, d2_inv_t), s = self.transforms["down"].factors()
             linear[self.down] = LinearTransform(col=None if s is None else 1.0 / s, col_kron=(d1_inv_t, d2_inv_t))
             if s is not None:
                 linear.setdefault(self.up, LinearTransform()).row = s
-            if merge:
-                self.down_online.set_factors(d1, d2)
-            else:
-                self.down_online.train_factors = (d1, d2)
+            self.down_online.use(d1, d2, merge)
         if self.key is not None:
-            key, key_inv_t = self.transforms["key"].pair()
-            if merge:
-                self.key.set_matrices(key, key_inv_t)
-            else:
-                self.key.train_matrices = (key, key_inv_t)
+            self.key.use(*self.transforms["key"].pair(), merge)
         plan = fuse_part_transforms(linear, adapter.part_rows(self.ctx.model_config), self.head_dim)
         apply_linear_plan(self.ctx.block, plan, merge)
 
