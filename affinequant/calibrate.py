@@ -301,10 +301,14 @@ def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device
 def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, cfg: QuantConfig,
                     device: torch.device, act_scales: dict | None = None,
                     act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16,
-                    checkpoint=None) -> list[BlockReport]:
+                    checkpoint=None, blocks=None) -> list[BlockReport]:
     """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU.
     With a CalibrationCheckpoint, each block's learned parameters are saved once it is done, and
-    blocks already in it are rebuilt from their parameters instead of trained."""
+    blocks already in it are rebuilt from their parameters instead of trained. `blocks`: where the blocks
+    come from and go (streaming.StreamedModel: read from the checkpoint, written out when done); default
+    the model's own."""
+    from .streaming import InMemoryBlocks
+    blocks = blocks or InMemoryBlocks(model, adapter)
     cfg.validate()
     model.config.use_cache = False
     prepare_attention(model, cfg)
@@ -318,15 +322,19 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                  samples.shape[0])
     runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts,
                          data_parallel=data_parallel)
-    q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype)
+    blocks.load_non_block()
+    try:
+        q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype)
+    finally:
+        blocks.release_non_block()
     fp_inps = q_inps.clone()
-    layers = adapter.layers(model)
     reports = []
     log.info("recipe: %s", " -> ".join(s.name for s in runner.stages))
-    bar = tqdm(range(len(layers)), desc="blocks", unit="block")
+    bar = tqdm(range(len(blocks)), desc="blocks", unit="block")
     for index in bar:
-        report, q_inps, fp_inps = runner.quantize(layers[index], index, q_inps, fp_inps, block_kwargs[index],
+        report, q_inps, fp_inps = runner.quantize(blocks.block(index), index, q_inps, fp_inps, block_kwargs[index],
                                                   checkpoint)
+        blocks.finished(index)
         reports.append(report)
         bar.set_postfix(mse=f"{report.final_mse:.3g}")
     if cfg.reference_compat:

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU); bfloat16 also makes "
            "calibration autocast in bfloat16, on CUDA and on the CPU")
     a("--trust_remote_code", action="store_true", help="let transformers run the model repository's code")
+    a("--stream", action="store_true",
+      help="models larger than memory: keep the model as a skeleton on the meta device, read each block from the "
+           "checkpoint's safetensors when its turn comes and write it to <output_dir>/blocks when done; the "
+           "evaluation and --save_dir walk the blocks the same way, and the KL reference re-reads the FP blocks. "
+           "--model must be a directory with safetensors (python -m affinequant.convert makes one from a .gguf)")
     return p
 
 
@@ -239,7 +244,7 @@ def check_stats(scales, path: Path, hidden_size: int, adapter) -> None:
                           f"pass --act-scales/--act-shifts files for this model, or delete {path} to compute them")
 
 
-def load_or_collect_stats(args, model, adapter, samples, device, net: str):
+def load_or_collect_stats(args, model, adapter, samples, device, net: str, blocks=None):
     scales_path, shifts_path, both = stats_files(args, net)
     if both:
         scales = load_tensors(scales_path, "activation scales")
@@ -252,7 +257,7 @@ def load_or_collect_stats(args, model, adapter, samples, device, net: str):
                      "generate_act_scale_shift.py) for their SmoothQuant-style start", scales_path)
         return scales, shifts
     log.info("activation statistics %s not found: computing them on the calibration set", scales_path)
-    scales, shifts = collect_act_stats(model, adapter, samples, device)      # every rank: all samples, same stats
+    scales, shifts = collect_act_stats(model, adapter, samples, device, blocks)   # every rank: all samples, same stats
     if distributed.is_main():
         save_tensors(scales_path, scales)   # default paths only: stats_files refuses a named file that is missing
         save_tensors(shifts_path, shifts)
@@ -305,6 +310,11 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
                  cfg.setting, cfg.effective_wbits, "; packed in 3-bit containers" if cfg.real_quant else "")
     model_id = resolve_model_path(args.model)
     reference_params = None
+    if args.stream:
+        try:
+            check_stream_source(model_id)
+        except ConfigError as exc:
+            parser.error(str(exc))
     model_config = load_config(model_id, args.trust_remote_code)
     try:
         adapter = get_adapter(model_config)
@@ -314,7 +324,11 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
         preflight(args, cfg, model_config, adapter, model_id, data_dir)
     except ConfigError as exc:
         parser.error(str(exc))
-    model, tokenizer, model_id = load_model(model_id, dtype, args.trust_remote_code)
+    if args.stream:
+        model, tokenizer, blocks = open_streamed(args, model_id, model_config, adapter, dtype)
+    else:
+        model, tokenizer, model_id = load_model(model_id, dtype, args.trust_remote_code)
+        blocks = None
     net = args.net or model_name(model_id)
     results: dict = {"model": model_id, "net": net, "setting": cfg.setting, "effective_wbits": cfg.effective_wbits,
                      "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
@@ -325,7 +339,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
         reference, stats = None, (None, None)   # KL against itself would be 0
     else:
         reference, stats = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id,
-                                    results, reference_params)
+                                    results, reference_params, blocks)
 
     if cfg.real_quant and args.packed_kernel != "exact":
         switched, total = use_packed_kernel(model, args.packed_kernel)
@@ -340,7 +354,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
             tta = lambda windows: adapt(model, reference, adapter, windows, cfg, tta_config(args), device,  # noqa: E731
                                         amp_dtype, *stats)
         results["ppl"], tta_results = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen,
-                                                   adapter, tta)
+                                                   adapter, tta, blocks)
         if tta_results:
             results["ppl_tta"] = tta_results
     if args.tasks:
@@ -352,11 +366,56 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
     if args.save_dir:
         results["saved"] = {"path": args.save_dir,
                             "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format,
-                                                     overwrite=args.overwrite)}
+                                                     overwrite=args.overwrite, blocks=blocks)}
+    if blocks is not None:
+        blocks.store.remove()
     results["peak_memory_mib"] = peak_memory_mb(device)      # the whole run, evaluation included
     write_json(Path(args.output_dir) / "results.json", results)
     log.info("results written to %s", Path(args.output_dir) / "results.json")
     return results
+
+
+def open_streamed(args, model_id: str, model_config, adapter, dtype):
+    """--stream: (skeleton, tokenizer, StreamedModel); no weight is read yet."""
+    from transformers import AutoTokenizer
+    from .streaming import StreamedModel
+    blocks = StreamedModel(model_id, model_config, adapter, dtype, Path(args.output_dir) / "blocks")
+    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+    log.info("--stream: %s as a skeleton; its %d blocks are read from %s one at a time and written to %s when done",
+             type(blocks.model).__name__, len(blocks), model_id, blocks.store.folder)
+    return blocks.model, tokenizer, blocks
+
+
+def check_stream_source(model_id: str) -> None:
+    """--stream's model: a local directory with safetensors (checked before anything reads the model)."""
+    from .streaming import TensorFiles
+    if Path(model_id).suffix == ".gguf":
+        raise ConfigError(f"--stream reads blocks from safetensors, and {model_id} is a GGUF file: convert it once "
+                          f"(python -m affinequant.convert {model_id} DIR) and pass --model DIR")
+    if not Path(model_id).is_dir():
+        raise ConfigError(f"--stream reads blocks from a local checkpoint, and {model_id} is not a directory: download "
+                          f"the model (huggingface-cli download {model_id} --local-dir DIR) and pass --model DIR")
+    try:
+        TensorFiles.of_checkpoint(model_id)
+    except AffineQuantError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_stream(args, cfg: QuantConfig, adapter) -> None:
+    """What --stream can do: everything that walks the model block by block."""
+    refused = [(args.tasks, "--tasks (lm-eval needs the whole model: evaluate the --save_dir export)"),
+               (args.tta, "--tta"), (args.multigpu, "--multigpu"),
+               (cfg.reference_compat, "--reference_compat (the reference's float16 model)"),
+               (distributed.active(), "torchrun (data-parallel calibration)"),
+               (args.calib_dataset == "generated", "--calib_dataset generated (it samples from the whole model)"),
+               (cfg.full_precision, "--wbits 16 --abits 16 (nothing to stream)"),
+               (args.packed_kernel != "exact", f"--packed_kernel {args.packed_kernel} (evaluate the --save_dir export "
+                                               f"with it)"),
+               (args.save_dir and adapter.experts, "--save_dir for a mixture-of-experts model (its experts are "
+                                                   "restacked across the whole model)")]
+    for given, what in refused:
+        if given:
+            raise ConfigError(f"--stream does not go with {what}: drop one of them")
 
 
 def check_output_paths(args) -> None:
@@ -400,6 +459,8 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
             raise ConfigError("--tta adapts the last blocks for the perplexity evaluation of a quantized model: add "
                               "--eval_ppl (and quantize), or drop --tta")
         tta_config(args).check(cfg, model_config.num_hidden_layers)
+    if args.stream:
+        check_stream(args, cfg, adapter)
     if cfg.full_precision:
         return
     if distributed.active():
@@ -441,26 +502,28 @@ def is_reference_file(resume: str) -> bool:
 
 
 def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
-             reference_params=None) -> tuple[torch.nn.Module | None, tuple]:
+             reference_params=None, blocks=None) -> tuple[torch.nn.Module | None, tuple]:
     """Calibrate and quantize `model` in place, recording into `results`; returns the reference for KL and TTA:
     an FP copy of the model (None without --eval_ppl, or with --no_kl and no --tta), or with --kl_reference disk
     the FP log-probabilities of each perplexity set ({set: FPReference}), recorded before calibration; and the
     activation statistics (act_scales, act_shifts; None when no stage uses them). `reference_params`: a
-    reference parameter file to rebuild blocks from (--resume FILE.pth)."""
+    reference parameter file to rebuild blocks from (--resume FILE.pth). `blocks`: --stream's StreamedModel (the
+    KL reference is then its FP blocks, re-read at evaluation: None here)."""
     samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
-                                                cfg.seed, data_dir, model)
+                                                cfg.seed, data_dir, None if blocks is not None else model)
     results["calibration"] = calib_source
     log.info("calibration: %d x %d tokens from %s", cfg.nsamples, cfg.seqlen, calib_source)
 
     act_scales = act_shifts = None
     if cfg.needs_statistics:
-        act_scales, act_shifts = load_or_collect_stats(args, model, adapter, samples, device, net)
+        act_scales, act_shifts = load_or_collect_stats(args, model, adapter, samples, device, net, blocks)
 
     if cfg.reference_compat:
         round_to_half_(model)       # the reference holds its model in float16; the FP baseline too
     kl_on_disk = args.eval_ppl and not args.no_kl and not args.tta and args.kl_reference == "disk"
-    reference = copy.deepcopy(model) if args.eval_ppl and (not args.no_kl or args.tta) and not kl_on_disk else None
-    if kl_on_disk and distributed.is_main():
+    reference = copy.deepcopy(model) if (args.eval_ppl and (not args.no_kl or args.tta) and not kl_on_disk
+                                         and blocks is None) else None
+    if kl_on_disk and distributed.is_main() and blocks is None:
         reference = record_fp_reference(args, model, tokenizer, device, data_dir, cfg.seqlen, adapter)
     own_resume = args.resume is not None and reference_params is None
     checkpoint_dir = args.resume if own_resume and args.resume else Path(args.output_dir) / "checkpoint"
@@ -480,7 +543,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     try:
         reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
                                   amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16,
-                                  checkpoint=checkpoint)
+                                  checkpoint=checkpoint, blocks=blocks)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise SystemExit(f"out of memory during calibration ({type(exc).__name__}). The activation caches hold "
                          f"3-4 copies of nsamples x seqlen x hidden: lower --nsamples ({cfg.nsamples}) or --seqlen "
@@ -547,9 +610,13 @@ def place_for_eval(model, device, multigpu: bool, adapter) -> None:
         model.to(device)
 
 
-def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, adapter, tta=None) -> tuple[dict, dict]:
+def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, adapter, tta=None,
+                 blocks=None) -> tuple[dict, dict]:
     """Perplexity on each set (with KL/top-1 against `reference` unless --no_kl); with `tta` (windows ->
-    (adapted blocks, report)), also the perplexity with the adapted blocks swapped in, as a separate figure."""
+    (adapted blocks, report)), also the perplexity with the adapted blocks swapped in, as a separate figure.
+    `blocks`: --stream's StreamedModel, evaluated block by block (its FP blocks, re-read, the KL reference)."""
+    if blocks is not None and blocks.streamed:
+        return _evaluate_streamed(args, blocks, tokenizer, device, data_dir, seqlen, adapter), {}
     recorded = isinstance(reference, dict)       # --kl_reference disk: {set: FPReference}
     place_for_eval(model, device, args.multigpu, adapter)
     if reference is not None and not recorded:
@@ -587,6 +654,23 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
     elif reference is not None:
         reference.to("cpu")
     return out, out_tta
+
+
+def _evaluate_streamed(args, blocks, tokenizer, device, data_dir, seqlen, adapter) -> dict:
+    from .evaluate import streamed_perplexity
+    out = {}
+    for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
+        try:
+            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
+        except DataError as exc:
+            log.warning("perplexity on %s skipped: %s", name, exc)
+            out[name] = {"skipped": str(exc)}
+            continue
+        res = streamed_perplexity(blocks, adapter, tokens, seqlen, device, args.limit if args.limit > 0 else None,
+                                  with_reference=not args.no_kl, desc=name)
+        out[name] = {**res, "source": source}
+        log.info("%s perplexity %.3f over %d windows%s", name, res["ppl"], res["windows"], _agreement(res))
+    return out
 
 
 def _agreement(res: dict) -> str:

@@ -72,33 +72,138 @@ class FPReference:
         self.path.unlink(missing_ok=True)
 
 
+class WindowScores:
+    """What a perplexity evaluation adds up, window by window: the NLL, and against a reference the KL of the
+    next-token distributions and the top-1 agreement."""
+
+    def __init__(self, seqlen: int):
+        self.seqlen = seqlen
+        self.nll_sum = self.ref_nll_sum = self.kl_sum = 0.0
+        self.window_nll = []       # per window, so that two runs can be compared window by window (paired)
+        self.agree = self.positions = 0
+        self.with_reference = False
+
+    def add(self, logp: torch.Tensor, target: torch.Tensor, ref_logp: torch.Tensor | None = None) -> None:
+        """logp, ref_logp: (positions, vocab) log-probabilities of the next token; target: (positions,)."""
+        self.window_nll.append(-logp.gather(1, target[:, None]).mean().item())
+        self.nll_sum += self.window_nll[-1] * self.seqlen
+        if ref_logp is not None:
+            self.with_reference = True
+            self.ref_nll_sum += -ref_logp.gather(1, target[:, None]).mean().item() * self.seqlen
+            self.kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
+            self.agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            self.positions += target.numel()
+
+    def result(self, windows_total: int, seconds: float) -> dict:
+        used = len(self.window_nll)
+        result = {"ppl": math.exp(self.nll_sum / (used * self.seqlen)), "windows": used,
+                  "windows_total": windows_total, "seqlen": self.seqlen, "seconds": seconds,
+                  "window_nll": self.window_nll}
+        if self.with_reference:
+            result.update(fp_ppl=math.exp(self.ref_nll_sum / (used * self.seqlen)), kl=self.kl_sum / self.positions,
+                          top1_agreement=self.agree / self.positions)
+        return result
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(1, L, vocab) logits -> (L - 1, vocab) float32 log-probabilities of each next token."""
+    return F.log_softmax(logits[0, :-1].float(), dim=-1)
+
+
+def _windows_of(tokens: torch.Tensor, seqlen: int, limit: int | None, desc: str) -> tuple[torch.Tensor, int]:
+    windows = eval_windows(tokens, seqlen, limit)
+    n_windows = tokens.numel() // seqlen
+    if windows.shape[0] < n_windows:
+        log.info("%s: --limit %d evaluates the first %d of %d windows", desc, limit, windows.shape[0], n_windows)
+    return windows, n_windows
+
+
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int, device, limit: int | None = None,
                reference=None, desc: str = "ppl") -> dict:
-    windows = eval_windows(tokens, seqlen, limit)
-    n_windows, used = tokens.numel() // seqlen, windows.shape[0]
-    if used < n_windows:
-        log.info("%s: --limit %d evaluates the first %d of %d windows", desc, limit, used, n_windows)
-    nll_sum = ref_nll_sum = kl_sum = 0.0
-    window_nll = []        # per window, so that two runs can be compared window by window (paired)
-    agree = positions = 0
+    windows, n_windows = _windows_of(tokens, seqlen, limit, desc)
+    scores = WindowScores(seqlen)
     t0 = time.time()
-    for i in tqdm(range(used), desc=desc, unit="window"):
+    for i in tqdm(range(windows.shape[0]), desc=desc, unit="window"):
         ids = windows[i][None].to(device)
-        logp = F.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), dim=-1)
-        target = ids[0, 1:]
-        window_nll.append(-logp.gather(1, target[:, None]).mean().item())
-        nll_sum += window_nll[-1] * seqlen
+        logp = _log_probs(model(ids, use_cache=False).logits)
+        ref_logp = None
         if reference is not None:
             ref_logp = (reference(i, ids) if isinstance(reference, FPReference)
-                        else F.log_softmax(reference(ids, use_cache=False).logits[0, :-1].float(), dim=-1))
-            ref_nll_sum += -ref_logp.gather(1, target[:, None]).mean().item() * seqlen
-            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
-            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-            positions += target.numel()
-    result = {"ppl": math.exp(nll_sum / (used * seqlen)), "windows": used, "windows_total": n_windows,
-              "seqlen": seqlen, "seconds": time.time() - t0, "window_nll": window_nll}
-    if reference is not None:
-        result.update(fp_ppl=math.exp(ref_nll_sum / (used * seqlen)), kl=kl_sum / positions,
-                      top1_agreement=agree / positions)
-    return result
+                        else _log_probs(reference(ids, use_cache=False).logits))
+        scores.add(logp, ids[0, 1:], ref_logp)
+    return scores.result(n_windows, time.time() - t0)
+
+
+class _Substitute(torch.nn.Module):
+    """Stands in for a block while the head runs on stored hidden states: the first returns them, the
+    others hand them on."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return self.hidden if self.hidden is not None else hidden_states
+
+
+@torch.no_grad()
+def _streamed_hidden(model, adapter, windows: torch.Tensor, device, load, release, dtype, desc: str) -> tuple:
+    """The last block's outputs for every window (windows, L, d), walking the blocks one at a time: `load(i)`
+    gives block i, `release(i)` drops it. Each window runs alone, as in `perplexity`: the same sums."""
+    import contextlib
+    from .calibrate import capture_block_arguments, run_block
+    hidden, kwargs = capture_block_arguments(model, adapter, windows, device, dtype)
+    for index in tqdm(range(len(adapter.layers(model))), desc=desc, unit="block"):
+        block = load(index)
+        block.to(device)
+        hidden = run_block(block, hidden, kwargs[index], 1, device, contextlib.nullcontext)
+        block.to("cpu")
+        release(index)
+    return hidden
+
+
+@torch.no_grad()
+def _head_log_probs(model, adapter, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own head (final norm, output embedding, soft-capping...) on stored final hidden states:
+    the model runs with its blocks replaced by stand-ins that return them."""
+    layers = adapter.layers(model)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Substitute(hidden if i == 0 else None)
+    try:
+        return _log_probs(model(ids, use_cache=False).logits)
+    finally:
+        for i, block in enumerate(originals):
+            layers[i] = block
+
+
+@torch.no_grad()
+def streamed_perplexity(blocks, adapter, tokens: torch.Tensor, seqlen: int, device, limit: int | None = None,
+                        with_reference: bool = False, desc: str = "ppl") -> dict:
+    """`perplexity` of a streamed model (streaming.StreamedModel), block by block over all windows: the
+    quantized blocks are read back from the store one at a time; with `with_reference`, the FP blocks from the
+    checkpoint too (the KL reference re-read from disk, never a second model in memory). Equal to `perplexity`
+    of the same model held in memory, bit for bit on the CPU."""
+    windows, n_windows = _windows_of(tokens, seqlen, limit, desc)
+    t0 = time.time()
+    from .calibrate import non_block_to
+    model = blocks.model
+    blocks.load_non_block()
+    try:
+        final = _streamed_hidden(model, adapter, windows, device, blocks.restore, blocks.release, blocks.dtype, desc)
+        ref_final = None
+        if with_reference:
+            ref_final = _streamed_hidden(blocks.fp_model, adapter, windows, device, blocks.fp_block, blocks.release_fp,
+                                         blocks.dtype, f"{desc} (FP)")
+        non_block_to(model, adapter, device)
+        scores = WindowScores(seqlen)
+        for i in range(windows.shape[0]):
+            ids = windows[i][None].to(device)
+            logp = _head_log_probs(model, adapter, ids, final[i:i + 1].to(device))
+            ref_logp = None if ref_final is None else _head_log_probs(model, adapter, ids, ref_final[i:i + 1].to(device))
+            scores.add(logp, ids[0, 1:], ref_logp)
+    finally:
+        non_block_to(model, adapter, "cpu")
+        blocks.release_non_block()
+    return scores.result(n_windows, time.time() - t0)

@@ -84,12 +84,21 @@ def _as_stock_keys(model) -> set[str]:
 GPTQ_FORMATS = ("auto", "gptq", "gptq_v2")
 
 
-def choose_gptq_format(model, symmetric: bool, requested: str = "auto") -> str:
+def choose_gptq_format(model, symmetric: bool, requested: str = "auto", blocks=None) -> str:
     """auto: v1 ("gptq", every engine reads it) for symmetric models; v2 for asymmetric ones, because
     GPTQModel refuses asymmetric v1 files it did not write itself (old AutoGPTQ corrupted their zeros).
-    v1 is impossible when a zero point is 0."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    v1_possible = all(int(m.zeros().min()) >= 1 for m in layers)
+    v1 is impossible when a zero point is 0. `blocks`: a streamed model's blocks, read back one at a time
+    (their zero points are re-encoded as each is written: _write_weights)."""
+    if blocks is not None and blocks.streamed:
+        v1_possible = True
+        for index in range(len(blocks)):
+            v1_possible &= all(int(m.zeros().min()) >= 1 for m in blocks.restore(index).modules()
+                               if isinstance(m, PackedLinear))
+            blocks.release(index)
+        layers = []
+    else:
+        layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        v1_possible = all(int(m.zeros().min()) >= 1 for m in layers)
     if requested == "gptq" and not v1_possible:
         raise OutputError("--gptq_format gptq: some zero points are 0, which GPTQ v1 ('zero - 1') cannot store; "
                          "use --gptq_format gptq_v2 or auto")
@@ -98,6 +107,73 @@ def choose_gptq_format(model, symmetric: bool, requested: str = "auto") -> str:
     for m in layers:
         m.set_zero_offset(1 if requested == "gptq" else 0)
     return requested
+
+
+def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: int | None = None) -> None:
+    """The model's tensors as `stem`.safetensors; for a streamed model (`blocks`), as Hugging Face shards
+    (`stem`-0000k-of-0000n.safetensors and `stem`.safetensors.index.json: the non-block tensors, then one shard
+    per block, each block read back from the store while its shard is written), which from_pretrained,
+    GPTQModel and load_quantized read. `zero_offset`: the GPTQ zero-point encoding of packed layers."""
+    from safetensors.torch import save_file
+    if blocks is None or not blocks.streamed:
+        atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+        return
+    prefix = blocks.prefix
+    n_shards = len(blocks) + 1
+    weight_map, total = {}, 0
+
+    def write(shard: int, tensors: dict) -> None:
+        nonlocal total
+        name = f"{stem}-{shard:05d}-of-{n_shards:05d}.safetensors"
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        atomic_write(save_dir / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        weight_map.update({k: name for k in tensors})
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    blocks.load_non_block()
+    try:
+        seen, non_block = set(), {}
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if key.startswith(prefix) or id(tensor) in seen:      # a tied output embedding: saved once
+                continue
+            seen.add(id(tensor))
+            non_block[key] = tensor
+        write(1, non_block)
+    finally:
+        blocks.release_non_block()
+    for index in range(len(blocks)):
+        block = blocks.restore(index)
+        if zero_offset is not None:
+            for m in block.modules():
+                if isinstance(m, PackedLinear):
+                    m.set_zero_offset(zero_offset)
+        write(index + 2, {f"{prefix}{index}.{k}": v for k, v in block.state_dict().items()})
+        blocks.release(index)
+    write_json(save_dir / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total},
+                                                            "weight_map": weight_map})
+
+
+def _read_weights(model, path: Path, stem: str) -> None:
+    """Load what _write_weights wrote (one file or shards) into `model`, strictly (a tied output embedding
+    may be absent)."""
+    index = path / f"{stem}.safetensors.index.json"
+    if not index.is_file():
+        load_model(model, path / f"{stem}.safetensors", strict=True)
+        return
+    from safetensors.torch import load_file
+    loaded = set()
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors = load_file(path / shard)
+        unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{shard} holds tensors the model lacks: {unexpected[:3]}")
+        loaded |= set(tensors)
+    out = model.get_output_embeddings()
+    tied = {f"{n}.weight" for n, m in model.named_modules() if m is out} \
+        if out is not None and out.weight is model.get_input_embeddings().weight else set()
+    missing = set(model.state_dict()) - loaded - tied
+    if missing:
+        raise RuntimeError(f"the shards lack {sorted(missing)[:3]}")
 
 
 def gptq_config(packed: dict[str, list], sym: bool) -> dict:
@@ -144,22 +220,25 @@ def _replace_dir(target: Path, write):
 
 
 def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None,
-                   gptq_format: str = "auto", overwrite: bool = False) -> str:
+                   gptq_format: str = "auto", overwrite: bool = False, blocks=None) -> str:
     """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime).
     gptq_format: auto | gptq (v1) | gptq_v2, for packed models. An existing export there is replaced
-    completely; another non-empty directory only with `overwrite` (check_save_dir)."""
+    completely; another non-empty directory only with `overwrite` (check_save_dir). `blocks`: --stream's
+    StreamedModel, whose blocks are read back one at a time and written as shards."""
     check_save_dir(save_dir, overwrite)
     final = Path(save_dir)
 
     def write(tmp):
         with packed_experts(model):     # fake-quantized MoE experts back in transformers' 3-D layout
-            return _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format)
+            return _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format, blocks)
     return _replace_dir(final, write)
 
 
-def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, gptq_format: str) -> str:
+def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, gptq_format: str,
+                  blocks=None) -> str:
+    zero_offset = None
     if any(isinstance(m, PackedLinear) for m in model.modules()):
-        choose_gptq_format(model, cfg.symmetric, gptq_format)
+        zero_offset = 1 if choose_gptq_format(model, cfg.symmetric, gptq_format, blocks) == "gptq" else 0
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
     attention_quant = any(isinstance(m, QKVQuantizers) for m in model.modules())
     online, keys, lac = online_transforms(model), key_transforms(model), lac_quantizers(model)
@@ -183,7 +262,14 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
     saved_attn, saved_cache = config._attn_implementation, config.use_cache
     config._attn_implementation, config.use_cache = "sdpa", True
     try:
-        if fmt == "standard":
+        if fmt == "standard" and blocks is not None and blocks.streamed:
+            config.save_pretrained(save_dir)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(save_dir)
+            _write_weights(model, save_dir, "model", blocks)
+            log.info("saved a standard checkpoint to %s (fake-quantized weights, one shard per block; loads with "
+                     "AutoModelForCausalLM.from_pretrained)", final)
+        elif fmt == "standard":
             model.save_pretrained(save_dir)
             log.info("saved a standard checkpoint to %s (fake-quantized weights; loads with "
                      "AutoModelForCausalLM.from_pretrained)", final)
@@ -192,7 +278,7 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
             config_dict = config.to_dict()
             config_dict["quantization_config"] = qcfg
             (save_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
-            atomic_write(save_dir / "model.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+            _write_weights(model, save_dir, "model", blocks, zero_offset)
             ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
                       and m.in_features % m.group_size]
             log.info("saved a GPTQ checkpoint (%d-bit, group %s, sym %s, %s) to %s", qcfg["bits"],
@@ -208,7 +294,7 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
                             "--symmetric, or pass --gptq_format gptq")
         else:
             config.save_pretrained(save_dir)
-            atomic_write(save_dir / RUNTIME_WEIGHTS, lambda tmp: save_model(model, tmp))
+            _write_weights(model, save_dir, RUNTIME_WEIGHTS.removesuffix(".safetensors"), blocks)
             what = [w for w, on in (("per-token activation quantizers", act_quant or attention_quant),
                                     (f"{len(online)} online transforms (FlatQuant)", online),
                                     (f"{len(norms)} runtime inverse matrices after norms", norms),
@@ -276,7 +362,7 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, kernel: str = 
                                                 linear.bias is not None, offset, dtype))
     weights = path / (RUNTIME_WEIGHTS if manifest["format"] == "runtime" else "model.safetensors")
     try:
-        load_model(model, weights, strict=True)
+        _read_weights(model, path, weights.name.removesuffix(".safetensors"))
     except Exception as exc:
         raise RuntimeError(f"{weights} does not match its manifest or is corrupt ({exc}); save the model again") from exc
     model.config.use_cache = False

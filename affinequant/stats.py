@@ -20,11 +20,21 @@ from .transforms import QK_OUTPUT
 
 
 @torch.no_grad()
-def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device) -> tuple[dict, dict]:
+def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
+                      blocks=None) -> tuple[dict, dict]:
+    """`blocks`: where the FP blocks come from (streaming.StreamedModel reads each from the checkpoint and
+    drops it after); default the model's own."""
+    from .streaming import InMemoryBlocks
+    blocks = blocks or InMemoryBlocks(model, adapter)
     scales: dict[str, torch.Tensor] = {}
     shifts: dict[str, torch.Tensor] = {}
-    inputs, block_kwargs = capture_block_arguments(model, adapter, samples, device, torch.float32)
-    for index, block in enumerate(tqdm(adapter.layers(model), desc="activation statistics", unit="block")):
+    blocks.load_non_block()
+    try:
+        inputs, block_kwargs = capture_block_arguments(model, adapter, samples, device, torch.float32)
+    finally:
+        blocks.release_non_block()
+    for index in tqdm(range(len(blocks)), desc="activation statistics", unit="block"):
+        block = blocks.fp_block(index) if blocks.streamed else blocks.block(index)
         orig_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32)
         handles = []
@@ -47,6 +57,8 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
         for h in handles:
             h.remove()
         block.to(device="cpu", dtype=orig_dtype)
+        if blocks.streamed:
+            blocks.release_fp(index)
     return scales, shifts
 
 

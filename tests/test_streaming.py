@@ -1,0 +1,127 @@
+"""--stream: a model quantized block by block from its safetensors (a meta-device skeleton, finished blocks on
+disk) equals the model quantized in memory, bit for bit on the CPU: the calibration, the perplexity and KL
+against the FP blocks re-read from disk, and the export. Only one block holds weights at a time."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from affinequant.cli import run
+from affinequant.export import load_quantized
+from affinequant.streaming import StreamedModel, TensorFiles
+
+from conftest import save_tiny, write_text
+
+FLAGS = ["--wbits", "4", "--abits", "8", "--group_size", "16", "--lwc", "--let", "--epochs", "2", "--nsamples", "4",
+         "--seqlen", "32", "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "3"]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calib = write_text(tmp_path / "calib.txt")
+    write_text(tmp_path / "wiki.test.raw", seed=5)
+    return tmp_path, ["--calib_dataset", calib, "--data_dir", str(tmp_path)]
+
+
+def _pair(tmp_path, common, flags, family="llama"):
+    """The same run in memory and streamed, each computing its own activation statistics."""
+    model = save_tiny(tmp_path / f"tiny-{family}", family)
+    results = []
+    for name, extra in (("memory", []), ("stream", ["--stream"])):
+        shutil.rmtree(tmp_path / "act_scales", ignore_errors=True)
+        shutil.rmtree(tmp_path / "act_shifts", ignore_errors=True)
+        results.append(run(["--model", model, *common, *flags, *extra, "--output_dir", str(tmp_path / name),
+                            "--save_dir", str(tmp_path / f"saved-{name}")]))
+    return results
+
+
+@pytest.mark.parametrize("family, flags", [
+    ("llama", FLAGS),
+    ("gemma2", FLAGS),                                        # per-layer masks, tied embeddings
+    ("qwen2", ["--wbits", "4", "--abits", "4", "--kv_bits", "4", "--group_size", "16", "--flatquant", "--epochs", "1",
+               "--nsamples", "4", "--seqlen", "32", "--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "3"]),
+])
+def test_streamed_run_equals_in_memory_run(setup, family, flags):
+    tmp_path, common = setup
+    memory, stream = _pair(tmp_path, common, flags, family)
+    assert [b["final_mse"] for b in stream["blocks"]] == [b["final_mse"] for b in memory["blocks"]]
+    assert [b["losses"] for b in stream["blocks"]] == [b["losses"] for b in memory["blocks"]]
+    for key in ("ppl", "fp_ppl", "kl", "top1_agreement", "window_nll"):
+        assert stream["ppl"]["wikitext2"][key] == memory["ppl"]["wikitext2"][key], key
+    assert memory["ppl"]["wikitext2"]["kl"] > 0
+    assert stream["saved"]["format"] == memory["saved"]["format"]
+    a, b = (load_quantized(str(tmp_path / f"saved-{n}")).state_dict() for n in ("memory", "stream"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "stream" / "blocks").exists()       # the block files go once the run is over
+
+
+def test_streamed_gptq_export_is_sharded_and_equal(setup):
+    tmp_path, common = setup
+    flags = ["--wbits", "4", "--group_size", "16", "--lwc", "--epochs", "1", "--nsamples", "4", "--seqlen", "32",
+             "--real_quant", "--symmetric"]
+    memory, stream = _pair(tmp_path, common, flags)
+    assert stream["saved"]["format"] == "gptq"
+    saved = tmp_path / "saved-stream"
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 1 + 2           # the non-block tensors, then one per block
+    assert json.loads((saved / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
+    a, b = (load_quantized(str(tmp_path / f"saved-{n}")).state_dict() for n in ("memory", "stream"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_only_one_block_holds_weights_at_a_time(setup, monkeypatch):
+    tmp_path, common = setup
+    model = save_tiny(tmp_path / "tiny", "llama")
+    seen = []
+    real = StreamedModel.block
+
+    def block(self, index):
+        others = [i for i, b in enumerate(self.adapter.layers(self.model)) if i != index]
+        seen.append([any(not p.is_meta for p in self.adapter.layers(self.model)[i].parameters()) for i in others])
+        seen.append(self.model.get_input_embeddings().weight.is_meta)
+        return real(self, index)
+    monkeypatch.setattr(StreamedModel, "block", block)
+    run(["--model", model, *common, *FLAGS, "--stream", "--output_dir", str(tmp_path / "out")])
+    assert seen == [[False], True, [False], True]
+
+
+def test_tensor_files_read_exactly(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4, 2).to(torch.bfloat16), "c": torch.arange(7, dtype=torch.int32),
+               "d": torch.tensor(2.5, dtype=torch.float16), "e": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    files = TensorFiles.of_checkpoint(tmp_path)
+    for name, t in tensors.items():
+        got = files.read(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+    assert torch.equal(files.read("b", torch.float32), tensors["b"].float())
+    assert files.read("c", torch.float32).dtype == torch.int32           # only floating tensors change dtype
+
+
+@pytest.mark.parametrize("model, extra, expected", [
+    ("m.gguf", [], "convert it once"),
+    (None, ["--tasks", "arc_easy"], "--tasks"),
+    (None, ["--calib_dataset", "generated"], "--calib_dataset generated"),
+])
+def test_stream_refuses_what_it_cannot_do(setup, capsys, model, extra, expected):
+    tmp_path, common = setup
+    if model:
+        (tmp_path / model).write_bytes(b"GGUF")
+    argv = ["--model", str(tmp_path / model) if model else save_tiny(tmp_path / "tiny", "llama"), *common, *FLAGS,
+            *extra, "--stream", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert expected in capsys.readouterr().err
+
+
+def test_stream_needs_safetensors(setup, capsys):
+    tmp_path, common = setup
+    model = Path(save_tiny(tmp_path / "tiny", "llama"))
+    (model / "model.safetensors").rename(model / "pytorch_model.safetensors.bak")
+    with pytest.raises(SystemExit):
+        run(["--model", str(model), *common, *FLAGS, "--stream", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "neither model.safetensors" in err and "affinequant.convert" in err
