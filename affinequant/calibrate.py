@@ -51,7 +51,7 @@ def non_block_to(model: nn.Module, adapter: Adapter, device) -> None:
     """Move everything except the decoder blocks (embeddings, final norm, rotary tables, head)."""
     prefix = adapter.layers_path + "."
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) and not tensor.is_meta:     # meta: a streamed model's unloaded head
             tensor.data = tensor.data.to(device)
 
 
@@ -322,7 +322,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                  samples.shape[0])
     runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts,
                          data_parallel=data_parallel)
-    blocks.load_non_block()
+    blocks.load_non_block(samples)
     try:
         q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype)
     finally:

@@ -54,9 +54,42 @@ def grid_codes(x: torch.Tensor, scale, zero, qmax: int) -> torch.Tensor:
     return (x / scale).round().add(zero).clamp(0, qmax)
 
 
+class _FakeQuant(torch.autograd.Function):
+    """(clamp(round(x / scale) + zero, 0, qmax) - zero) * scale, with the straight-through estimator, as one
+    autograd node: it saves only its inputs and recomputes the grid in backward, where the same formula built
+    from separate operations would keep half a dozen x-sized intermediates alive per weight until backward.
+    Values and gradients are those of that formula (tests/test_quantizer.py): through the rounding the gradient
+    is the identity, the clamp passes it where round(x / scale) + zero lies in [0, qmax], and `zero` is a
+    constant (every caller detaches it)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmax: int):
+        ctx.save_for_backward(x, scale, zero)
+        ctx.qmax = qmax
+        return ((x / scale).round().add(zero).clamp(0, qmax) - zero) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero = ctx.saved_tensors
+        ratio = x / scale
+        codes = ratio.round().add(zero)
+        inside = (codes >= 0) & (codes <= ctx.qmax)
+        grad_codes = torch.where(inside, grad * scale, 0)
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_codes / scale).sum_to_size(x.shape)
+        if ctx.needs_input_grad[1]:
+            # the product's term and the division's, each summed over what `scale` was broadcast across
+            grad_scale = ((grad * (codes.clamp(0, ctx.qmax) - zero)).sum_to_size(scale.shape)
+                          + (-grad_codes * (ratio / scale)).sum_to_size(scale.shape))
+        return grad_x, grad_scale, None, None
+
+
 def fake_quant(x, scale, zero, qmax: int):
-    q = (round_ste(x / scale) + zero).clamp(0, qmax)
-    return (q - zero) * scale
+    """x on the grid of `scale` and `zero` (straight-through rounding); one autograd node (_FakeQuant)."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuant.apply(x, scale, zero, qmax)
+    return ((x / scale).round().add(zero).clamp(0, qmax) - zero) * scale
 
 
 def effective_bits(bits: int, balanced: bool = False) -> float:

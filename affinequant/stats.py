@@ -28,7 +28,7 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
     blocks = blocks or InMemoryBlocks(model, adapter)
     scales: dict[str, torch.Tensor] = {}
     shifts: dict[str, torch.Tensor] = {}
-    blocks.load_non_block()
+    blocks.load_non_block(samples)
     try:
         inputs, block_kwargs = capture_block_arguments(model, adapter, samples, device, torch.float32)
     finally:

@@ -67,6 +67,22 @@ class TensorFiles:
                              f"model.safetensors.index.json: convert the model once (python -m affinequant.convert "
                              f"MODEL DIR) and pass DIR")
 
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A 2-D tensor of which only `rows` are read (an embedding table, for the token ids a step looks up):
+        the others are left unwritten, so their pages are never touched and cost no resident memory."""
+        path, stored, shape, begin, _ = self.entries[name]
+        dtype = dtype or stored
+        out = torch.empty(shape, dtype=dtype)
+        row = torch.empty(shape[1], dtype=stored)
+        buffer, width = row.view(torch.uint8).numpy(), shape[1] * row.element_size()
+        with open(path, "rb") as f:
+            for r in torch.unique(rows).tolist():
+                f.seek(begin + r * width)
+                if f.readinto(buffer) != width:
+                    raise ModelLoadError(f"{path} is truncated (tensor {name}): download or convert it again")
+                out[r] = row
+        return out
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
@@ -100,6 +116,26 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
 def to_meta(module: nn.Module) -> None:
     """Drop every tensor of `module` (its structure stays): what a finished or released block becomes."""
     module.to("meta")
+    return_freed_memory()
+
+
+def _malloc_trim():
+    import ctypes
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):       # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Hand the memory of dropped tensors back to the system. glibc keeps freed blocks of a few MiB in its heap
+    (its mmap threshold rises to the largest block freed), so without this a streamed run's resident memory
+    grows by about a block's weights per block although nothing references them."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class BlockStore:
@@ -160,7 +196,7 @@ class InMemoryBlocks:
     def fp_block(self, index: int) -> nn.Module:
         raise NotImplementedError("an in-memory model keeps its FP reference as a copy of the model")
 
-    def load_non_block(self) -> None:
+    def load_non_block(self, token_ids: torch.Tensor | None = None) -> None:
         pass
 
     def release_non_block(self) -> None:
@@ -209,17 +245,30 @@ class StreamedModel(InMemoryBlocks):
     def _non_block_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters() if not n.startswith(self.prefix) and not self._tied(n)]
 
-    def load_non_block(self) -> None:
-        """The embeddings, the final norm and the head, from the checkpoint (in `dtype`)."""
+    def load_non_block(self, token_ids: torch.Tensor | None = None) -> None:
+        """The embeddings, the final norm and the head, from the checkpoint (in `dtype`). With `token_ids` (the
+        tokens about to be embedded, when no logits are needed), only those rows of the input embedding and no
+        output embedding: for the calibration inputs, a few MiB instead of vocab x hidden twice."""
+        embedding = f"{self._name_of(self.model.get_input_embeddings())}.weight"
+        head = self.model.get_output_embeddings()
+        head = None if head is None else f"{self._name_of(head)}.weight"
         for name in self._non_block_names():
-            if self.model.get_parameter(name).is_meta:
+            if token_ids is not None and name == head:
+                continue
+            if token_ids is not None and name == embedding:
+                set_tensor(self.model, name, self.files.read_rows(name, token_ids.reshape(-1), self.dtype))
+            elif self.model.get_parameter(name).is_meta:
                 set_tensor(self.model, name, self.files.read(name, self.dtype))
         self._tie()
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next(n for n, m in self.model.named_modules() if m is module)
 
     def release_non_block(self) -> None:
         for name in self._non_block_names():
             set_tensor(self.model, name, self.model.get_parameter(name).to("meta"))
         self._tie()
+        return_freed_memory()
 
     def _tie(self) -> None:
         if getattr(self.model.config, "tie_word_embeddings", False) and self.model.get_output_embeddings() is not None:
@@ -264,3 +313,4 @@ class StreamedModel(InMemoryBlocks):
         block = self.adapter.layers(self.fp_model)[index]
         for name, p in list(block.named_parameters()):
             set_tensor(block, name, p.to("meta"))
+        return_freed_memory()

@@ -88,3 +88,65 @@ def test_activation_quantizer_is_per_token():
     assert (q[0, 0] - x[0, 0]).abs().max() < 2 / 15
     assert (q[0, 1] - x[0, 1]).abs().max() < 200 / 15
     assert torch.equal(ActQuantizer(16)(x), x)
+
+
+def _unfused_fake_quant(x, scale, zero, qmax):
+    """The fake quantizer as separate autograd operations (the formula before the fused node)."""
+    v = x / scale
+    q = ((v.round() - v).detach() + v + zero).clamp(0, qmax)
+    return (q - zero) * scale
+
+
+@pytest.mark.parametrize("group, symmetric, lwc, let", [(None, False, True, False), (16, False, True, True),
+                                                        (16, True, True, True), (24, False, False, True)])
+def test_fused_fake_quant_equals_the_unfused_formula(group, symmetric, lwc, let):
+    """Same values bit for bit; the same gradients for the weight (through LET's scale) and LWC's factors."""
+    from affinequant import quantizer as qz
+    torch.manual_seed(0)
+    weight = torch.randn(32, 48)
+    grad_out = torch.randn(32, 48)
+    results = []
+    for fused in (True, False):
+        wq = WeightQuantizer((32, 48), 3, group, symmetric, lwc=lwc)
+        if lwc:
+            with torch.no_grad():      # factors away from their start, some groups clipped hard
+                wq.upbound_factor.copy_(torch.linspace(-1, 5, wq.upbound_factor.numel()).view_as(wq.upbound_factor))
+                wq.lowbound_factor.copy_(torch.linspace(4, -2, wq.lowbound_factor.numel()).view_as(wq.lowbound_factor))
+        smooth = torch.linspace(0.5, 2, 48).requires_grad_(let)
+        original = qz.fake_quant
+        if not fused:
+            qz.fake_quant = _unfused_fake_quant
+        try:
+            out = wq(weight * smooth)
+        finally:
+            qz.fake_quant = original
+        params = [p for p in (smooth, wq.upbound_factor, wq.lowbound_factor) if p is not None and p.requires_grad]
+        grads = torch.autograd.grad(out, params, grad_out)
+        results.append((out.detach(), grads))
+    (out_f, grads_f), (out_u, grads_u) = results
+    assert torch.equal(out_f, out_u)
+    for g_f, g_u in zip(grads_f, grads_u):
+        assert torch.equal(g_f, g_u), (g_f - g_u).abs().max()
+        assert g_u.abs().sum() > 0
+
+
+def test_fused_activation_quantizer_gradients_match():
+    """LAC's clipping factors and the input get the unfused formula's gradients through the per-token grid."""
+    from affinequant import quantizer as qz
+    torch.manual_seed(1)
+    x0 = torch.randn(2, 5, 16)
+    grads = []
+    for fused in (True, False):
+        aq = ActQuantizer(4)
+        aq.enable_lac()
+        x = x0.clone().requires_grad_(True)
+        original = qz.fake_quant
+        if not fused:
+            qz.fake_quant = _unfused_fake_quant
+        try:
+            out = aq(x)
+        finally:
+            qz.fake_quant = original
+        grads.append((out.detach(), *torch.autograd.grad(out.square().sum(), [x, aq.clip_upper, aq.clip_lower])))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
