@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .activations import empty_like, mean_squared_error
 from .adapters import Adapter
 from .config import ConfigError, QuantConfig
 from .losses import BlockObjective, LossBatch
@@ -69,13 +69,21 @@ class _ArgumentRecorder(nn.Module):
 
 
 class _Capture:
-    def __init__(self, first: int, last: int, cache_dtype):
+    def __init__(self, first: int, last: int, cache_dtype, n_samples: int, cache_dir=None):
         self.first, self.last, self.cache_dtype = first, last, cache_dtype
+        self.n_samples, self.cache_dir = n_samples, cache_dir
         self.inputs: list[torch.Tensor] = []
+        self.disk = None            # --cache_dir: each sample written as it comes
         self.kwargs: dict[int, dict] = {}
 
     def record(self, index: int, hidden: torch.Tensor, kwargs: dict):
-        if index == self.first:
+        if index == self.first and self.cache_dir is not None:
+            from .activations import DiskActivations
+            if self.disk is None:
+                self.disk = DiskActivations(self.cache_dir, (self.n_samples, *hidden.shape[1:]), self.cache_dtype)
+            self.disk[len(self.inputs):len(self.inputs) + 1] = hidden
+            self.inputs.append(None)
+        elif index == self.first:
             self.inputs.append(hidden.detach().to(self.cache_dtype))
         if index not in self.kwargs:
             self.kwargs[index] = {k: v for k, v in kwargs.items()
@@ -87,15 +95,16 @@ class _Capture:
 
 @torch.no_grad()
 def capture_block_arguments(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
-                            cache_dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, dict[int, dict]]:
+                            cache_dtype: torch.dtype, index: int = 0, cache_dir=None) -> tuple[torch.Tensor, dict[int, dict]]:
     """Run the model up to block `index` for every sample; return that block's inputs (N, L, d) and, for
     every block from `index` on, the keyword arguments the model passes to it (mask, position embeddings...).
     They differ between blocks where the model alternates layer types (Gemma's sliding-window and global
     layers: other masks, and for Gemma-3 other RoPE tables), so each block gets its own. The blocks from
     `index` on are replaced by recorders while this runs: they cost nothing. For block 0 only the
-    embeddings move to `device` and back; for a later block the model must already be on `device`."""
+    embeddings move to `device` and back; for a later block the model must already be on `device`.
+    `cache_dir`: the inputs go to a file there as they are captured (activations.DiskActivations)."""
     layers = adapter.layers(model)
-    capture = _Capture(index, len(layers) - 1, cache_dtype)
+    capture = _Capture(index, len(layers) - 1, cache_dtype, samples.shape[0], cache_dir)
     originals = [layers[i] for i in range(index, len(layers))]
     for i in range(index, len(layers)):
         layers[i] = _ArgumentRecorder(i, capture)
@@ -112,7 +121,7 @@ def capture_block_arguments(model: nn.Module, adapter: Adapter, samples: torch.T
             layers[i] = block
         if index == 0:
             non_block_to(model, adapter, "cpu")
-    return torch.cat(capture.inputs), capture.kwargs
+    return (capture.disk if capture.disk is not None else torch.cat(capture.inputs)), capture.kwargs
 
 
 def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
@@ -290,7 +299,8 @@ def objective_on(block: nn.Module, data: BlockData, batch, objective: BlockObjec
 
 @torch.no_grad()
 def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device, ctx_factory) -> torch.Tensor:
-    outs = torch.empty_like(inputs)
+    """The block's outputs on `inputs`, a batch at a time, into a cache like `inputs` (in memory or on disk)."""
+    outs = empty_like(inputs)
     for i in range(0, inputs.shape[0], batch_size):
         with ctx_factory():
             x = inputs[i:i + batch_size].to(device)
@@ -301,12 +311,12 @@ def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device
 def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, cfg: QuantConfig,
                     device: torch.device, act_scales: dict | None = None,
                     act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16,
-                    checkpoint=None, blocks=None) -> list[BlockReport]:
+                    checkpoint=None, blocks=None, cache_dir=None) -> list[BlockReport]:
     """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU.
     With a CalibrationCheckpoint, each block's learned parameters are saved once it is done, and
     blocks already in it are rebuilt from their parameters instead of trained. `blocks`: where the blocks
     come from and go (streaming.StreamedModel: read from the checkpoint, written out when done); default
-    the model's own."""
+    the model's own. `cache_dir`: the activation caches live in files there (activations.py)."""
     from .streaming import InMemoryBlocks
     blocks = blocks or InMemoryBlocks(model, adapter)
     cfg.validate()
@@ -324,7 +334,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                          data_parallel=data_parallel)
     blocks.load_non_block(samples)
     try:
-        q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype)
+        q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype,
+                                                       cache_dir=cache_dir)
     finally:
         blocks.release_non_block()
     fp_inps = q_inps.clone()
@@ -426,7 +437,7 @@ class BlockRunner:
                                                     "fell_back_to_rtn": report.fell_back_to_rtn,
                                                     "stages": report.stages})
         q_outs = run_block(block, q_inps, kwargs, cfg.batch_size, device, ctx)
-        report.final_mse = F.mse_loss(q_outs.float(), fp_outs.float()).item()
+        report.final_mse = mean_squared_error(q_outs, fp_outs)
         if self.data_parallel:
             report.final_mse = distributed.mean(report.final_mse)
         block.to(device="cpu", dtype=orig_dtype)

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU); bfloat16 also makes "
            "calibration autocast in bfloat16, on CUDA and on the CPU")
     a("--trust_remote_code", action="store_true", help="let transformers run the model repository's code")
+    a("--cache_dir", default=None, metavar="DIR",
+      help="keep the calibration's activation caches (inputs, targets, outputs: nsamples x seqlen x hidden each, in the "
+           "autocast dtype) in files in DIR instead of memory, read a batch at a time; deleted as they are replaced")
     a("--stream", action="store_true",
       help="models larger than memory: keep the model as a skeleton on the meta device, read each block from the "
            "checkpoint's safetensors when its turn comes and write it to <output_dir>/blocks when done; the "
@@ -418,6 +421,23 @@ def check_stream(args, cfg: QuantConfig, adapter) -> None:
             raise ConfigError(f"--stream does not go with {what}: drop one of them")
 
 
+def check_cache_dir(folder: str, cfg: QuantConfig, model_config, dtype_bytes: int) -> None:
+    """--cache_dir: a writable directory with room for the caches (four of nsamples x seqlen x hidden at most)."""
+    import shutil
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--cache_dir {folder} is a file: give a directory for the activation caches")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--cache_dir {folder} cannot be created ({exc.strerror}): give a writable directory") from exc
+    need = 4 * cfg.nsamples * cfg.seqlen * model_config.hidden_size * dtype_bytes
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise ConfigError(f"--cache_dir {folder}: the activation caches need up to {need / 2**30:.1f} GiB and "
+                          f"{free / 2**30:.1f} GiB are free: free space, choose another directory, or lower --nsamples")
+
+
 def check_output_paths(args) -> None:
     """Where results and exports go, before anything is written there."""
     out = Path(args.output_dir)
@@ -461,6 +481,8 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
         tta_config(args).check(cfg, model_config.num_hidden_layers)
     if args.stream:
         check_stream(args, cfg, adapter)
+    if args.cache_dir:
+        check_cache_dir(args.cache_dir, cfg, model_config, dtype_bytes=2 if args.dtype == "bfloat16" else 4)
     if cfg.full_precision:
         return
     if distributed.active():
@@ -543,7 +565,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     try:
         reports = quantize_blocks(model, adapter, samples, cfg, device, act_scales, act_shifts,
                                   amp_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16,
-                                  checkpoint=checkpoint, blocks=blocks)
+                                  checkpoint=checkpoint, blocks=blocks, cache_dir=args.cache_dir)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise SystemExit(f"out of memory during calibration ({type(exc).__name__}). The activation caches hold "
                          f"3-4 copies of nsamples x seqlen x hidden: lower --nsamples ({cfg.nsamples}) or --seqlen "

@@ -119,15 +119,27 @@ def to_meta(module: nn.Module) -> None:
     return_freed_memory()
 
 
-def _malloc_trim():
+def _glibc(name: str):
     import ctypes
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):       # not glibc
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _glibc("malloc_trim")
+M_MMAP_THRESHOLD = -3
+STREAM_MMAP_THRESHOLD = 16 << 20
+
+
+def map_large_allocations(threshold: int = STREAM_MMAP_THRESHOLD) -> None:
+    """Have glibc map every allocation of `threshold` bytes or more on its own, so that it goes back to the system
+    when freed. By default glibc raises this threshold up to 32 MiB as large blocks are freed, after which a
+    block's weight-sized temporaries come from its heap and stay resident: measured on Qwen2.5-Coder-0.5B
+    (--stream, LWC), a peak of 1094-1298 MiB without, 1005 MiB with 16 MiB (and 896 MiB at 1 MiB, 40% slower)."""
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def return_freed_memory() -> None:
@@ -224,6 +236,7 @@ class StreamedModel(InMemoryBlocks):
                                  f"affinequant.convert) and pass that directory")
         self.store = BlockStore(work_dir)
         self.prefix = adapter.layers_path + "."
+        map_large_allocations()
 
     def _skeleton(self, config) -> nn.Module:
         """The model with parameters on the meta device; buffers (RoPE's inverse frequencies) are real, as the

@@ -133,7 +133,7 @@ def test_transient_nan_is_rolled_back_and_training_continues(tokens, monkeypatch
         calls["n"] += 1
         loss = real_mse(a, b)
         return loss * float("nan") if calls["n"] == 3 else loss
-    monkeypatch.setattr(calibrate.F, "mse_loss", flaky)
+    monkeypatch.setattr(F, "mse_loss", flaky)
     reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=2), CPU)
     assert reports[0].nan_events == 1 and not reports[0].fell_back_to_rtn
     assert len(reports[0].losses) == 2
@@ -145,7 +145,7 @@ def test_persistent_nan_falls_back_to_rtn(tokens, monkeypatch):
     rtn_model = copy.deepcopy(model)
     adapter = get_adapter(model.config)
     with monkeypatch.context() as patch:
-        patch.setattr(calibrate.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("inf"))
+        patch.setattr(F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("inf"))
         reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=2), CPU)
     quantize_blocks(rtn_model, adapter, tokens, QuantConfig(wbits=3, lwc=True, epochs=0), CPU)
     assert all(r.fell_back_to_rtn for r in reports)

@@ -125,3 +125,57 @@ def test_stream_needs_safetensors(setup, capsys):
         run(["--model", str(model), *common, *FLAGS, "--stream", "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "neither model.safetensors" in err and "affinequant.convert" in err
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lwc", "--let", "--epochs", "2", "--aug_loss", "--batch_size", "2"],
+    ["--lwc", "--epochs", "1", "--tesseraq", "--par_iters", "4", "--par_rounds", "2", "--par_batch", "3"],
+])
+def test_activation_caches_on_disk_give_the_same_model(setup, flags):
+    """--cache_dir (with and without --stream): the same model bit for bit, the same losses, and no cache file
+    left behind."""
+    from test_cli import _run_keeping_model
+    tmp_path, common = setup
+    model = save_tiny(tmp_path / "tiny", "llama")
+    base = ["--model", model, *common, "--wbits", "3", "--abits", "8", "--group_size", "16", "--nsamples", "6",
+            "--seqlen", "32", *flags]
+    memory = _run_keeping_model(base + ["--output_dir", str(tmp_path / "m")])
+    disk = _run_keeping_model(base + ["--output_dir", str(tmp_path / "d"), "--cache_dir", str(tmp_path / "cache")])
+    a, b = memory.state_dict(), disk.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("m", "d"))
+    assert [x["losses"] for x in ra["blocks"]] == [x["losses"] for x in rb["blocks"]]
+    assert [x["final_mse"] for x in ra["blocks"]] == [x["final_mse"] for x in rb["blocks"]]
+    assert not list((tmp_path / "cache").iterdir())
+    streamed = run(base + ["--output_dir", str(tmp_path / "s"), "--cache_dir", str(tmp_path / "cache"), "--stream"])
+    assert [x["losses"] for x in streamed["blocks"]] == [x["losses"] for x in ra["blocks"]]
+
+
+def test_disk_activations_index_like_a_tensor(tmp_path):
+    from affinequant.activations import DiskActivations, empty_like, mean_squared_error
+    torch.manual_seed(0)
+    t = torch.randn(7, 3, 4).to(torch.bfloat16)
+    d = DiskActivations(tmp_path, t.shape, t.dtype)
+    d[0:4] = t[0:4]
+    d[4:7] = t[4:7]
+    assert d.shape == t.shape and len(d) == 7
+    for index in (2, -1, slice(1, 5), slice(None), torch.tensor([6, 0, 1, 2]), torch.arange(3, 5)):
+        assert torch.equal(d[index], t[index])
+    copy = d.clone()
+    del d
+    assert torch.equal(copy[:], t) and len(list(tmp_path.iterdir())) == 1
+    other = empty_like(copy)
+    other[:] = t + 1
+    assert mean_squared_error(copy, other) == mean_squared_error(t, t + 1) == pytest.approx(1.0, rel=1e-2)
+    path = copy.path
+    del copy
+    assert not path.exists()
+
+
+def test_cache_dir_that_is_a_file_is_refused(setup, capsys):
+    tmp_path, common = setup
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        run(["--model", save_tiny(tmp_path / "tiny", "llama"), *common, *FLAGS, "--cache_dir", str(tmp_path / "afile"),
+             "--output_dir", str(tmp_path / "out")])
+    assert "--cache_dir" in capsys.readouterr().err
