@@ -85,14 +85,27 @@ class WindowScores:
 
     def add(self, logp: torch.Tensor, target: torch.Tensor, ref_logp: torch.Tensor | None = None) -> None:
         """logp, ref_logp: (positions, vocab) log-probabilities of the next token; target: (positions,)."""
-        self.window_nll.append(-logp.gather(1, target[:, None]).mean().item())
+        self.add_window([(logp, target, ref_logp)])
+
+    def add_window(self, chunks) -> None:
+        """One window given as consecutive chunks of positions (logp, target, ref_logp or None): the same
+        figures as the whole window at once, with only a chunk's logits alive at a time."""
+        nll, ref_nll, kl, agree = [], [], [], 0
+        for logp, target, ref_logp in chunks:
+            nll.append(-logp.gather(1, target[:, None])[:, 0])
+            if ref_logp is not None:
+                ref_nll.append(-ref_logp.gather(1, target[:, None])[:, 0])
+                kl.append(self._kl_rows(logp, ref_logp))
+                agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+        nll = torch.cat(nll)
+        self.window_nll.append(nll.mean().item())
         self.nll_sum += self.window_nll[-1] * self.seqlen
-        if ref_logp is not None:
+        if ref_nll:
             self.with_reference = True
-            self.ref_nll_sum += -ref_logp.gather(1, target[:, None]).mean().item() * self.seqlen
-            self.kl_sum += self._kl_rows(logp, ref_logp).sum().item()
-            self.agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-            self.positions += target.numel()
+            self.ref_nll_sum += torch.cat(ref_nll).mean().item() * self.seqlen
+            self.kl_sum += torch.cat(kl).sum().item()
+            self.agree += agree
+            self.positions += nll.numel()
 
     @staticmethod
     def _kl_rows(logp: torch.Tensor, ref_logp: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -169,19 +182,28 @@ def _streamed_hidden(model, adapter, windows: torch.Tensor, device, load, releas
     return hidden
 
 
+HEAD_CHUNK = 128     # positions per head evaluation: 128 x vocab logits (78 MB at Qwen's 152k) instead of a window's
+
+
 @torch.no_grad()
-def _head_log_probs(model, adapter, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own head (final norm, output embedding, soft-capping...) on stored final hidden states:
-    the model runs with its blocks replaced by stand-ins that return them."""
+def _head_log_probs(model, adapter, ids: torch.Tensor, hidden: torch.Tensor, chunk: int):
+    """The model's own head (final norm, output embedding, soft-capping...) on stored final hidden states, a
+    chunk of positions at a time: yields the log-probabilities of the next token at positions [c, c + chunk)
+    (the window's last position predicts nothing). The model runs with its blocks replaced by stand-ins that
+    return the stored states."""
     layers = adapter.layers(model)
     originals = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _Substitute(hidden if i == 0 else None)
-    try:
-        return _log_probs(model(ids, use_cache=False).logits)
-    finally:
-        for i, block in enumerate(originals):
-            layers[i] = block
+    last = ids.shape[1] - 1
+    for start in range(0, last, chunk):
+        stop = min(start + chunk, last)
+        for i in range(len(layers)):
+            layers[i] = _Substitute(hidden[:, start:stop] if i == 0 else None)
+        try:
+            logits = model(ids[:, start:stop], use_cache=False).logits
+        finally:        # the blocks are back before the caller resumes (a generator may never be finished)
+            for i, block in enumerate(originals):
+                layers[i] = block
+        yield F.log_softmax(logits[0].float(), dim=-1)
 
 
 @torch.no_grad()
@@ -195,20 +217,23 @@ def streamed_perplexity(blocks, adapter, tokens: torch.Tensor, seqlen: int, devi
     t0 = time.time()
     from .calibrate import non_block_to
     model = blocks.model
-    blocks.load_non_block()
+    blocks.load_non_block(windows)          # the embedding rows of these windows; no head yet
     try:
         final = _streamed_hidden(model, adapter, windows, device, blocks.restore, blocks.release, blocks.dtype, desc)
         ref_final = None
         if with_reference:
             ref_final = _streamed_hidden(blocks.fp_model, adapter, windows, device, blocks.fp_block, blocks.release_fp,
                                          blocks.dtype, f"{desc} (FP)")
+        blocks.load_non_block(windows, head=True)
         non_block_to(model, adapter, device)
         scores = WindowScores(seqlen)
         for i in range(windows.shape[0]):
             ids = windows[i][None].to(device)
-            logp = _head_log_probs(model, adapter, ids, final[i:i + 1].to(device))
-            ref_logp = None if ref_final is None else _head_log_probs(model, adapter, ids, ref_final[i:i + 1].to(device))
-            scores.add(logp, ids[0, 1:], ref_logp)
+            heads = _head_log_probs(model, adapter, ids, final[i:i + 1].to(device), HEAD_CHUNK)
+            ref_heads = (_head_log_probs(model, adapter, ids, ref_final[i:i + 1].to(device), HEAD_CHUNK)
+                         if ref_final is not None else iter(lambda: None, 0))
+            targets = ids[0, 1:].split(HEAD_CHUNK)
+            scores.add_window((logp, target, ref_logp) for logp, target, ref_logp in zip(heads, targets, ref_heads))
     finally:
         non_block_to(model, adapter, "cpu")
         blocks.release_non_block()

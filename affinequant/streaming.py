@@ -208,7 +208,7 @@ class InMemoryBlocks:
     def fp_block(self, index: int) -> nn.Module:
         raise NotImplementedError("an in-memory model keeps its FP reference as a copy of the model")
 
-    def load_non_block(self, token_ids: torch.Tensor | None = None) -> None:
+    def load_non_block(self, token_ids: torch.Tensor | None = None, head: bool | None = None) -> None:
         pass
 
     def release_non_block(self) -> None:
@@ -228,6 +228,7 @@ class StreamedModel(InMemoryBlocks):
         self.fp_config = copy.deepcopy(config)
         self.model = self._skeleton(config)
         self._fp_model = None
+        self._partial = False           # the input embedding holds only some rows (load_non_block)
         missing = [n for n in self.model.state_dict() if n not in self.files and not self._tied(n)]
         if missing:
             raise ModelLoadError(f"{folder}: the checkpoint has no tensor {missing[0]} (of {len(missing)} missing) that "
@@ -258,26 +259,34 @@ class StreamedModel(InMemoryBlocks):
     def _non_block_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters() if not n.startswith(self.prefix) and not self._tied(n)]
 
-    def load_non_block(self, token_ids: torch.Tensor | None = None) -> None:
+    def load_non_block(self, token_ids: torch.Tensor | None = None, head: bool | None = None) -> None:
         """The embeddings, the final norm and the head, from the checkpoint (in `dtype`). With `token_ids` (the
-        tokens about to be embedded, when no logits are needed), only those rows of the input embedding and no
-        output embedding: for the calibration inputs, a few MiB instead of vocab x hidden twice."""
+        tokens about to be embedded), only those rows of the input embedding, and the output embedding only with
+        `head` (default: without token_ids): the calibration inputs then cost a few MiB instead of vocab x hidden
+        twice. A tied embedding is read whole when the head is needed."""
+        head = token_ids is None if head is None else head
         embedding = f"{self._name_of(self.model.get_input_embeddings())}.weight"
-        head = self.model.get_output_embeddings()
-        head = None if head is None else f"{self._name_of(head)}.weight"
+        output = self.model.get_output_embeddings()
+        output = None if output is None else f"{self._name_of(output)}.weight"
+        tied = output is not None and self._tied(output)
         for name in self._non_block_names():
-            if token_ids is not None and name == head:
+            loaded = not self.model.get_parameter(name).is_meta
+            if name == output and not head:
                 continue
-            if token_ids is not None and name == embedding:
-                set_tensor(self.model, name, self.files.read_rows(name, token_ids.reshape(-1), self.dtype))
-            elif self.model.get_parameter(name).is_meta:
+            if name == embedding and token_ids is not None and not (tied and head):
+                if not loaded:
+                    set_tensor(self.model, name, self.files.read_rows(name, token_ids.reshape(-1), self.dtype))
+                    self._partial = True
+            elif not loaded or (name == embedding and self._partial):
                 set_tensor(self.model, name, self.files.read(name, self.dtype))
+                self._partial = self._partial and name != embedding
         self._tie()
 
     def _name_of(self, module: nn.Module) -> str:
         return next(n for n, m in self.model.named_modules() if m is module)
 
     def release_non_block(self) -> None:
+        self._partial = False
         for name in self._non_block_names():
             set_tensor(self.model, name, self.model.get_parameter(name).to("meta"))
         self._tie()
