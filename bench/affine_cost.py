@@ -1,11 +1,13 @@
-"""The cost of AffineQuant's matrices against OmniQuant mode, measured in one process, alternating
-between modes so machine noise hits all of them alike.
+"""The cost of a training step in each mode, measured in one process, alternating between modes so machine
+noise hits all of them alike.
 
-    python bench/affine_cost.py --model models/smollm2-135m.gguf
+    OMP_NUM_THREADS=1 python bench/affine_cost.py --model models/smollm2-135m.gguf
 
-For block 0 of the model: seconds per training step (refresh transforms + forward + backward +
-AdamW) for LWC, LWC+LET, AffineQuant (--use_ln_matrix) and AffineQuant (--use_matrix); and the
-merged block's forward time with and without the runtime inverse after its norms.
+For block 0 of the model: seconds per training step (refresh transforms + forward + backward + AdamW) for
+LWC, LWC+LET, AffineQuant (--use_ln_matrix) and AffineQuant (--use_matrix), each with the fused
+fake-quantization (quantizer._FakeQuant) and with the unfused formula it replaced; the step's FLOPs
+(torch's FlopCounterMode) over its time against the fp32 matmul peak measured in the same process (MFU);
+and the merged block's forward time with and without the runtime inverse after its norms.
 Writes bench/affine_cost.json.
 """
 import argparse
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from affinequant import quantizer  # noqa: E402
 from affinequant.adapters import get_adapter  # noqa: E402
 from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs  # noqa: E402
 from affinequant.config import QuantConfig  # noqa: E402
@@ -33,6 +36,13 @@ MODES = {
     "AffineQuant --use_ln_matrix": dict(lwc=True, let=True, use_ln_matrix=True),
     "AffineQuant --use_matrix": dict(lwc=True, let=True, use_matrix=True),
 }
+
+
+def unfused_fake_quant(x, scale, zero, qmax):
+    """The fake quantizer as separate autograd operations (what quantizer._FakeQuant replaced)."""
+    v = x / scale
+    q = ((v.round() - v).detach() + v + zero).clamp(0, qmax)
+    return (q - zero) * scale
 
 
 def main():
@@ -60,17 +70,40 @@ def main():
         for q in params:
             q.requires_grad_(True)
         setups[name] = (bq, torch.optim.AdamW(params, lr=1e-3))
+    def step(bq, opt):
+        bq.refresh()
+        loss = F.mse_loss(_block_output(bq.block(inputs[:1], **kwargs)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for name, (bq, opt) in setups.items():
+        with FlopCounterMode(display=False) as counter:
+            step(bq, opt)
+        flops[name] = counter.get_total_flops()
+    fused_quant = quantizer.fake_quant
     step_times = {name: [] for name in MODES}
+    unfused_times = {name: [] for name in MODES}
+    peaks = []
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for r in range(args.rounds + 1):                       # round 0 is a warm-up, not recorded
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        peaks.append(4 * 2 * 1024**3 / (time.perf_counter() - t0))
         for name, (bq, opt) in setups.items():
-            t0 = time.perf_counter()
-            bq.refresh()
-            loss = F.mse_loss(_block_output(bq.block(inputs[:1], **kwargs)), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if r:
-                step_times[name].append(time.perf_counter() - t0)
+            for fused, times in ((True, step_times), (False, unfused_times)):
+                quantizer.fake_quant = fused_quant if fused else unfused_fake_quant
+                try:
+                    t0 = time.perf_counter()
+                    step(bq, opt)
+                    elapsed = time.perf_counter() - t0
+                finally:
+                    quantizer.fake_quant = fused_quant
+                if r:
+                    times[name].append(elapsed)
     # merged blocks: plain (OmniQuant LET) against one that keeps runtime inverses after its norms
     merged = {}
     for name in ("LWC+LET (OmniQuant)", "AffineQuant --use_ln_matrix"):
@@ -95,7 +128,15 @@ def main():
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     base_step = med(step_times["LWC+LET (OmniQuant)"])
     base_fwd = med(fwd["LWC+LET (OmniQuant)"])
+    peak = sorted(peaks[1:])[-1]       # the best of the rounds: the machine's fp32 matmul peak, here and now
     result = {"model": args.model, "seqlen": args.seqlen, "hidden": model.config.hidden_size,
+              "threads": torch.get_num_threads(), "matmul_peak_gflops": peak / 1e9,
+              "train_step_gflop": {k: v / 1e9 for k, v in flops.items()},
+              "train_step_mfu": {k: flops[k] / med(v) / peak for k, v in step_times.items()},
+              "train_step_mfu_unfused": {k: flops[k] / med(v) / peak for k, v in unfused_times.items()},
+              "train_step_seconds_unfused": {k: med(v) for k, v in unfused_times.items()},
+              "fused_over_unfused": {k: med(step_times[k]) / med(unfused_times[k]) for k in step_times},
+              "use_ln_matrix_over_let": med(step_times["AffineQuant --use_ln_matrix"]) / base_step,
               "train_step_seconds": {k: med(v) for k, v in step_times.items()},
               "train_step_over_let": {k: med(v) / base_step for k, v in step_times.items()},
               "merged_block_forward_seconds": {k: med(v) for k, v in fwd.items()},
