@@ -132,13 +132,18 @@ M_MMAP_THRESHOLD = -3
 STREAM_MMAP_THRESHOLD = 16 << 20
 
 
-def map_large_allocations(threshold: int = STREAM_MMAP_THRESHOLD) -> None:
-    """Have glibc map every allocation of `threshold` bytes or more on its own, so that it goes back to the system
-    when freed. By default glibc raises this threshold up to 32 MiB as large blocks are freed, after which a
-    block's weight-sized temporaries come from its heap and stay resident: measured on Qwen2.5-Coder-0.5B
-    (--stream, LWC), a peak of 1094-1298 MiB without, 1005 MiB with 16 MiB (and 896 MiB at 1 MiB, 40% slower)."""
+def map_large_allocations(threshold: int | None = None) -> None:
+    """Have glibc map every allocation of `threshold` bytes or more on its own (default 16 MiB, or
+    $AFFINEQUANT_MMAP_THRESHOLD_MIB; 0 leaves glibc's own policy), so that it goes back to the system when freed.
+    By default glibc raises this threshold up to 32 MiB as large blocks are freed, after which a block's
+    weight-sized temporaries come from its heap and stay resident. Measured on Qwen2.5-Coder-0.5B (--stream,
+    LWC): a peak of 1094-1298 MiB without, 1005 MiB at 16 MiB, 896 MiB at 1 MiB; the price is the page faults
+    of fresh mappings, a 1.22x LWC training step at 16 MiB against 32 MiB (one thread, one process)."""
+    import os
+    if threshold is None:
+        threshold = int(float(os.environ.get("AFFINEQUANT_MMAP_THRESHOLD_MIB", STREAM_MMAP_THRESHOLD >> 20)) * 2**20)
     mallopt = _glibc("mallopt")
-    if mallopt is not None:
+    if mallopt is not None and threshold > 0:
         mallopt(M_MMAP_THRESHOLD, threshold)
 
 

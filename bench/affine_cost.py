@@ -84,6 +84,27 @@ def main():
             step(bq, opt)
         flops[name] = counter.get_total_flops()
     fused_quant = quantizer.fake_quant
+
+    def saved_mib(bq) -> float:
+        """MiB of distinct tensors autograd keeps for backward in one step (what the fused node saves on)."""
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            bq.refresh()
+            loss = F.mse_loss(_block_output(bq.block(inputs[:1], **kwargs)), target)
+        loss.backward()
+        return sum(seen.values()) / 2**20
+    saved = {}
+    for name, (bq, _) in setups.items():
+        for fused in (True, False):
+            quantizer.fake_quant = fused_quant if fused else unfused_fake_quant
+            try:
+                saved[(name, fused)] = saved_mib(bq)
+            finally:
+                quantizer.fake_quant = fused_quant
     step_times = {name: [] for name in MODES}
     unfused_times = {name: [] for name in MODES}
     peaks = []
@@ -136,6 +157,8 @@ def main():
               "train_step_mfu_unfused": {k: flops[k] / med(v) / peak for k, v in unfused_times.items()},
               "train_step_seconds_unfused": {k: med(v) for k, v in unfused_times.items()},
               "fused_over_unfused": {k: med(step_times[k]) / med(unfused_times[k]) for k in step_times},
+              "saved_for_backward_mib": {k: saved[(k, True)] for k in MODES},
+              "saved_for_backward_mib_unfused": {k: saved[(k, False)] for k in MODES},
               "use_ln_matrix_over_let": med(step_times["AffineQuant --use_ln_matrix"]) / base_step,
               "train_step_seconds": {k: med(v) for k, v in step_times.items()},
               "train_step_over_let": {k: med(v) / base_step for k, v in step_times.items()},

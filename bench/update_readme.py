@@ -16,11 +16,20 @@ def section() -> str:
         parts += ["", "### Zero-shot accuracy (`bench/run_zeroshot.py`)", "", (bench / "ZEROSHOT.md").read_text().strip()]
     if (bench / "affine_cost.json").is_file():
         c = json.loads((bench / "affine_cost.json").read_text())
-        steps = ", ".join(f"{k} {v:.2f}x" for k, v in c["train_step_over_let"].items())
-        parts += ["", "### Cost of the AffineQuant matrices (`bench/affine_cost.py`, one process, SmolLM2 block 0, "
+        rows = ["| mode | step s | relative to LWC+LET | GFLOP per step | MFU | fused / unfused fake-quant time | "
+                "saved for backward, fused (unfused) |", "|---|---|---|---|---|---|---|"]
+        for k, v in c["train_step_seconds"].items():
+            rows.append(f"| {k} | {v:.3f} | {c['train_step_over_let'][k]:.2f}x | {c['train_step_gflop'][k]:.1f} | "
+                        f"{c['train_step_mfu'][k]:.2f} | {c['fused_over_unfused'][k]:.2f} | "
+                        f"{c['saved_for_backward_mib'][k]:.0f} MiB ({c['saved_for_backward_mib_unfused'][k]:.0f}) |")
+        parts += ["", "### Training step cost (`bench/affine_cost.py`, one process, one thread, SmolLM2 block 0, "
                   f"{c['seqlen']} tokens)", "",
-                  f"Training step time relative to LWC+LET: {steps}. Forward time of a merged block with the runtime "
-                  f"inverses after its norms, relative to the LET-merged block: {c['runtime_inverse_forward_overhead']:.2f}x."]
+                  f"MFU: the step's FLOPs (torch's FlopCounterMode) over its time, against the fp32 matmul peak measured in "
+                  f"the same process ({c['matmul_peak_gflops']:.0f} GFLOP/s, 1024^3). The fused fake-quantization "
+                  f"keeps fewer tensors alive until backward; its time equals the unfused formula's here.", "",
+                  *rows, "",
+                  f"Forward time of a merged block with the runtime inverses after its norms, relative to the LET-merged "
+                  f"block: {c['runtime_inverse_forward_overhead']:.2f}x."]
     if (bench / "PACKING.md").is_file():
         parts += ["", "### Real quantization (`bench/packing_bench.py`)", "", (bench / "PACKING.md").read_text().strip()]
     if (bench / "gptqmodel_check.json").is_file():
