@@ -645,13 +645,7 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
         place_for_eval(reference, device, args.multigpu, adapter)
     kl_reference = None if args.no_kl else reference
     out, out_tta = {}, {}
-    for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
-        try:
-            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
-        except DataError as exc:
-            log.warning("perplexity on %s skipped: %s", name, exc)
-            out[name] = {"skipped": str(exc)}
-            continue
+    for name, tokens, source in _ppl_sets(args, tokenizer, seqlen, data_dir, out):
         limit = args.limit if args.limit > 0 else None
         res = perplexity(model, tokens, seqlen, device, limit,
                          kl_reference.get(name) if recorded else kl_reference, desc=name)
@@ -678,9 +672,8 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
     return out, out_tta
 
 
-def _evaluate_streamed(args, blocks, tokenizer, device, data_dir, seqlen, adapter) -> dict:
-    from .evaluate import streamed_perplexity
-    out = {}
+def _ppl_sets(args, tokenizer, seqlen, data_dir, out: dict):
+    """(name, tokens, source) of each --ppl_datasets set; one that cannot be read is logged and recorded in `out`."""
     for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
         try:
             tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
@@ -688,6 +681,13 @@ def _evaluate_streamed(args, blocks, tokenizer, device, data_dir, seqlen, adapte
             log.warning("perplexity on %s skipped: %s", name, exc)
             out[name] = {"skipped": str(exc)}
             continue
+        yield name, tokens, source
+
+
+def _evaluate_streamed(args, blocks, tokenizer, device, data_dir, seqlen, adapter) -> dict:
+    from .evaluate import streamed_perplexity
+    out = {}
+    for name, tokens, source in _ppl_sets(args, tokenizer, seqlen, data_dir, out):
         res = streamed_perplexity(blocks, adapter, tokens, seqlen, device, args.limit if args.limit > 0 else None,
                                   with_reference=not args.no_kl, desc=name)
         out[name] = {**res, "source": source}

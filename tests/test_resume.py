@@ -27,13 +27,8 @@ def setup(tmp_path, monkeypatch):
     return ["--model", model_dir, "--calib_dataset", write_text(tmp_path / "c.txt")]
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
-    full = _state(_run_keeping_model(setup + FLAGS + ["--output_dir", str(tmp_path / "a")]))
-
+def run_killed_after_block_0(argv, monkeypatch):
+    """Run main.py with `argv`, killed (KeyboardInterrupt) right after block 0's checkpoint is written."""
     real_save = ckpt_module.CalibrationCheckpoint.save
 
     def crash_after_block_0(self, index, *a, **k):
@@ -43,7 +38,17 @@ def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:       # scoped: undo() would also undo the fixture's chdir
         patch.setattr(ckpt_module.CalibrationCheckpoint, "save", crash_after_block_0)
         with pytest.raises(KeyboardInterrupt):
-            run(setup + FLAGS + ["--output_dir", str(tmp_path / "b")])
+            run(argv)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
+    full = _state(_run_keeping_model(setup + FLAGS + ["--output_dir", str(tmp_path / "a")]))
+
+    run_killed_after_block_0(setup + FLAGS + ["--output_dir", str(tmp_path / "b")], monkeypatch)
     assert (tmp_path / "b" / "checkpoint" / "block_0000.safetensors").is_file()
     assert not (tmp_path / "b" / "checkpoint" / "block_0001.safetensors").exists()
 
@@ -146,16 +151,7 @@ def test_recipe_file_and_flags_give_identical_models(setup, tmp_path, suffix):
 def test_killed_recipe_with_gptq_resumes_to_identical_model(setup, tmp_path, monkeypatch):
     flags = setup + RECIPE_FLAGS + SAME_AS_FLAGS
     full = _state(_run_keeping_model(flags + ["--output_dir", str(tmp_path / "a")]))
-    real_save = ckpt_module.CalibrationCheckpoint.save
-
-    def crash_after_block_0(self, index, *a, **k):
-        real_save(self, index, *a, **k)
-        if index == 0:
-            raise KeyboardInterrupt("killed")
-    with monkeypatch.context() as patch:
-        patch.setattr(ckpt_module.CalibrationCheckpoint, "save", crash_after_block_0)
-        with pytest.raises(KeyboardInterrupt):
-            run(flags + ["--output_dir", str(tmp_path / "b")])
+    run_killed_after_block_0(flags + ["--output_dir", str(tmp_path / "b")], monkeypatch)
     resumed = _state(_run_keeping_model(flags + ["--output_dir", str(tmp_path / "b"), "--resume"]))
     for k in full:
         assert torch.equal(resumed[k], full[k]), k

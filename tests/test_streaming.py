@@ -196,22 +196,14 @@ def test_cache_dir_that_is_a_file_is_refused(setup, capsys):
 def test_killed_streamed_run_resumes_to_the_same_export(setup, monkeypatch):
     """A streamed run killed after block 0 and resumed with --stream --resume exports the uninterrupted
     run's model."""
-    from affinequant import checkpoint as ckpt_module
+    from test_resume import run_killed_after_block_0
     tmp_path, common = setup
     model = save_tiny(tmp_path / "tiny", "llama")
     flags = ["--model", model, *common, "--wbits", "3", "--group_size", "16", "--lwc", "--epochs", "2",
              "--nsamples", "4", "--seqlen", "32", "--stream"]
     run(flags + ["--output_dir", str(tmp_path / "a"), "--save_dir", str(tmp_path / "sa")])
-    real_save = ckpt_module.CalibrationCheckpoint.save
-
-    def crash_after_block_0(self, index, *a, **k):
-        real_save(self, index, *a, **k)
-        if index == 0:
-            raise KeyboardInterrupt("killed")
-    with monkeypatch.context() as patch:
-        patch.setattr(ckpt_module.CalibrationCheckpoint, "save", crash_after_block_0)
-        with pytest.raises(KeyboardInterrupt):
-            run(flags + ["--output_dir", str(tmp_path / "b"), "--save_dir", str(tmp_path / "sb")])
+    run_killed_after_block_0(flags + ["--output_dir", str(tmp_path / "b"), "--save_dir", str(tmp_path / "sb")],
+                             monkeypatch)
     resumed = run(flags + ["--output_dir", str(tmp_path / "b"), "--save_dir", str(tmp_path / "sb"), "--resume"])
     assert [b["restored"] for b in resumed["blocks"]] == [True, False]
     a, b = (load_quantized(str(tmp_path / n)).state_dict() for n in ("sa", "sb"))
