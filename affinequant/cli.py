@@ -425,12 +425,7 @@ def check_cache_dir(folder: str, cfg: QuantConfig, model_config, dtype_bytes: in
     """--cache_dir: a writable directory with room for the caches (four of nsamples x seqlen x hidden at most)."""
     import shutil
     path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--cache_dir {folder} is a file: give a directory for the activation caches")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--cache_dir {folder} cannot be created ({exc.strerror}): give a writable directory") from exc
+    make_directory(path, "--cache_dir", "the activation caches", ConfigError)
     need = 4 * cfg.nsamples * cfg.seqlen * model_config.hidden_size * dtype_bytes
     free = shutil.disk_usage(path).free
     if need > free:
@@ -438,15 +433,19 @@ def check_cache_dir(folder: str, cfg: QuantConfig, model_config, dtype_bytes: in
                           f"{free / 2**30:.1f} GiB are free: free space, choose another directory, or lower --nsamples")
 
 
+def make_directory(path: Path, flag: str, what: str, error: type) -> None:
+    """Create `path` (a directory given by `flag` for `what`), or raise `error` saying why it cannot be one."""
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path} is a file: give a directory for {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"{flag} {path} cannot be created ({exc.strerror}): give a writable directory") from exc
+
+
 def check_output_paths(args) -> None:
     """Where results and exports go, before anything is written there."""
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--output_dir {out} is a file: give a directory for the log and results.json")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"--output_dir {out} cannot be created ({exc.strerror}): give a writable directory") from exc
+    make_directory(Path(args.output_dir), "--output_dir", "the log and results.json", OutputError)
     if args.save_dir:
         check_save_dir(args.save_dir, args.overwrite)
     if args.save_params and Path(args.save_params).is_dir():
