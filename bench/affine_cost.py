@@ -50,6 +50,7 @@ def main():
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m.gguf"))
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "bench" / "affine_cost.json"))
     args = p.parse_args()
     torch.manual_seed(0)
     model, _, _ = load_model(args.model)
@@ -164,7 +165,7 @@ def main():
               "train_step_over_let": {k: med(v) / base_step for k, v in step_times.items()},
               "merged_block_forward_seconds": {k: med(v) for k, v in fwd.items()},
               "runtime_inverse_forward_overhead": med(fwd["AffineQuant --use_ln_matrix"]) / base_fwd}
-    (ROOT / "bench" / "affine_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -30,6 +30,15 @@ def section() -> str:
                   *rows, "",
                   f"Forward time of a merged block with the runtime inverses after its norms, relative to the LET-merged "
                   f"block: {c['runtime_inverse_forward_overhead']:.2f}x."]
+        long = bench / "affine_cost_2048.json"
+        if long.is_file():       # the reference's sequence length: the matrices' token-independent work weighs less
+            c2 = json.loads(long.read_text())
+            parts += ["", f"At {c2['seqlen']} tokens (`--seqlen 2048 --out bench/affine_cost_2048.json`): "
+                      + ", ".join(f"{k} {v:.2f}x" for k, v in c2["train_step_over_let"].items())
+                      + " of LWC+LET's step; MFU " + ", ".join(f"{v:.2f}" for v in c2["train_step_mfu"].values())
+                      + f" (peak {c2['matmul_peak_gflops']:.0f} GFLOP/s). The matrices' product with the weights does "
+                      f"not depend on the tokens (hidden x hidden x out per consumer), so it weighs less at longer "
+                      f"sequences: 1.58x at 512 tokens, {c2['use_ln_matrix_over_let']:.2f}x at {c2['seqlen']}."]
     if (bench / "PACKING.md").is_file():
         parts += ["", "### Real quantization (`bench/packing_bench.py`)", "", (bench / "PACKING.md").read_text().strip()]
     if (bench / "gptqmodel_check.json").is_file():
