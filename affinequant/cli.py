@@ -414,8 +414,8 @@ def check_stream(args, cfg: QuantConfig, adapter) -> None:
                (cfg.full_precision, "--wbits 16 --abits 16 (nothing to stream)"),
                (args.packed_kernel != "exact", f"--packed_kernel {args.packed_kernel} (evaluate the --save_dir export "
                                                f"with it)"),
-               (args.save_dir and adapter.experts, "--save_dir for a mixture-of-experts model (its experts are "
-                                                   "restacked across the whole model)")]
+               (adapter.experts, "a mixture-of-experts model (its checkpoint stores each expert apart, and "
+                                 "transformers fuses them only when it loads the whole model)")]
     for given, what in refused:
         if given:
             raise ConfigError(f"--stream does not go with {what}: drop one of them")

@@ -238,8 +238,8 @@ class StreamedModel(InMemoryBlocks):
         if missing:
             raise ModelLoadError(f"{folder}: the checkpoint has no tensor {missing[0]} (of {len(missing)} missing) that "
                                  f"{type(self.model).__name__} needs: --stream reads checkpoints whose tensor names "
-                                 f"are the model's; save the model with save_pretrained (or python -m "
-                                 f"affinequant.convert) and pass that directory")
+                                 f"are the model's own, and transformers renames or fuses this one's as it loads "
+                                 f"it; quantize it without --stream")
         self.store = BlockStore(work_dir)
         self.prefix = adapter.layers_path + "."
         map_large_allocations()

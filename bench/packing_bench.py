@@ -52,10 +52,10 @@ def linear_speed(shapes, repeats: int = 20) -> list[dict]:
     from affinequant.quantizer import WeightQuantizer
     rows = []
     torch.manual_seed(0)
-    for in_f, out_f in shapes:
+    for (in_f, out_f), bits in [(shape, bits) for bits in (4, 3, 2) for shape in shapes]:
         dense = torch.nn.Linear(in_f, out_f, bias=False)
-        codes, scale, zero = WeightQuantizer((out_f, in_f), 4, 128).integer_codes(dense.weight)
-        packed = PackedLinear.from_codes(codes, scale.half().float(), zero, 4, 128, None, zero_offset=0)
+        codes, scale, zero = WeightQuantizer((out_f, in_f), bits, 128).integer_codes(dense.weight)
+        packed = PackedLinear.from_codes(codes, scale.half().float(), zero, bits, 128, None, zero_offset=0)
         int4 = copy.deepcopy(packed)
         layers = [("dense", dense), ("packed", packed)] + ([("int4_cpu", int4)] if int4.use_kernel("int4_cpu") else [])
         for tokens in (1, 512):
@@ -68,7 +68,7 @@ def linear_speed(shapes, repeats: int = 20) -> list[dict]:
                     for _ in range(repeats):
                         layer(x)
                     timings[name] = (time.perf_counter() - t0) / repeats
-            rows.append({"in": in_f, "out": out_f, "tokens": tokens, "dense_ms": 1e3 * timings["dense"],
+            rows.append({"in": in_f, "out": out_f, "bits": bits, "tokens": tokens, "dense_ms": 1e3 * timings["dense"],
                          "packed_ms": 1e3 * timings["packed"], "packed_over_dense": timings["packed"] / timings["dense"],
                          "int4_cpu_ms": 1e3 * timings["int4_cpu"] if "int4_cpu" in timings else None,
                          "dense_over_int4_cpu": timings["dense"] / timings["int4_cpu"] if "int4_cpu" in timings
@@ -155,16 +155,16 @@ def main():
         fp, pk = e["eval_fp32"]["peak_rss_mib"], e["eval_packed_w4"]["peak_rss_mib"]
         lines.append(f"| {name} | {e['fp16_bytes'] / 1e6:.0f} | {e['W4g128_over_fp16']:.3f} | {e['W3g128_over_fp16']:.3f} | "
                      f"{e['W2g128_over_fp16']:.3f} | {fp:.0f} | {pk:.0f} | {pk / fp:.2f} |")
-    lines += ["", f"Packed linear (W4 g128) against nn.Linear (float32), CPU, {torch.get_num_threads()} thread(s), same "
-              "process: the exact kernel (torch unpack + matmul, bit-exact against fake-quant) and torch's int4 CPU "
-              "kernel (`use_packed_kernel(model, \"int4_cpu\")`, bfloat16 activations and scales; only where the group "
-              "size divides in_features, so not 576 → 1536 at g128):", "",
-              "| in → out | tokens | dense ms | exact packed ms | exact / dense | int4_cpu ms | dense / int4_cpu (speed-up) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", f"Packed linear (W4/W3/W2 g128) against nn.Linear (float32), CPU, {torch.get_num_threads()} thread(s), "
+              "same process: the exact kernel (torch unpack + matmul, bit-exact against fake-quant) and torch's int4 CPU "
+              "kernel (`use_packed_kernel(model, \"int4_cpu\")`, bfloat16 activations and scales, 2- and 3-bit codes held "
+              "as 4-bit ones; only where the group size divides in_features, so not 576 → 1536 at g128):", "",
+              "| bits | in → out | tokens | dense ms | exact packed ms | exact / dense | int4_cpu ms | dense / int4_cpu "
+              "(speed-up) |", "|---|---|---|---|---|---|---|---|"]
     for r in results["linear_speed"]:
         int4 = (f"{r['int4_cpu_ms']:.3f} | {r['dense_over_int4_cpu']:.2f}x" if r["int4_cpu_ms"] is not None
                 else "– | –")
-        lines.append(f"| {r['in']} → {r['out']} | {r['tokens']} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} | "
+        lines.append(f"| {r.get('bits', 4)} | {r['in']} → {r['out']} | {r['tokens']} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} | "
                      f"{r['packed_over_dense']:.1f} | {int4} |")
     lines += ["", f"W4 g128 RTN packed models, WikiText-2 ({args.windows} windows of 512), one process:", "",
               "| model | FP ppl | exact kernel ppl | int4_cpu ppl (layers on it) | eval s FP / exact / int4_cpu |",

@@ -117,12 +117,16 @@ def test_tensor_files_read_exactly(tmp_path):
     ("m.gguf", [], "convert it once"),
     (None, ["--tasks", "arc_easy"], "--tasks"),
     (None, ["--calib_dataset", "generated"], "--calib_dataset generated"),
+    ("mixtral", [], "mixture-of-experts"),
 ])
 def test_stream_refuses_what_it_cannot_do(setup, capsys, model, extra, expected):
     tmp_path, common = setup
-    if model:
+    if model == "m.gguf":
         (tmp_path / model).write_bytes(b"GGUF")
-    argv = ["--model", str(tmp_path / model) if model else save_tiny(tmp_path / "tiny", "llama"), *common, *FLAGS,
+        model = str(tmp_path / model)
+    else:
+        model = save_tiny(tmp_path / "tiny", model or "llama")
+    argv = ["--model", model, *common, *FLAGS,
             *extra, "--stream", "--output_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit):
         run(argv)
