@@ -44,12 +44,24 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
         codes = (packed[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)
         return codes.reshape(-1, packed.shape[1])[:n]
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    p = torch.cat([p, torch.zeros_like(p[:1])])
-    offset = torch.arange(n, dtype=torch.int64, device=packed.device) * bits
-    word, shift = offset // 32, offset % 32
-    value = (p[word] >> shift[:, None]) | (p[word + 1] << (32 - shift)[:, None])
-    return (value & (2**bits - 1)).to(torch.int32)
+    # 3/5/6/7 bits: the stream repeats every lcm(bits, 32) bits, `period` words holding `per_period` codes at the
+    # same offsets, so each code position of a period is one strided slice of int32 words (two for a code that
+    # straddles a word boundary): int32 shifts and masks over (periods, m) planes, no gathers, no int64.
+    period = bits // math.gcd(bits, 32)
+    per_period = 32 * period // bits
+    groups = math.ceil(packed.shape[0] / period)
+    if groups * period > packed.shape[0]:
+        packed = torch.cat([packed, packed.new_zeros(groups * period - packed.shape[0], packed.shape[1])])
+    words = packed.reshape(groups, period, packed.shape[1])
+    mask = 2**bits - 1
+    planes = []
+    for j in range(per_period):
+        word, shift = divmod(j * bits, 32)
+        low = (words[:, word] >> shift) & ((1 << min(bits, 32 - shift)) - 1)   # & drops the sign extension
+        if shift + bits > 32:
+            low = low | ((words[:, word + 1] & (mask >> (32 - shift))) << (32 - shift))
+        planes.append(low)
+    return torch.stack(planes, dim=1).reshape(-1, packed.shape[1])[:n]
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,

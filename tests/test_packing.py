@@ -5,8 +5,8 @@ from affinequant.packing import PackedLinear, dequantize, pack_bits, unpack_bits
 from affinequant.quantizer import WeightQuantizer
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("n", [32, 40, 576, 7])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [32, 40, 576, 7, 97])
 def test_pack_unpack_roundtrip(bits, n):
     torch.manual_seed(bits)
     codes = torch.randint(0, 2**bits, (n, 5), dtype=torch.int32)
