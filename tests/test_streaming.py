@@ -212,3 +212,24 @@ def test_killed_streamed_run_resumes_to_the_same_export(setup, monkeypatch):
     assert [b["restored"] for b in resumed["blocks"]] == [True, False]
     a, b = (load_quantized(str(tmp_path / n)).state_dict() for n in ("sa", "sb"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_call_api_streams_to_the_same_model(tmp_path):
+    """affinequant.quantize_streamed + save_quantized(blocks=...) give the model affinequant.quantize gives in
+    memory, with the activation caches on disk."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from affinequant import QuantConfig, quantize, quantize_streamed, save_quantized
+    model_dir = save_tiny(tmp_path / "tiny", "qwen2")
+    samples = torch.randint(4, 90, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(wbits=4, abits=8, group_size=16, lwc=True, let=True, epochs=2, nsamples=4, seqlen=32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    memory_reports = quantize(model, samples, cfg, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    save_quantized(model, tokenizer, str(tmp_path / "memory"), cfg)
+    blocks, reports = quantize_streamed(model_dir, samples, cfg, str(tmp_path / "work"), "cpu",
+                                        cache_dir=str(tmp_path / "cache"))
+    assert [r.losses for r in reports] == [r.losses for r in memory_reports]
+    save_quantized(blocks.model, tokenizer, str(tmp_path / "stream"), cfg, blocks=blocks)
+    a, b = (load_quantized(str(tmp_path / n)).state_dict() for n in ("memory", "stream"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
