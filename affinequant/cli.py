@@ -382,7 +382,8 @@ def open_streamed(args, model_id: str, model_config, adapter, dtype):
     """--stream: (skeleton, tokenizer, StreamedModel); no weight is read yet."""
     from transformers import AutoTokenizer
     from .streaming import StreamedModel
-    blocks = StreamedModel(model_id, model_config, adapter, dtype, Path(args.output_dir) / "blocks")
+    blocks = StreamedModel(model_id, model_config, adapter, dtype, Path(args.output_dir) / "blocks",
+                           writer=distributed.is_main())
     tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
     log.info("--stream: %s as a skeleton; its %d blocks are read from %s one at a time and written to %s when done",
              type(blocks.model).__name__, len(blocks), model_id, blocks.store.folder)
@@ -409,7 +410,6 @@ def check_stream(args, cfg: QuantConfig, adapter) -> None:
     refused = [(args.tasks, "--tasks (lm-eval needs the whole model: evaluate the --save_dir export)"),
                (args.tta, "--tta"), (args.multigpu, "--multigpu"),
                (cfg.reference_compat, "--reference_compat (the reference's float16 model)"),
-               (distributed.active(), "torchrun (data-parallel calibration)"),
                (args.calib_dataset == "generated", "--calib_dataset generated (it samples from the whole model)"),
                (cfg.full_precision, "--wbits 16 --abits 16 (nothing to stream)"),
                (args.packed_kernel != "exact", f"--packed_kernel {args.packed_kernel} (evaluate the --save_dir export "

@@ -227,7 +227,9 @@ class StreamedModel(InMemoryBlocks):
     attention), for the KL reference re-read from disk."""
     streamed = True
 
-    def __init__(self, folder: str | Path, config, adapter, dtype: torch.dtype, work_dir: str | Path):
+    def __init__(self, folder: str | Path, config, adapter, dtype: torch.dtype, work_dir: str | Path,
+                 writer: bool = True):
+        self.writer = writer            # data-parallel: rank 0 stores the finished blocks, the others drop theirs
         self.files = TensorFiles.of_checkpoint(folder)
         self.folder, self.dtype, self.adapter = Path(folder), dtype, adapter
         self.fp_config = copy.deepcopy(config)
@@ -313,7 +315,11 @@ class StreamedModel(InMemoryBlocks):
         return self._read_block(self.model, index)
 
     def finished(self, index: int) -> None:
-        self.store.put(index, self.adapter.layers(self.model)[index])
+        block = self.adapter.layers(self.model)[index]
+        if self.writer:
+            self.store.put(index, block)
+        else:
+            to_meta(block)
 
     def restore(self, index: int) -> nn.Module:
         return self.store.get(index, self.adapter.layers(self.model)[index])

@@ -164,3 +164,17 @@ def test_flatquant_ranks_agree_and_learn_the_first_block_as_one_process(setup, t
     for key, value in one["block_0001.safetensors"].items():     # the k start itself may flip on a near-tie
         if not key.startswith("flatquant.key."):
             assert (two["block_0001.safetensors"][key] - value).abs().max() < 0.05, key   # within a few steps' lr
+
+
+def test_streamed_ranks_give_the_in_memory_ranks_model(setup, tmp_path):
+    """--stream under two ranks: each reads every block, rank 0 alone stores and exports them; the export is the
+    two-rank in-memory run's, bit for bit."""
+    from affinequant.export import load_quantized
+    flags = setup + FLAGS
+    for name, extra in (("memory", []), ("stream", ["--stream", "--cache_dir", str(tmp_path / "cache")])):
+        out, codes = _run_ranks(flags + extra + ["--output_dir", str(tmp_path / name), "--save_dir",
+                                                 str(tmp_path / f"saved-{name}")], tmp_path)
+        assert codes == [0, 0] and out[0][0] == "ok" and out[1][0] == "ok", out
+    a, b = (load_quantized(str(tmp_path / f"saved-{n}")).state_dict() for n in ("memory", "stream"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "stream" / "blocks").exists()
