@@ -66,30 +66,37 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zero, qmax: int):
         ctx.save_for_backward(x, scale, zero)
         ctx.qmax = qmax
-        return ((x / scale).round().add(zero).clamp(0, qmax) - zero) * scale
+        return _grid(x, scale, zero, qmax)
 
     @staticmethod
     def backward(ctx, grad):
+        # in place wherever a temporary is not needed again: the same values as out-of-place operations
         x, scale, zero = ctx.saved_tensors
         ratio = x / scale
-        codes = ratio.round().add(zero)
-        inside = (codes >= 0) & (codes <= ctx.qmax)
-        grad_codes = torch.where(inside, grad * scale, 0)
+        codes = ratio.round().add_(zero)
+        clamped = codes.clamp(0, ctx.qmax)
+        outside = clamped != codes          # where the clamp passes no gradient (a NaN code counts as outside)
+        grad_codes = (grad * scale).masked_fill_(outside, 0)
         grad_x = grad_scale = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_codes / scale).sum_to_size(x.shape)
         if ctx.needs_input_grad[1]:
             # the product's term and the division's, each summed over what `scale` was broadcast across
-            grad_scale = ((grad * (codes.clamp(0, ctx.qmax) - zero)).sum_to_size(scale.shape)
-                          + (-grad_codes * (ratio / scale)).sum_to_size(scale.shape))
+            grad_scale = ((grad * clamped.sub_(zero)).sum_to_size(scale.shape)
+                          - (grad_codes * ratio.div_(scale)).sum_to_size(scale.shape))
         return grad_x, grad_scale, None, None
+
+
+def _grid(x, scale, zero, qmax: int):
+    """(clamp(round(x / scale) + zero, 0, qmax) - zero) * scale, one temporary updated in place."""
+    return (x / scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
 
 
 def fake_quant(x, scale, zero, qmax: int):
     """x on the grid of `scale` and `zero` (straight-through rounding); one autograd node (_FakeQuant)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuant.apply(x, scale, zero, qmax)
-    return ((x / scale).round().add(zero).clamp(0, qmax) - zero) * scale
+    return _grid(x, scale, zero, qmax)
 
 
 def effective_bits(bits: int, balanced: bool = False) -> float:
