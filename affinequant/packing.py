@@ -163,8 +163,14 @@ class PackedLinear(nn.Module):
     def int4_cpu_supported(self) -> bool:
         gs = self.group_size or self.in_features
         # 2- and 3-bit codes (and bit balance's five levels) are int4 codes too: the kernel runs them alike
-        return (self.bits <= 4 and gs in INT4_CPU_GROUPS and self.in_features % gs == 0
-                and hasattr(torch, "_weight_int4pack_mm_for_cpu"))
+        # a shorter last group (576 = 4.5 x 128) runs too: the kernel gets whole groups, the missing columns padded
+        # (their activations are zero, so they add nothing)
+        return self.bits <= 4 and gs in INT4_CPU_GROUPS and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+    @property
+    def _int4_padding(self) -> int:
+        gs = self.group_size or self.in_features
+        return -self.in_features % gs
 
     def use_kernel(self, kernel: str) -> bool:
         """Switch to "exact" or "int4_cpu"; returns False (and stays exact) where int4_cpu cannot run this layer."""
@@ -181,7 +187,8 @@ class PackedLinear(nn.Module):
         # range (q' = q + 8 - 2^(bits-1)), so that the offset (2^(bits-1) - zero) * scale stays small: a bfloat16
         # offset near 8 * scale would cancel against (q' - 8) * scale and lose the low bits' precision
         shift = 8 - 2 ** (self.bits - 1)
-        packed = torch._convert_weight_to_int4pack_for_cpu((self.codes() + shift).contiguous().cpu(), 2)
+        codes = F.pad(self.codes() + shift, (0, self._int4_padding), value=8)       # padding: code 8, weight ~0
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous().cpu(), 2)
         scales = self.scales.float().cpu()                                   # (groups, out)
         offsets = (2 ** (self.bits - 1) - self.zeros().float().cpu().T) * scales
         return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
@@ -191,8 +198,8 @@ class PackedLinear(nn.Module):
             if self._int4 is None:
                 self._int4 = self._int4_tensors()
             packed, scales_offsets = self._int4
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), packed,
-                                                  self.group_size or self.in_features, scales_offsets)
+            rows = F.pad(x.reshape(-1, self.in_features).to(torch.bfloat16), (0, self._int4_padding))
+            y = torch._weight_int4pack_mm_for_cpu(rows, packed, self.group_size or self.in_features, scales_offsets)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

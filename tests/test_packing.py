@@ -67,8 +67,8 @@ def test_zero_offset_reencoding_keeps_weights():
 
 def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_it_can_run():
     """torch's int4 CPU kernel runs 4-bit layers with bfloat16 activations, scales and offsets: not bit-exact.
-    The tolerance: relative error of the output below 1% (bfloat16 keeps 8 bits of mantissa). 3-bit layers
-    and groups the kernel does not take stay on the exact path."""
+    The tolerance: relative error of the output below 1% (bfloat16 keeps 8 bits of mantissa). 2/3-bit codes and a
+    shorter last group run on it too; 8-bit layers and group sizes the kernel does not take stay exact."""
     from affinequant.packing import PackedLinear, use_packed_kernel
     from affinequant.quantizer import WeightQuantizer
     torch.manual_seed(0)
@@ -88,9 +88,15 @@ def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_
         assert low.use_kernel("int4_cpu")
         assert ((low(x) - exact_low).norm() / exact_low.norm()).item() < 1e-2
     eight = PackedLinear.from_codes(*WeightQuantizer((96, 256), 8, 64).integer_codes(weight), 8, 64, None, zero_offset=0)
+    odd_group = PackedLinear.from_codes(*WeightQuantizer((96, 256), 4, 48).integer_codes(weight), 4, 48, None,
+                                        zero_offset=0)
+    assert not eight.use_kernel("int4_cpu") and not odd_group.use_kernel("int4_cpu") and eight.kernel == "exact"
+    # a shorter last group (200 = 3 x 64 + 8): the kernel gets whole groups, the missing columns padded
     ragged = PackedLinear.from_codes(*WeightQuantizer((96, 200), 4, 64).integer_codes(weight[:, :200]), 4, 64, None,
                                      zero_offset=0)
-    assert not eight.use_kernel("int4_cpu") and not ragged.use_kernel("int4_cpu") and eight.kernel == "exact"
+    exact_ragged = ragged(x[..., :200])
+    assert ragged.use_kernel("int4_cpu")
+    assert ((ragged(x[..., :200]) - exact_ragged).norm() / exact_ragged.norm()).item() < 1e-2
     model = torch.nn.Sequential(layer, eight)
     assert use_packed_kernel(model, "exact") == (2, 2) and layer.kernel == "exact"
     assert use_packed_kernel(model, "int4_cpu") == (1, 2)
