@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="reproduce the reference code's conventions: its LET initialisation and shifts, per-channel q/k "
            "scales, truncation, quantizer range, float16 model (docs/reference-compat.md)")
     a("--real_quant", action="store_true", help="pack weights into real low-bit tensors")
-    a("--packed_kernel", default="exact", choices=["exact", "int4_cpu"],
+    a("--packed_kernel", default="exact", choices=["exact", "int4_cpu", "int8_cpu", "cpu"],
       help="with --real_quant, how packed layers run in evaluation: exact (unpack + matmul, bit-exact against "
-           "fake-quant) or int4_cpu (torch's int4 CPU kernel for 2/3/4-bit layers with a group size of 32-256: "
-           "bfloat16 activations, several times faster at decode, within 1%% of exact)")
+           "fake-quant), int4_cpu (torch's int4 CPU kernel for 2/3/4-bit layers with a group size of 32-256), int8_cpu "
+           "(torch's int8 CPU kernel for 8-bit layers) or cpu (whichever of the two a layer can run): bfloat16 "
+           "activations, several times faster at decode, within 1%% of exact")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
     a("--calib_dataset", default=None,

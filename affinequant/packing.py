@@ -73,6 +73,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)     # group sizes torch's int4 CPU kernel takes
+PACKED_KERNELS = ("exact", "int4_cpu", "int8_cpu", "cpu")
 
 
 class PackedLinear(nn.Module):
@@ -81,7 +82,9 @@ class PackedLinear(nn.Module):
     Kernel "int4_cpu" (use_kernel) runs 2/3/4-bit layers through torch's int4 CPU matmul instead (their codes
     repacked once into an int4 copy held beside the packed storage, 0.5 byte per weight): activations
     and the per-group scale and offset in bfloat16, so not bit-exact (tests/test_packing.py states the
-    tolerance), and several times faster than the dense float32 layer at decode."""
+    tolerance), and several times faster than the dense float32 layer at decode. Kernel "int8_cpu" does the
+    same for 8-bit layers with torch's int8 CPU matmul (one call per group, zero points as a correction term);
+    "cpu" picks whichever of the two the layer can run."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
                  zero_offset: int = 1, dtype=torch.float16):
@@ -172,14 +175,33 @@ class PackedLinear(nn.Module):
         gs = self.group_size or self.in_features
         return -self.in_features % gs
 
+    @property
+    def int8_cpu_supported(self) -> bool:
+        return self.bits == 8 and hasattr(torch, "_weight_int8pack_mm")
+
     def use_kernel(self, kernel: str) -> bool:
-        """Switch to "exact" or "int4_cpu"; returns False (and stays exact) where int4_cpu cannot run this layer."""
-        if kernel not in ("exact", "int4_cpu"):
-            raise ValueError(f"unknown packed kernel {kernel!r}: use exact or int4_cpu")
-        if kernel == "int4_cpu" and not self.int4_cpu_supported:
+        """Switch to a kernel of PACKED_KERNELS; returns False (and stays exact) where it cannot run this layer.
+        "cpu" picks int4_cpu for 2/3/4-bit layers and int8_cpu for 8-bit ones."""
+        if kernel not in PACKED_KERNELS:
+            raise ValueError(f"unknown packed kernel {kernel!r}: use one of {', '.join(PACKED_KERNELS)}")
+        if kernel == "cpu":
+            kernel = "int4_cpu" if self.int4_cpu_supported else "int8_cpu"
+        if (kernel == "int4_cpu" and not self.int4_cpu_supported) or (kernel == "int8_cpu"
+                                                                     and not self.int8_cpu_supported):
+            self.kernel, self._int4 = "exact", None
             return False
         self.kernel, self._int4 = kernel, None
         return True
+
+    def _int8_tensors(self):
+        # torch's int8 CPU kernel computes x @ (w8 * scale)^T with one scale per output channel and no zero point:
+        # per group, w = (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale, the second term being a
+        # per-channel constant times the sum of the group's activations
+        codes, scales, zeros = self.codes(), self.scales.float().cpu(), self.zeros().float().cpu().T
+        gs = self.group_size or self.in_features
+        signed = (codes - 128).to(torch.int8).cpu()
+        groups = [signed[:, g * gs:(g + 1) * gs].contiguous() for g in range(scales.shape[0])]
+        return groups, scales.to(torch.bfloat16), (128 - zeros) * scales
 
     @torch.no_grad()
     def _int4_tensors(self):
@@ -194,6 +216,19 @@ class PackedLinear(nn.Module):
         return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8_cpu" and x.device.type == "cpu":
+            if self._int4 is None:
+                self._int4 = self._int8_tensors()
+            groups, scales, offsets = self._int4
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            gs = self.group_size or self.in_features
+            y = 0
+            for g, codes in enumerate(groups):
+                part = rows[:, g * gs:(g + 1) * gs]
+                y = y + torch._weight_int8pack_mm(part, codes, scales[g]).float() + part.float().sum(-1, keepdim=True) \
+                    * offsets[g]
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         if self.kernel == "int4_cpu" and x.device.type == "cpu":
             if self._int4 is None:
                 self._int4 = self._int4_tensors()

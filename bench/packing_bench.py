@@ -52,12 +52,12 @@ def linear_speed(shapes, repeats: int = 20) -> list[dict]:
     from affinequant.quantizer import WeightQuantizer
     rows = []
     torch.manual_seed(0)
-    for (in_f, out_f), bits in [(shape, bits) for bits in (4, 3, 2) for shape in shapes]:
+    for (in_f, out_f), bits in [(shape, bits) for bits in (4, 3, 2, 8) for shape in shapes]:
         dense = torch.nn.Linear(in_f, out_f, bias=False)
         codes, scale, zero = WeightQuantizer((out_f, in_f), bits, 128).integer_codes(dense.weight)
         packed = PackedLinear.from_codes(codes, scale.half().float(), zero, bits, 128, None, zero_offset=0)
         int4 = copy.deepcopy(packed)
-        layers = [("dense", dense), ("packed", packed)] + ([("int4_cpu", int4)] if int4.use_kernel("int4_cpu") else [])
+        layers = [("dense", dense), ("packed", packed)] + ([("int4_cpu", int4)] if int4.use_kernel("cpu") else [])
         for tokens in (1, 512):
             x = torch.randn(1, tokens, in_f)
             timings = {}
@@ -155,11 +155,12 @@ def main():
         fp, pk = e["eval_fp32"]["peak_rss_mib"], e["eval_packed_w4"]["peak_rss_mib"]
         lines.append(f"| {name} | {e['fp16_bytes'] / 1e6:.0f} | {e['W4g128_over_fp16']:.3f} | {e['W3g128_over_fp16']:.3f} | "
                      f"{e['W2g128_over_fp16']:.3f} | {fp:.0f} | {pk:.0f} | {pk / fp:.2f} |")
-    lines += ["", f"Packed linear (W4/W3/W2 g128) against nn.Linear (float32), CPU, {torch.get_num_threads()} thread(s), "
-              "same process: the exact kernel (torch unpack + matmul, bit-exact against fake-quant) and torch's int4 CPU "
-              "kernel (`use_packed_kernel(model, \"int4_cpu\")`, bfloat16 activations and scales, 2- and 3-bit codes held "
-              "as 4-bit ones; a shorter last group, as 576 at g128, padded to whole groups):", "",
-              "| bits | in → out | tokens | dense ms | exact packed ms | exact / dense | int4_cpu ms | dense / int4_cpu "
+    lines += ["", f"Packed linear (W4/W3/W2/W8 g128) against nn.Linear (float32), CPU, {torch.get_num_threads()} thread(s), "
+              "same process: the exact kernel (torch unpack + matmul, bit-exact against fake-quant) and torch's low-bit "
+              "CPU kernels (`--packed_kernel cpu`: int4 for 2/3/4-bit, 2- and 3-bit codes held as 4-bit ones, a shorter "
+              "last group, as 576 at g128, padded to whole groups; int8 for 8-bit, one call per group; bfloat16 "
+              "activations and scales):", "",
+              "| bits | in → out | tokens | dense ms | exact packed ms | exact / dense | fast kernel ms | dense / fast "
               "(speed-up) |", "|---|---|---|---|---|---|---|---|"]
     for r in results["linear_speed"]:
         int4 = (f"{r['int4_cpu_ms']:.3f} | {r['dense_over_int4_cpu']:.2f}x" if r["int4_cpu_ms"] is not None

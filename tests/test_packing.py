@@ -100,3 +100,25 @@ def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_
     model = torch.nn.Sequential(layer, eight)
     assert use_packed_kernel(model, "exact") == (2, 2) and layer.kernel == "exact"
     assert use_packed_kernel(model, "int4_cpu") == (1, 2)
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_int8_cpu_kernel_is_close_to_the_exact_8bit_layer(group):
+    """8-bit layers on torch's int8 CPU kernel: codes shifted to signed, the zero points a per-group correction
+    term; bfloat16 activations, so within 1% of the exact layer, not bit-exact. "cpu" picks int4 or int8 by bits."""
+    from affinequant.packing import PackedLinear, use_packed_kernel
+    from affinequant.quantizer import WeightQuantizer
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256) + 0.5            # asymmetric ranges: zero points far from 128
+    layer = PackedLinear.from_codes(*WeightQuantizer((96, 256), 8, group).integer_codes(weight), 8, group,
+                                    torch.randn(96), zero_offset=0)
+    x = torch.randn(3, 5, 256)
+    exact = layer(x)
+    assert layer.use_kernel("int8_cpu") and layer.kernel == "int8_cpu"
+    fast = layer(x)
+    assert not torch.equal(fast, exact) and ((fast - exact).norm() / exact.norm()).item() < 1e-2
+    four = PackedLinear.from_codes(*WeightQuantizer((96, 256), 4, 64).integer_codes(weight), 4, 64, None,
+                                   zero_offset=0)
+    assert not four.use_kernel("int8_cpu") and four.kernel == "exact"
+    use_packed_kernel(torch.nn.Sequential(layer, four), "cpu")
+    assert (layer.kernel, four.kernel) == ("int8_cpu", "int4_cpu")
