@@ -312,7 +312,8 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
 
 def load_quantized(path: str, dtype: torch.dtype = torch.float32, kernel: str = "exact"):
     """Load a model written by save_quantized, with every module it needs. `kernel`: how packed layers run
-    ("exact", "int4_cpu", "int8_cpu" or "cpu": torch's low-bit CPU kernels where a layer allows them; packing.PackedLinear)."""
+    ("exact", "int4_cpu", "int8_cpu" or "cpu": torch's low-bit CPU kernels where a layer allows them;
+    packing.PackedLinear)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
