@@ -74,6 +74,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)     # group sizes torch's int4 CPU kernel takes
 PACKED_KERNELS = ("exact", "int4_cpu", "int8_cpu", "cpu")
+# int8_cpu runs one kernel call per group: at decode sizes it beats the dense layer (2.5x at 4096 -> 4096, one
+# token), over a few rows unpacking once and one dense matmul is faster (bench/PACKING.md), so longer inputs
+# take the exact path
+INT8_CPU_MAX_ROWS = 16
 
 
 class PackedLinear(nn.Module):
@@ -83,8 +87,9 @@ class PackedLinear(nn.Module):
     repacked once into an int4 copy held beside the packed storage, 0.5 byte per weight): activations
     and the per-group scale and offset in bfloat16, so not bit-exact (tests/test_packing.py states the
     tolerance), and several times faster than the dense float32 layer at decode. Kernel "int8_cpu" does the
-    same for 8-bit layers with torch's int8 CPU matmul (one call per group, zero points as a correction term);
-    "cpu" picks whichever of the two the layer can run."""
+    same for 8-bit layers with torch's int8 CPU matmul (one call per group, zero points as a correction term) on
+    inputs of up to INT8_CPU_MAX_ROWS rows (decode), exact beyond; "cpu" picks whichever of the two the layer
+    can run."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
                  zero_offset: int = 1, dtype=torch.float16):
@@ -216,7 +221,7 @@ class PackedLinear(nn.Module):
         return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int8_cpu" and x.device.type == "cpu":
+        if self.kernel == "int8_cpu" and x.device.type == "cpu" and x.numel() // self.in_features <= INT8_CPU_MAX_ROWS:
             if self._int4 is None:
                 self._int4 = self._int8_tensors()
             groups, scales, offsets = self._int4

@@ -158,8 +158,8 @@ def main():
     lines += ["", f"Packed linear (W4/W3/W2/W8 g128) against nn.Linear (float32), CPU, {torch.get_num_threads()} thread(s), "
               "same process: the exact kernel (torch unpack + matmul, bit-exact against fake-quant) and torch's low-bit "
               "CPU kernels (`--packed_kernel cpu`: int4 for 2/3/4-bit, 2- and 3-bit codes held as 4-bit ones, a shorter "
-              "last group, as 576 at g128, padded to whole groups; int8 for 8-bit, one call per group; bfloat16 "
-              "activations and scales):", "",
+              "last group, as 576 at g128, padded to whole groups; int8 for 8-bit, one call per group, on up to "
+              "16 rows (longer inputs take the exact path); bfloat16 activations and scales):", "",
               "| bits | in → out | tokens | dense ms | exact packed ms | exact / dense | fast kernel ms | dense / fast "
               "(speed-up) |", "|---|---|---|---|---|---|---|---|"]
     for r in results["linear_speed"]:

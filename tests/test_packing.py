@@ -117,6 +117,9 @@ def test_int8_cpu_kernel_is_close_to_the_exact_8bit_layer(group):
     assert layer.use_kernel("int8_cpu") and layer.kernel == "int8_cpu"
     fast = layer(x)
     assert not torch.equal(fast, exact) and ((fast - exact).norm() / exact.norm()).item() < 1e-2
+    long = torch.randn(2, 40, 256)                 # more rows than INT8_CPU_MAX_ROWS: the exact path, bit for bit
+    assert torch.equal(layer(long), PackedLinear.from_codes(*WeightQuantizer((96, 256), 8, group).integer_codes(
+        weight), 8, group, layer.bias, zero_offset=0)(long))
     four = PackedLinear.from_codes(*WeightQuantizer((96, 256), 4, 64).integer_codes(weight), 4, 64, None,
                                    zero_offset=0)
     assert not four.use_kernel("int8_cpu") and four.kernel == "exact"
