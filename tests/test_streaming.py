@@ -233,3 +233,20 @@ def test_one_call_api_streams_to_the_same_model(tmp_path):
     save_quantized(blocks.model, tokenizer, str(tmp_path / "stream"), cfg, blocks=blocks)
     a, b = (load_quantized(str(tmp_path / n)).state_dict() for n in ("memory", "stream"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_writes_a_checkpoint_stream_reads(tmp_path):
+    """python -m affinequant.convert: the same tensors as the source model, as safetensors --stream reads; a
+    non-empty target is refused in one line."""
+    from affinequant.convert import main as convert_main
+    from affinequant.modeling import load_model
+    source = save_tiny(tmp_path / "tiny", "llama")
+    convert_main([source, str(tmp_path / "converted")])
+    files = TensorFiles.of_checkpoint(tmp_path / "converted")
+    model, _, _ = load_model(source)
+    for name, tensor in model.state_dict().items():
+        if name in files:
+            assert torch.equal(files.read(name), tensor), name
+    assert len(files.entries) >= len(model.state_dict()) - 1          # all but a tied head
+    with pytest.raises(SystemExit, match="not empty"):
+        convert_main([source, str(tmp_path / "converted")])
