@@ -24,8 +24,8 @@ from .reference_format import ReferenceParams, ReferenceResume, write_reference_
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
 from .tta import TTA_TARGETS, TTAConfig, adapt, swapped_blocks
-from .utils import load_tensors, memory_report, peak_memory_mb, resolve_device, round_to_half_, save_tensors, \
-    seed_everything, setup_logging, tensor_digest, write_json
+from .utils import hub_reachable, load_tensors, memory_report, peak_memory_mb, resolve_device, round_to_half_, \
+    save_tensors, seed_everything, setup_logging, tensor_digest, write_json
 
 log = logging.getLogger("affinequant")
 
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="models larger than memory: keep the model as a skeleton on the meta device, read each block from the "
            "checkpoint's safetensors when its turn comes and write it to <output_dir>/blocks when done; the "
            "evaluation and --save_dir walk the blocks the same way, and the KL reference re-reads the FP blocks. "
-           "--model must be a directory with safetensors (python -m affinequant.convert makes one from a .gguf)")
+           "--model: a directory with safetensors (python -m affinequant.convert makes one from a .gguf), or a hub id, "
+           "downloaded once the checks pass")
     return p
 
 
@@ -383,9 +384,15 @@ def open_streamed(args, model_id: str, model_config, adapter, dtype):
     """--stream: (skeleton, tokenizer, StreamedModel); no weight is read yet."""
     from transformers import AutoTokenizer
     from .streaming import StreamedModel
-    blocks = StreamedModel(model_id, model_config, adapter, dtype, Path(args.output_dir) / "blocks",
+    folder = model_id
+    if not Path(model_id).is_dir():             # a hub id: its safetensors, config and tokenizer, to the hub cache
+        from huggingface_hub import snapshot_download
+        log.info("--stream: downloading %s's safetensors from the hub (blocks are then read one at a time)", model_id)
+        folder = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                             "*.jinja", "tokenizer*"])
+    blocks = StreamedModel(folder, model_config, adapter, dtype, Path(args.output_dir) / "blocks",
                            writer=distributed.is_main())
-    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
     log.info("--stream: %s as a skeleton; its %d blocks are read from %s one at a time and written to %s when done",
              type(blocks.model).__name__, len(blocks), model_id, blocks.store.folder)
     return blocks.model, tokenizer, blocks
@@ -398,8 +405,11 @@ def check_stream_source(model_id: str) -> None:
         raise ConfigError(f"--stream reads blocks from safetensors, and {model_id} is a GGUF file: convert it once "
                           f"(python -m affinequant.convert {model_id} DIR) and pass --model DIR")
     if not Path(model_id).is_dir():
-        raise ConfigError(f"--stream reads blocks from a local checkpoint, and {model_id} is not a directory: download "
-                          f"the model (huggingface-cli download {model_id} --local-dir DIR) and pass --model DIR")
+        if Path(model_id).exists() or not hub_reachable():
+            raise ConfigError(f"--stream reads blocks from a local checkpoint, and {model_id} is not a directory "
+                              f"(and the hub is not reachable to download it): download the model (huggingface-cli "
+                              f"download {model_id} --local-dir DIR) and pass --model DIR")
+        return                  # a hub id: downloaded once every check has passed (open_streamed)
     try:
         TensorFiles.of_checkpoint(model_id)
     except AffineQuantError as exc:

@@ -250,3 +250,27 @@ def test_convert_writes_a_checkpoint_stream_reads(tmp_path):
     assert len(files.entries) >= len(model.state_dict()) - 1          # all but a tied head
     with pytest.raises(SystemExit, match="not empty"):
         convert_main([source, str(tmp_path / "converted")])
+
+
+def test_stream_downloads_a_hub_id_after_every_check(setup, monkeypatch):
+    """--stream --model ORG/NAME: refused in one line when the hub is unreachable; when it is, the checkpoint is
+    downloaded (snapshot_download) only after the checks, and the run streams from the download."""
+    import huggingface_hub
+
+    from affinequant import cli
+    tmp_path, common = setup
+    local = save_tiny(tmp_path / "tiny", "llama")
+    argv = ["--model", "org/tiny-llama", *common, *FLAGS, "--stream", "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setattr(cli, "hub_reachable", lambda: False)
+    with pytest.raises(SystemExit):
+        run(argv)
+    downloads = []
+    real_load_config = cli.load_config
+    monkeypatch.setattr(cli, "hub_reachable", lambda: True)
+    monkeypatch.setattr(cli, "load_config", lambda model_id, trust=False: real_load_config(local))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: downloads.append(repo) or local)
+    with pytest.raises(SystemExit):         # a bad flag: refused before anything is downloaded
+        run(argv + ["--group_size", "1000"])
+    assert downloads == []
+    result = run(argv)
+    assert downloads == ["org/tiny-llama"] and result["model"] == "org/tiny-llama" and result["ppl"]["wikitext2"]["ppl"] > 0
