@@ -170,9 +170,9 @@ class BlockStore:
         tensors, seen = {}, set()
         for name, t in module_tensors(block).items():
             t = t.detach().contiguous()
-            key = (t.untyped_storage().data_ptr(), t.storage_offset())
-            tensors[name] = t.clone() if key in seen else t     # safetensors refuses shared storage
-            seen.add(key)
+            storage = t.untyped_storage().data_ptr()
+            tensors[name] = t.clone() if storage in seen else t     # safetensors refuses tensors sharing storage
+            seen.add(storage)
         atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp))
         to_meta(block)
 
