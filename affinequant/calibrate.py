@@ -74,17 +74,19 @@ class _Capture:
         self.n_samples, self.cache_dir = n_samples, cache_dir
         self.inputs: list[torch.Tensor] = []
         self.disk = None            # --cache_dir: each sample written as it comes
+        self.recorded = 0
         self.kwargs: dict[int, dict] = {}
 
     def record(self, index: int, hidden: torch.Tensor, kwargs: dict):
-        if index == self.first and self.cache_dir is not None:
-            from .activations import DiskActivations
-            if self.disk is None:
-                self.disk = DiskActivations(self.cache_dir, (self.n_samples, *hidden.shape[1:]), self.cache_dtype)
-            self.disk[len(self.inputs):len(self.inputs) + 1] = hidden
-            self.inputs.append(None)
-        elif index == self.first:
-            self.inputs.append(hidden.detach().to(self.cache_dtype))
+        if index == self.first:
+            if self.cache_dir is None:
+                self.inputs.append(hidden.detach().to(self.cache_dtype))
+            else:
+                from .activations import DiskActivations
+                if self.disk is None:
+                    self.disk = DiskActivations(self.cache_dir, (self.n_samples, *hidden.shape[1:]), self.cache_dtype)
+                self.disk[self.recorded:self.recorded + 1] = hidden
+            self.recorded += 1
         if index not in self.kwargs:
             self.kwargs[index] = {k: v for k, v in kwargs.items()
                                   if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
@@ -332,12 +334,9 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                  samples.shape[0])
     runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts,
                          data_parallel=data_parallel)
-    blocks.load_non_block(samples)
-    try:
+    with blocks.non_block(samples):
         q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype,
                                                        cache_dir=cache_dir)
-    finally:
-        blocks.release_non_block()
     fp_inps = q_inps.clone()
     reports = []
     log.info("recipe: %s", " -> ".join(s.name for s in runner.stages))

@@ -599,11 +599,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
 
 def _eval_sets(args, tokenizer, seqlen, data_dir):
     """(name, windows, source) of every perplexity set that can be read; the others are reported by evaluate_ppl."""
-    for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
-        try:
-            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
-        except DataError:
-            continue
+    for name, tokens, source in _ppl_sets(args, tokenizer, seqlen, data_dir):
         yield name, eval_windows(tokens, seqlen, args.limit if args.limit > 0 else None), source
 
 
@@ -682,14 +678,16 @@ def evaluate_ppl(args, model, reference, tokenizer, device, data_dir, seqlen, ad
     return out, out_tta
 
 
-def _ppl_sets(args, tokenizer, seqlen, data_dir, out: dict):
-    """(name, tokens, source) of each --ppl_datasets set; one that cannot be read is logged and recorded in `out`."""
+def _ppl_sets(args, tokenizer, seqlen, data_dir, out: dict | None = None):
+    """(name, tokens, source) of each --ppl_datasets set; one that cannot be read is logged and recorded in `out`
+    (without `out`, passed over in silence: the evaluation reports it)."""
     for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
         try:
             tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
         except DataError as exc:
-            log.warning("perplexity on %s skipped: %s", name, exc)
-            out[name] = {"skipped": str(exc)}
+            if out is not None:
+                log.warning("perplexity on %s skipped: %s", name, exc)
+                out[name] = {"skipped": str(exc)}
             continue
         yield name, tokens, source
 

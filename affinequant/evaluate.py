@@ -8,6 +8,7 @@ reports. The reference is the FP model itself, or its log-probabilities recorded
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -167,7 +168,7 @@ class _Substitute(torch.nn.Module):
 
 
 @torch.no_grad()
-def _streamed_hidden(model, adapter, windows: torch.Tensor, device, load, release, dtype, desc: str) -> tuple:
+def _streamed_hidden(model, adapter, windows: torch.Tensor, device, load, release, dtype, desc: str) -> torch.Tensor:
     """The last block's outputs for every window (windows, L, d), walking the blocks one at a time: `load(i)`
     gives block i, `release(i)` drops it. Each window runs alone, as in `perplexity`: the same sums."""
     import contextlib
@@ -231,7 +232,7 @@ def streamed_perplexity(blocks, adapter, tokens: torch.Tensor, seqlen: int, devi
             ids = windows[i][None].to(device)
             heads = _head_log_probs(model, adapter, ids, final[i:i + 1].to(device), HEAD_CHUNK)
             ref_heads = (_head_log_probs(model, adapter, ids, ref_final[i:i + 1].to(device), HEAD_CHUNK)
-                         if ref_final is not None else iter(lambda: None, 0))
+                         if ref_final is not None else itertools.repeat(None))
             targets = ids[0, 1:].split(HEAD_CHUNK)
             scores.add_window((logp, target, ref_logp) for logp, target, ref_logp in zip(heads, targets, ref_heads))
     finally:

@@ -89,16 +89,17 @@ def choose_gptq_format(model, symmetric: bool, requested: str = "auto", blocks=N
     GPTQModel refuses asymmetric v1 files it did not write itself (old AutoGPTQ corrupted their zeros).
     v1 is impossible when a zero point is 0. `blocks`: a streamed model's blocks, read back one at a time
     (their zero points are re-encoded as each is written: _write_weights)."""
-    if blocks is not None and blocks.streamed:
-        v1_possible = True
-        for index in range(len(blocks)):
-            v1_possible &= all(int(m.zeros().min()) >= 1 for m in blocks.restore(index).modules()
-                               if isinstance(m, PackedLinear))
-            blocks.release(index)
-        layers = []
-    else:
-        layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    streamed = blocks is not None and blocks.streamed
+    layers = [] if streamed else [m for m in model.modules() if isinstance(m, PackedLinear)]
+    v1_possible = False
+    if requested == "gptq" or (requested == "auto" and symmetric):     # only then do the zero points matter
         v1_possible = all(int(m.zeros().min()) >= 1 for m in layers)
+        for index in range(len(blocks)) if streamed else ():
+            v1_possible = all(int(m.zeros().min()) >= 1 for m in blocks.restore(index).modules()
+                              if isinstance(m, PackedLinear))
+            blocks.release(index)
+            if not v1_possible:
+                break
     if requested == "gptq" and not v1_possible:
         raise OutputError("--gptq_format gptq: some zero points are 0, which GPTQ v1 ('zero - 1') cannot store; "
                          "use --gptq_format gptq_v2 or auto")
@@ -130,8 +131,7 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
         weight_map.update({k: name for k in tensors})
         total += sum(v.numel() * v.element_size() for v in tensors.values())
 
-    blocks.load_non_block()
-    try:
+    with blocks.non_block():
         seen, non_block = set(), {}
         for key, tensor in model.state_dict(keep_vars=True).items():
             if key.startswith(prefix) or id(tensor) in seen:      # a tied output embedding: saved once
@@ -139,8 +139,6 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
             seen.add(id(tensor))
             non_block[key] = tensor
         write(1, non_block)
-    finally:
-        blocks.release_non_block()
     for index in range(len(blocks)):
         block = blocks.restore(index)
         if zero_offset is not None:

@@ -28,13 +28,10 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
     blocks = blocks or InMemoryBlocks(model, adapter)
     scales: dict[str, torch.Tensor] = {}
     shifts: dict[str, torch.Tensor] = {}
-    blocks.load_non_block(samples)
-    try:
+    with blocks.non_block(samples):
         inputs, block_kwargs = capture_block_arguments(model, adapter, samples, device, torch.float32)
-    finally:
-        blocks.release_non_block()
     for index in tqdm(range(len(blocks)), desc="activation statistics", unit="block"):
-        block = blocks.fp_block(index) if blocks.streamed else blocks.block(index)
+        block = blocks.fp_block(index)
         orig_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32)
         handles = []
@@ -57,8 +54,7 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
         for h in handles:
             h.remove()
         block.to(device="cpu", dtype=orig_dtype)
-        if blocks.streamed:
-            blocks.release_fp(index)
+        blocks.release_fp(index)
     return scales, shifts
 
 

@@ -15,6 +15,7 @@ embeddings for the calibration inputs and for the evaluation's logits), one bloc
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -210,14 +211,24 @@ class InMemoryBlocks:
     def release(self, index: int) -> None:
         pass
 
-    def fp_block(self, index: int) -> nn.Module:
-        raise NotImplementedError("an in-memory model keeps its FP reference as a copy of the model")
+    # before quantize_blocks changes it, the model's own block is its FP block (the activation statistics)
+    fp_block = block
+    release_fp = release
 
     def load_non_block(self, token_ids: torch.Tensor | None = None, head: bool | None = None) -> None:
         pass
 
     def release_non_block(self) -> None:
         pass
+
+    @contextlib.contextmanager
+    def non_block(self, token_ids: torch.Tensor | None = None, head: bool | None = None):
+        """The non-block weights, loaded for the duration of the context (load_non_block), released after."""
+        self.load_non_block(token_ids, head)
+        try:
+            yield
+        finally:
+            self.release_non_block()
 
 
 class StreamedModel(InMemoryBlocks):
