@@ -20,6 +20,7 @@ from .evaluate import FPReference, eval_windows, perplexity
 from .export import check_save_dir, save_quantized
 from .modeling import block_linear_shapes, load_config, load_model, model_name, resolve_model_path
 from .packing import use_packed_kernel
+from .quantizer import KERNELS
 from .reference_format import ReferenceParams, ReferenceResume, write_reference_params
 from .stats import collect_act_stats
 from .transforms import QK_OUTPUT
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--par_rounds", type=int, default=20,
       help="TesseraQ: rounds of the hardening schedule, taken evenly from the reference's 20")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a("--quant_kernels", default="auto", choices=["auto", "compiled", "eager"],
+      help="the fake quantizer's element-wise kernels: compiled by torch.compile into one fused loop each (a C++ "
+           "compiler on CPU, Triton on CUDA; about 25 s the first time, cached after), or eager PyTorch; auto: "
+           "compiled when training or quantizing activations and the compiler is there. Same values; gradients to float rounding")
     a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU); bfloat16 also makes "
            "calibration autocast in bfloat16, on CUDA and on the CPU")
@@ -303,6 +308,11 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
     if not distributed.is_main():           # rank 0 reports; the others only warn
         log.setLevel(logging.WARNING)
     seed_everything(args.seed)
+    # auto compiles where the fake quantizer runs at every step: training, and quantized activations
+    kernels = args.quant_kernels
+    if kernels == "auto" and (cfg.full_precision or not (cfg.trains or cfg.tesseraq or cfg.abits < 16)):
+        kernels = "eager"
+    log.info("quantizer kernels: %s", KERNELS.use(kernels))
     if args.multigpu and torch.cuda.device_count() < 2:
         log.warning("--multigpu: %d CUDA device(s) visible, nothing to spread: running on %s",
                     torch.cuda.device_count(), device)
@@ -337,7 +347,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
     net = args.net or model_name(model_id)
     results: dict = {"model": model_id, "net": net, "setting": cfg.setting, "effective_wbits": cfg.effective_wbits,
                      "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
-                     "device": str(device)}
+                     "device": str(device), "quant_kernels": KERNELS.mode}
 
     if cfg.full_precision:
         log.info("--wbits 16 --abits 16: nothing to quantize, evaluating the full-precision model")

@@ -58,33 +58,25 @@ class _FakeQuant(torch.autograd.Function):
     """(clamp(round(x / scale) + zero, 0, qmax) - zero) * scale, with the straight-through estimator, as one
     autograd node: it saves only its inputs and recomputes the grid in backward, where the same formula built
     from separate operations would keep half a dozen x-sized intermediates alive per weight until backward.
-    Values and gradients are those of that formula (tests/test_quantizer.py): through the rounding the gradient
-    is the identity, the clamp passes it where round(x / scale) + zero lies in [0, qmax], and `zero` is a
-    constant (every caller detaches it)."""
+    Its gradients are those of that formula (tests/test_quantizer.py) in closed form: through the rounding the
+    gradient is the identity and the clamp passes it where round(x / scale) + zero lies in [0, qmax], so x gets
+    `grad` there (the separate operations compute (grad * scale) / scale, the same to one rounding); `scale`
+    gets sum(grad * (code - zero)) - sum(passed grad * x / scale) over what it was broadcast across; `zero` is
+    a constant (every caller detaches it). Each direction is one kernel (KERNELS)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero, qmax: int):
         ctx.save_for_backward(x, scale, zero)
         ctx.qmax = qmax
-        return _grid(x, scale, zero, qmax)
+        return KERNELS.grid(x, scale, zero, qmax)
 
     @staticmethod
     def backward(ctx, grad):
-        # in place wherever a temporary is not needed again: the same values as out-of-place operations
         x, scale, zero = ctx.saved_tensors
-        ratio = x / scale
-        codes = ratio.round().add_(zero)
-        clamped = codes.clamp(0, ctx.qmax)
-        outside = clamped != codes          # where the clamp passes no gradient (a NaN code counts as outside)
-        grad_codes = (grad * scale).masked_fill_(outside, 0)
-        grad_x = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_codes / scale).sum_to_size(x.shape)
-        if ctx.needs_input_grad[1]:
-            # the product's term and the division's, each summed over what `scale` was broadcast across
-            grad_scale = ((grad * clamped.sub_(zero)).sum_to_size(scale.shape)
-                          - (grad_codes * ratio.div_(scale)).sum_to_size(scale.shape))
-        return grad_x, grad_scale, None, None
+        need_x, need_scale = ctx.needs_input_grad[:2]
+        grad_x, grad_scale = KERNELS.grads(x, scale, zero, grad, ctx.qmax, need_x)
+        return (grad_x.sum_to_size(x.shape) if need_x else None,
+                grad_scale.sum_to_size(scale.shape) if need_scale else None, None, None)
 
 
 def _grid(x, scale, zero, qmax: int):
@@ -92,11 +84,93 @@ def _grid(x, scale, zero, qmax: int):
     return (x / scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
 
 
+def _grid_out_of_place(x, scale, zero, qmax: int):
+    """_grid without in-place operations, for the compiler to fuse (the same values)."""
+    return ((x / scale).round() + zero).clamp(0, qmax).sub(zero).mul(scale)
+
+
+def _ste_grads(x, scale, zero, grad, qmax: int, need_x: bool):
+    """_FakeQuant's gradients: x's (None unless `need_x`) and scale's, the latter summed over the last dimension
+    when scale has 1 there (the group or the token; summed here so that a compiled kernel fuses the sum) and
+    still to be summed over scale's other broadcast dimensions."""
+    ratio = x / scale
+    codes = ratio.round() + zero
+    clamped = codes.clamp(0, qmax)
+    passed = torch.where(clamped != codes, 0.0, grad)      # a NaN code counts as clamped: no gradient
+    per_element = grad * (clamped - zero) - passed * ratio
+    grad_scale = per_element.sum(-1, keepdim=True) if scale.shape[-1] == 1 else per_element
+    return (passed if need_x else None), grad_scale
+
+
+_COMPILED: dict = {}          # torch.compile's wrappers, made once per process
+
+
+class _Kernels:
+    """The fake quantizer's two element-wise kernels (forward grid, backward gradients): eager PyTorch, several
+    passes over the tensor each, or the same functions compiled by torch.compile into one fused loop each
+    (inductor: C++ on CPU, Triton on CUDA), several times faster (bench/affine_cost.py). The values are the same
+    bit for bit; the gradients to float rounding (the sums run in another order). `use(mode)` switches them for
+    the process; a backend that cannot build falls back to eager with one warning."""
+
+    def __init__(self):
+        self.mode = "eager"
+        self.grid, self.grads = _grid, _ste_grads
+
+    def use(self, mode: str) -> str:
+        """"eager", "compiled", or "auto" (compiled where torch.compile can build kernels: a C++ compiler on
+        CPU, and Triton too where CUDA is). Returns the mode now in use."""
+        if mode not in ("auto", "compiled", "eager"):
+            raise ValueError(f"quantizer kernels must be auto, compiled or eager, not {mode!r}")
+        if mode == "auto":
+            mode = "compiled" if compile_available() else "eager"
+        self.__init__()
+        if mode == "compiled":
+            self.mode = "compiled"
+            self.grid = self._compiled(_grid_out_of_place, _grid)
+            self.grads = self._compiled(_ste_grads, _ste_grads)
+        return self.mode
+
+    def _compiled(self, source, eager):
+        # dynamic shapes from the start: one kernel per tensor rank serves every layer, so a layer gets the same
+        # kernel (and the same sums) whichever shape happened to be compiled first
+        if source not in _COMPILED:
+            _COMPILED[source] = torch.compile(source, dynamic=True)
+        compiled = _COMPILED[source]
+
+        def call(*args):
+            try:
+                return compiled(*args)
+            except Exception as err:   # noqa: BLE001 - whatever stops the build, the eager kernel computes the same
+                import logging
+                logging.getLogger(__name__).warning(
+                    "compiled quantizer kernels unavailable (%s: %s); using eager ones (--quant_kernels eager "
+                    "skips the attempt)", type(err).__name__, (str(err).splitlines() or [""])[0])
+                self.__init__()
+                return eager(*args)
+        return call
+
+
+def compile_available() -> bool:
+    """Whether torch.compile can build kernels here: a C++ compiler for CPU tensors (and Triton where CUDA is)."""
+    import shutil
+    if torch.cuda.is_available():
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return False
+        if not has_triton():
+            return False
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+KERNELS = _Kernels()
+
+
 def fake_quant(x, scale, zero, qmax: int):
     """x on the grid of `scale` and `zero` (straight-through rounding); one autograd node (_FakeQuant)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuant.apply(x, scale, zero, qmax)
-    return _grid(x, scale, zero, qmax)
+    return KERNELS.grid(x, scale, zero, qmax)
 
 
 def effective_bits(bits: int, balanced: bool = False) -> float:

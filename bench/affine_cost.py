@@ -5,14 +5,17 @@ noise hits all of them alike.
 
 For block 0 of the model: seconds per training step (refresh transforms + forward + backward + AdamW) for
 LWC, LWC+LET, AffineQuant (--use_ln_matrix) and AffineQuant (--use_matrix), each with the fused
-fake-quantization (quantizer._FakeQuant) and with the unfused formula it replaced; the step's FLOPs
-(torch's FlopCounterMode) over its time against the fp32 matmul peak measured in the same process (MFU);
-and the merged block's forward time with and without the runtime inverse after its norms.
+fake-quantization (quantizer._FakeQuant) on compiled kernels (--quant_kernels compiled, the default where a
+C++ compiler is) and on eager ones, and with the unfused formula it replaced; the step's FLOPs (torch's
+FlopCounterMode) over its time against the fp32 matmul peak measured in the same process (MFU); the ceiling
+of that MFU, the step's own matrix products (same shapes and layouts) timed alone, and their share of the
+step; and the merged block's forward time with and without the runtime inverse after its norms.
 Writes bench/affine_cost.json.
 """
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,6 +33,9 @@ from affinequant.config import QuantConfig  # noqa: E402
 from affinequant.modeling import load_model  # noqa: E402
 from affinequant.stats import collect_act_stats  # noqa: E402
 
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default}
+
 MODES = {
     "LWC (OmniQuant)": dict(lwc=True),
     "LWC+LET (OmniQuant)": dict(lwc=True, let=True),
@@ -43,6 +49,44 @@ def unfused_fake_quant(x, scale, zero, qmax):
     v = x / scale
     q = ((v.round() - v).detach() + v + zero).clamp(0, qmax)
     return (q - zero) * scale
+
+
+def matmul_flops(func, args) -> int:
+    """FLOPs of one recorded matrix product: 2 * m * k * n (times the batch for bmm)."""
+    a, b = (args[1], args[2]) if func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else args[:2]
+    return 2 * math.prod(a.shape) * b.shape[-1]
+
+
+def record_matmuls(step) -> list:
+    """The matrix products one step runs: (op, args as (shape, stride) or constants, kwargs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in MATMULS:
+                calls.append((func, [(tuple(a.shape), a.stride(), a.dtype) if torch.is_tensor(a) else a for a in args],
+                              dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+    with Recorder():
+        step()
+    return calls
+
+
+def replay_matmuls(calls) -> tuple[float, int]:
+    """Seconds and FLOPs of the recorded products run alone, on fresh tensors of the same shapes and strides."""
+    def materialise(a):
+        if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype):
+            shape, stride, dtype = a
+            return torch.empty_strided(shape, stride, dtype=dtype).normal_()
+        return a
+    prepared = [(func, [materialise(a) for a in args], kwargs) for func, args, kwargs in calls]
+    for func, args, kwargs in prepared:                    # warm-up
+        func(*args, **kwargs)
+    t0 = time.perf_counter()
+    for func, args, kwargs in prepared:
+        func(*args, **kwargs)
+    return time.perf_counter() - t0, sum(matmul_flops(func, args) for func, args, _ in prepared)
 
 
 def main():
@@ -106,26 +150,35 @@ def main():
                 saved[(name, fused)] = saved_mib(bq)
             finally:
                 quantizer.fake_quant = fused_quant
-    step_times = {name: [] for name in MODES}
-    unfused_times = {name: [] for name in MODES}
+    # the same step on three fake-quantizations: compiled kernels, eager ones, and the unfused formula
+    variants = {"compiled": ("compiled", fused_quant), "eager": ("eager", fused_quant),
+                "unfused": ("eager", unfused_fake_quant)}
+    times = {v: {name: [] for name in MODES} for v in variants}
+    ceiling = {name: [] for name in MODES}
+    calls = {name: record_matmuls(lambda: step(*setups[name])) for name in MODES}
     peaks = []
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for r in range(args.rounds + 1):                       # round 0 is a warm-up, not recorded
+    for r in range(args.rounds + 1):                       # round 0 is a warm-up (and compiles), not recorded
         t0 = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
         peaks.append(4 * 2 * 1024**3 / (time.perf_counter() - t0))
         for name, (bq, opt) in setups.items():
-            for fused, times in ((True, step_times), (False, unfused_times)):
-                quantizer.fake_quant = fused_quant if fused else unfused_fake_quant
+            for variant, (kernels, fake_quant) in variants.items():
+                quantizer.KERNELS.use(kernels)
+                quantizer.fake_quant = fake_quant
                 try:
                     t0 = time.perf_counter()
                     step(bq, opt)
                     elapsed = time.perf_counter() - t0
                 finally:
                     quantizer.fake_quant = fused_quant
+                    quantizer.KERNELS.use("eager")
                 if r:
-                    times[name].append(elapsed)
+                    times[variant][name].append(elapsed)
+            if r:
+                ceiling[name].append(replay_matmuls(calls[name]))
+    step_times, eager_times, unfused_times = times["compiled"], times["eager"], times["unfused"]
     # merged blocks: plain (OmniQuant LET) against one that keeps runtime inverses after its norms
     merged = {}
     for name in ("LWC+LET (OmniQuant)", "AffineQuant --use_ln_matrix"):
@@ -155,9 +208,15 @@ def main():
               "threads": torch.get_num_threads(), "matmul_peak_gflops": peak / 1e9,
               "train_step_gflop": {k: v / 1e9 for k, v in flops.items()},
               "train_step_mfu": {k: flops[k] / med(v) / peak for k, v in step_times.items()},
+              "train_step_mfu_eager": {k: flops[k] / med(v) / peak for k, v in eager_times.items()},
               "train_step_mfu_unfused": {k: flops[k] / med(v) / peak for k, v in unfused_times.items()},
+              "matmul_only_mfu": {k: med([f / t for t, f in v]) / peak for k, v in ceiling.items()},
+              "matmul_share_of_step": {k: med([t for t, _ in v]) / med(step_times[k]) for k, v in ceiling.items()},
+              "matmul_share_of_flops": {k: ceiling[k][0][1] / flops[k] for k in MODES},
+              "train_step_seconds_eager": {k: med(v) for k, v in eager_times.items()},
               "train_step_seconds_unfused": {k: med(v) for k, v in unfused_times.items()},
-              "fused_over_unfused": {k: med(step_times[k]) / med(unfused_times[k]) for k in step_times},
+              "compiled_over_eager": {k: med(step_times[k]) / med(eager_times[k]) for k in step_times},
+              "fused_over_unfused": {k: med(eager_times[k]) / med(unfused_times[k]) for k in step_times},
               "saved_for_backward_mib": {k: saved[(k, True)] for k in MODES},
               "saved_for_backward_mib_unfused": {k: saved[(k, False)] for k in MODES},
               "use_ln_matrix_over_let": med(step_times["AffineQuant --use_ln_matrix"]) / base_step,

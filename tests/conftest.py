@@ -13,6 +13,16 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Ge
 VOCAB = 96
 
 
+@pytest.fixture(autouse=True)
+def eager_quant_kernels_between_tests():
+    """A run through the CLI switches the process's quantizer kernels (--quant_kernels auto): each test starts
+    from the eager ones, whatever ran before it."""
+    from affinequant.quantizer import KERNELS
+    KERNELS.use("eager")
+    yield
+    KERNELS.use("eager")
+
+
 def tiny_model(family: str, seed: int = 0):
     """A tiny random causal LM of one family; GQA wherever the family has it."""
     torch.manual_seed(seed)

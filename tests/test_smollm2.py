@@ -56,6 +56,9 @@ def test_main_end_to_end_lwc(tmp_path, monkeypatch):
     lwc = run(common + ["--lwc", "--epochs", "2", "--output_dir", str(tmp_path / "lwc")])
     written = json.loads((tmp_path / "lwc" / "results.json").read_text())
     assert written["ppl"]["wikitext2"]["windows"] == 3
+    # training compiles the quantizer's kernels where a compiler is (auto); RTN does not need them
+    from affinequant.quantizer import compile_available
+    assert (rtn["quant_kernels"], lwc["quant_kernels"]) == ("eager", "compiled" if compile_available() else "eager")
     for res in (rtn, lwc):
         w = res["ppl"]["wikitext2"]
         assert math.isfinite(w["ppl"]) and w["ppl"] > w["fp_ppl"] and w["kl"] > 0
