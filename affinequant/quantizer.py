@@ -79,6 +79,37 @@ class _FakeQuant(torch.autograd.Function):
                 grad_scale.sum_to_size(scale.shape) if need_scale else None, None, None)
 
 
+class _LastDimRange(torch.autograd.Function):
+    """x.amin(-1, keepdim=True), x.amax(-1, keepdim=True) with autograd's own gradients for them (each split
+    evenly over the entries that attain the extreme) computed by one kernel (KERNELS.range_grads), where
+    autograd's backward of the two reductions makes about ten passes over x."""
+
+    @staticmethod
+    def forward(ctx, x):
+        low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        ctx.save_for_backward(x, low, high)
+        return low, high
+
+    @staticmethod
+    def backward(ctx, grad_low, grad_high):
+        return KERNELS.range_grads(*ctx.saved_tensors, grad_low, grad_high)
+
+
+def last_dim_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min and max of x over its last dimension (kept): a group's or a token's range."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LastDimRange.apply(x)
+    return x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+
+
+def _range_grads(x, low, high, grad_low, grad_high):
+    """The gradient of (amin, amax) over the last dimension: each extreme's gradient split evenly over the
+    entries equal to it, as autograd computes it (the same values)."""
+    at_low, at_high = x == low, x == high
+    return (torch.where(at_low, grad_low / at_low.sum(-1, keepdim=True), 0.0)
+            + torch.where(at_high, grad_high / at_high.sum(-1, keepdim=True), 0.0))
+
+
 def _grid(x, scale, zero, qmax: int):
     """(clamp(round(x / scale) + zero, 0, qmax) - zero) * scale, one temporary updated in place."""
     return (x / scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
@@ -106,7 +137,7 @@ _COMPILED: dict = {}          # torch.compile's wrappers, made once per process
 
 
 class _Kernels:
-    """The fake quantizer's two element-wise kernels (forward grid, backward gradients): eager PyTorch, several
+    """The fake quantizer's element-wise kernels (forward grid, backward gradients, the range's gradients): eager PyTorch, several
     passes over the tensor each, or the same functions compiled by torch.compile into one fused loop each
     (inductor: C++ on CPU, Triton on CUDA), several times faster (bench/affine_cost.py). The values are the same
     bit for bit; the gradients to float rounding (the sums run in another order). `use(mode)` switches them for
@@ -114,7 +145,7 @@ class _Kernels:
 
     def __init__(self):
         self.mode = "eager"
-        self.grid, self.grads = _grid, _ste_grads
+        self.grid, self.grads, self.range_grads = _grid, _ste_grads, _range_grads
 
     def use(self, mode: str) -> str:
         """"eager", "compiled", or "auto" (compiled where torch.compile can build kernels: a C++ compiler on
@@ -128,6 +159,7 @@ class _Kernels:
             self.mode = "compiled"
             self.grid = self._compiled(_grid_out_of_place, _grid)
             self.grads = self._compiled(_ste_grads, _ste_grads)
+            self.range_grads = self._compiled(_range_grads, _range_grads)
         return self.mode
 
     def _compiled(self, source, eager):
@@ -236,7 +268,7 @@ class WeightQuantizer(nn.Module):
     def scale_zero(self, weight: torch.Tensor):
         """Scale and zero of each (row, group): tensors of shape (out, n_groups, 1)."""
         w, _ = group_view(weight, self.group_size)
-        return self._range(w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True))
+        return self._range(*last_dim_range(w))
 
     def group_scale_zero(self, columns: torch.Tensor, group: int):
         """Scale and zero (out,) of group `group` from its current columns (out, <= group_size):
@@ -284,8 +316,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return x
-        xmax = x.amax(dim=-1, keepdim=True)
-        xmin = x.amin(dim=-1, keepdim=True)
+        xmin, xmax = last_dim_range(x)
         if self.clip_upper is not None:
             xmax = torch.sigmoid(self.clip_upper).to(x.dtype) * xmax
             xmin = torch.sigmoid(self.clip_lower).to(x.dtype) * xmin

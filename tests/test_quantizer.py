@@ -188,3 +188,20 @@ def test_compiled_kernels_that_cannot_build_fall_back_to_eager(monkeypatch, capl
         qz.KERNELS.use("eager")
     with pytest.raises(ValueError, match="auto, compiled or eager"):
         qz.KERNELS.use("inductor")
+
+
+def test_range_gradients_equal_autograds_over_ties(quant_kernels):
+    """last_dim_range's one-kernel backward gives what autograd gives amin/amax: each extreme's gradient split
+    over every entry that attains it (ties are common on weights dequantized from a coarse grid)."""
+    from affinequant.quantizer import last_dim_range
+    torch.manual_seed(0)
+    x0 = torch.randint(-3, 4, (6, 4, 16)).float()          # few levels: several entries per group tie
+    g_low, g_high = torch.randn(6, 4, 1), torch.randn(6, 4, 1)
+    x = x0.clone().requires_grad_(True)
+    low, high = last_dim_range(x)
+    ours, = torch.autograd.grad((low * g_low).sum() + (high * g_high).sum(), x)
+    x = x0.clone().requires_grad_(True)
+    theirs, = torch.autograd.grad((x.amin(-1, keepdim=True) * g_low).sum() + (x.amax(-1, keepdim=True) * g_high).sum(), x)
+    assert torch.equal(low, x0.amin(-1, keepdim=True)) and torch.equal(high, x0.amax(-1, keepdim=True))
+    assert (x0 == x0.amax(-1, keepdim=True)).sum(-1).max() > 1           # the case is there
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7), (ours - theirs).abs().max()
