@@ -280,8 +280,8 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return weight
-        scale, zero = self.scale_zero(weight)
-        w, pad = group_view(weight, self.group_size)
+        w, pad = group_view(weight, self.group_size)     # once: a ragged last group makes it a copy
+        scale, zero = self._range(*last_dim_range(w))
         w_hat = fake_quant(w, scale, zero, self.qmax).reshape(weight.shape[0], -1)
         return w_hat[:, : weight.shape[1]] if pad else w_hat
 
