@@ -35,7 +35,8 @@ def section() -> str:
                   f"formula as separate autograd operations. The step's own matrix products, timed alone with the "
                   f"same shapes and layouts, reach the MFU in the next-to-last column, the ceiling of the step's; "
                   f"the rest of the step (attention, norms, the element-wise work of the transforms, AdamW) takes "
-                  f"what they leave.", "",
+                  f"what they leave. Where the rest goes, and why 0.8 of the peak is out of reach for the whole "
+                  f"step: [docs/step-cost.md](docs/step-cost.md).", "",
                   *rows, "",
                   f"Forward time of a merged block with the runtime inverses after its norms, relative to the LET-merged "
                   f"block: {c['runtime_inverse_forward_overhead']:.2f}x."]
@@ -45,7 +46,8 @@ def section() -> str:
             parts += ["", f"At {c2['seqlen']} tokens (`--seqlen 2048 --out bench/affine_cost_2048.json`): "
                       + ", ".join(f"{k} {v:.2f}x" for k, v in c2["train_step_over_let"].items())
                       + " of LWC+LET's step; MFU " + ", ".join(f"{v:.2f}" for v in c2["train_step_mfu"].values())
-                      + f" (peak {c2['matmul_peak_gflops']:.0f} GFLOP/s). The matrices' product with the weights does "
+                      + f" (peak {c2['matmul_peak_gflops']:.0f} GFLOP/s; the steps' matmuls alone "
+                      + ", ".join(f"{v:.2f}" for v in c2["matmul_only_mfu"].values()) + "). The matrices' product with the weights does "
                       f"not depend on the tokens (hidden x hidden x out per consumer), so it weighs less at longer "
                       f"sequences: {c['use_ln_matrix_over_let']:.2f}x at {c['seqlen']} tokens, "
                       f"{c2['use_ln_matrix_over_let']:.2f}x at {c2['seqlen']}."]
