@@ -347,7 +347,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
     net = args.net or model_name(model_id)
     results: dict = {"model": model_id, "net": net, "setting": cfg.setting, "effective_wbits": cfg.effective_wbits,
                      "config": cfg.to_dict(), "recipe": cfg.recipe_data(),
-                     "device": str(device), "quant_kernels": KERNELS.mode}
+                     "device": str(device)}
 
     if cfg.full_precision:
         log.info("--wbits 16 --abits 16: nothing to quantize, evaluating the full-precision model")
@@ -355,6 +355,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
     else:
         reference, stats = quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id,
                                     results, reference_params, blocks)
+    results["quant_kernels"] = KERNELS.mode         # after calibration: "eager" if compiling failed on the way
 
     if cfg.real_quant and args.packed_kernel != "exact":
         switched, total = use_packed_kernel(model, args.packed_kernel)

@@ -104,6 +104,11 @@ def quant_kernels(request):
     if request.param == "compiled" and not compile_available():
         pytest.skip("no C++ compiler for torch.compile")
     assert KERNELS.use(request.param) == request.param
+    if request.param == "compiled":                  # a compiler that is there but cannot build: fell back
+        x = torch.randn(4, 8, requires_grad=True)
+        ActQuantizer(4)(x).sum().backward()
+        if KERNELS.mode != "compiled":
+            pytest.skip("torch.compile cannot build kernels here (the fallback is tested on its own)")
     yield request.param
     assert KERNELS.mode == request.param          # not fallen back to eager on the way
     KERNELS.use("eager")
