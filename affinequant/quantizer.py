@@ -144,6 +144,9 @@ class _Kernels:
     the process; a backend that cannot build falls back to eager with one warning."""
 
     def __init__(self):
+        self._eager()
+
+    def _eager(self) -> None:
         self.mode = "eager"
         self.grid, self.grads, self.range_grads = _grid, _ste_grads, _range_grads
 
@@ -154,7 +157,7 @@ class _Kernels:
             raise ValueError(f"quantizer kernels must be auto, compiled or eager, not {mode!r}")
         if mode == "auto":
             mode = "compiled" if compile_available() else "eager"
-        self.__init__()
+        self._eager()
         if mode == "compiled":
             self.mode = "compiled"
             self.grid = self._compiled(_grid_out_of_place, _grid)
@@ -177,7 +180,7 @@ class _Kernels:
                 logging.getLogger(__name__).warning(
                     "compiled quantizer kernels unavailable (%s: %s); using eager ones (--quant_kernels eager "
                     "skips the attempt)", type(err).__name__, (str(err).splitlines() or [""])[0])
-                self.__init__()
+                self._eager()
                 return eager(*args)
         return call
 
@@ -267,7 +270,10 @@ class WeightQuantizer(nn.Module):
 
     def scale_zero(self, weight: torch.Tensor):
         """Scale and zero of each (row, group): tensors of shape (out, n_groups, 1)."""
-        w, _ = group_view(weight, self.group_size)
+        return self._grouped_scale_zero(group_view(weight, self.group_size)[0])
+
+    def _grouped_scale_zero(self, w: torch.Tensor):
+        """scale_zero of a weight already in group_view's (out, n_groups, group_size) layout."""
         return self._range(*last_dim_range(w))
 
     def group_scale_zero(self, columns: torch.Tensor, group: int):
@@ -281,15 +287,15 @@ class WeightQuantizer(nn.Module):
         if self.bits >= 16:
             return weight
         w, pad = group_view(weight, self.group_size)     # once: a ragged last group makes it a copy
-        scale, zero = self._range(*last_dim_range(w))
+        scale, zero = self._grouped_scale_zero(w)
         w_hat = fake_quant(w, scale, zero, self.qmax).reshape(weight.shape[0], -1)
         return w_hat[:, : weight.shape[1]] if pad else w_hat
 
     @torch.no_grad()
     def integer_codes(self, weight: torch.Tensor):
         """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer."""
-        scale, zero = self.scale_zero(weight)
         w, _ = group_view(weight, self.group_size)
+        scale, zero = self._grouped_scale_zero(w)
         q = grid_codes(w, scale, zero, self.qmax)
         return q.reshape(weight.shape[0], -1)[:, : weight.shape[1]].to(torch.int32), scale[..., 0], zero[..., 0]
 

@@ -58,9 +58,9 @@ def test_main_end_to_end_lwc(tmp_path, monkeypatch):
     assert written["ppl"]["wikitext2"]["windows"] == 3
     # training compiles the quantizer's kernels where a compiler is (auto); RTN does not need them
     from affinequant.quantizer import compile_available
-    assert rtn["quant_kernels"] == "eager" and lwc["quant_kernels"] in (("compiled", "eager") if compile_available()
-                                                                          else ("eager",))
-    assert lwc["quant_kernels"] == "compiled" or "compiled quantizer kernels unavailable" in (tmp_path / "lwc" / "log.txt").read_text()
+    assert rtn["quant_kernels"] == "eager"
+    fell_back = "compiled quantizer kernels unavailable" in (tmp_path / "lwc" / "log.txt").read_text()
+    assert lwc["quant_kernels"] == ("compiled" if compile_available() and not fell_back else "eager")
     for res in (rtn, lwc):
         w = res["ppl"]["wikitext2"]
         assert math.isfinite(w["ppl"]) and w["ppl"] > w["fp_ppl"] and w["kl"] > 0
