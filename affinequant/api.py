@@ -26,17 +26,19 @@ from .utils import resolve_device
 
 def quantize(model, samples: torch.Tensor, config: QuantConfig, device: str | torch.device | None = None,
              act_stats: tuple[dict, dict] | None = None, cache_dir: str | None = None,
-             blocks=None) -> list[BlockReport]:
+             blocks=None, compile_block: bool = False) -> list[BlockReport]:
     """Quantize a Hugging Face causal LM in place. LET/AffineQuant statistics are computed on
     `samples` unless given as (act_scales, act_shifts). `cache_dir`: keep the activation caches in files
-    there. `blocks`: where the blocks come from (quantize_streamed passes its StreamedModel)."""
+    there. `blocks`: where the blocks come from (quantize_streamed passes its StreamedModel). `compile_block`:
+    the training steps run each block through torch.compile (trainer.CompiledForward)."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     adapter = get_adapter(model.config)
     config.validate()
     if config.needs_statistics and act_stats is None:
         act_stats = collect_act_stats(model, adapter, samples, device, blocks)
     scales, shifts = act_stats if act_stats is not None else (None, None)
-    return quantize_blocks(model, adapter, samples, config, device, scales, shifts, blocks=blocks, cache_dir=cache_dir)
+    return quantize_blocks(model, adapter, samples, config, device, scales, shifts, blocks=blocks, cache_dir=cache_dir,
+                           compile_block=compile_block)
 
 
 def quantize_streamed(model_dir: str, samples: torch.Tensor, config: QuantConfig, work_dir: str,

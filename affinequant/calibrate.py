@@ -162,6 +162,7 @@ class BlockQuantizer:
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
         self.round_to_nearest: set[str] = set()     # linears with no calibration data (unrouted MoE experts)
+        self.train_forward = None                   # the training steps' forward (trainer.CompiledForward), or the block
         for p in block.parameters():
             p.requires_grad_(False)
 
@@ -193,7 +194,7 @@ class BlockQuantizer:
         """The block objective (--loss) on the samples `batch` (a slice or indices) of `data`: refresh the
         transforms, then `objective_on`. Call inside the autocast context."""
         self.refresh()
-        return objective_on(self.block, data, batch, self.cfg.objective)
+        return objective_on(self.train_forward or self.block, data, batch, self.cfg.objective)
 
     def start_epoch(self, epoch: int) -> dict:
         """Every stage's schedule hook; returns what they report (AffineQuant: the matrices' health)."""
@@ -313,12 +314,13 @@ def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device
 def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, cfg: QuantConfig,
                     device: torch.device, act_scales: dict | None = None,
                     act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16,
-                    checkpoint=None, blocks=None, cache_dir=None) -> list[BlockReport]:
+                    checkpoint=None, blocks=None, cache_dir=None, compile_block: bool = False) -> list[BlockReport]:
     """Quantize `model` in place, block by block, on `device`; the model itself stays on the CPU.
     With a CalibrationCheckpoint, each block's learned parameters are saved once it is done, and
     blocks already in it are rebuilt from their parameters instead of trained. `blocks`: where the blocks
     come from and go (streaming.StreamedModel: read from the checkpoint, written out when done); default
-    the model's own. `cache_dir`: the activation caches live in files there (activations.py)."""
+    the model's own. `cache_dir`: the activation caches live in files there (activations.py). `compile_block`:
+    the training steps run each block through torch.compile (trainer.CompiledForward)."""
     from .streaming import InMemoryBlocks
     blocks = blocks or InMemoryBlocks(model, adapter)
     cfg.validate()
@@ -333,7 +335,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         log.info("data-parallel calibration: rank %d of %d, %d samples", distributed.rank(), distributed.world(),
                  samples.shape[0])
     runner = BlockRunner(model.config, adapter, cfg, device, amp_dtype, act_scales, act_shifts,
-                         data_parallel=data_parallel)
+                         data_parallel=data_parallel, compile_block=compile_block)
     with blocks.non_block(samples):
         q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype,
                                                        cache_dir=cache_dir)
@@ -373,9 +375,9 @@ class BlockRunner:
 
     def __init__(self, model_config, adapter: Adapter, cfg: QuantConfig, device: torch.device,
                  amp_dtype: torch.dtype = torch.float16, act_scales: dict | None = None,
-                 act_shifts: dict | None = None, data_parallel: bool = False):
+                 act_shifts: dict | None = None, data_parallel: bool = False, compile_block: bool = False):
         self.model_config, self.adapter, self.cfg, self.device = model_config, adapter, cfg, device
-        self.data_parallel = data_parallel
+        self.data_parallel, self.compile_block = data_parallel, compile_block
         self.step_batch = cfg.batch_size // distributed.world() if data_parallel else cfg.batch_size
         self.act_scales, self.act_shifts = act_scales, act_shifts
         self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, cfg.objective
@@ -424,7 +426,7 @@ class BlockRunner:
         else:
             bq.prepare(data)
             if trains:
-                train_block(bq, data, cfg, report, f"{desc} {index}")
+                train_block(bq, data, cfg, report, f"{desc} {index}", self.compile_block)
         bq.finalize(data)
         if not report.restored:
             # saved after the rounding, so that a rounder that learns (TesseraQ) is saved too; a kill

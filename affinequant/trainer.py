@@ -42,11 +42,53 @@ def _describe(health: dict) -> str:
     return ", ".join(parts)
 
 
-def train_block(bq, data, cfg, report, progress_desc: str) -> None:
-    """Train the learning stages of `bq` (a calibrate.BlockQuantizer) on `data` (stages.BlockData)."""
+_compile_failure: str | None = None     # why torch.compile could not build a block here: tried once per process
+
+
+def compile_failure() -> str | None:
+    """None, or why --compile_block fell back to eager in this process."""
+    return _compile_failure
+
+
+class CompiledForward:
+    """The block's forward for its training steps under --compile_block: torch.compile (inductor: C++ on the
+    CPU, Triton on CUDA) with static shapes, since a block trains on one batch shape. Norms, RoPE, the MLP's
+    activation and the quantizers' element-wise work fuse into fewer passes. Dynamo caches graphs on the
+    decoder layer's code, guarded on shapes and dtypes, so the blocks after the first reuse the first's
+    graphs. The transforms' refresh stays outside (eager), once per step. Where nothing can be built (no C++
+    compiler, no Triton), one warning, then eager for the rest of the process."""
+
+    def __init__(self, block):
+        self.block = block
+        self.compiled = None if _compile_failure else torch.compile(block, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        global _compile_failure
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:   # a failed build, not an error of the block
+                _compile_failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                log.warning("--compile_block: torch.compile cannot build the block here (%s); training eager",
+                            _compile_failure)
+                self.compiled = None
+        return self.block(*args, **kwargs)
+
+
+def train_block(bq, data, cfg, report, progress_desc: str, compile_block: bool = False) -> None:
+    """Train the learning stages of `bq` (a calibrate.BlockQuantizer) on `data` (stages.BlockData); with
+    `compile_block`, the training steps run the block through CompiledForward."""
     params = [g for g in bq.param_groups() if g["params"]]
     if not params:          # a stage that learns in some blocks only (compensation): nothing here
         return
+    bq.train_forward = CompiledForward(bq.block) if compile_block else None
+    try:
+        _train(bq, data, cfg, report, progress_desc, params)
+    finally:
+        bq.train_forward = None
+
+
+def _train(bq, data, cfg, report, progress_desc: str, params: list) -> None:
     for g in params:
         for p in g["params"]:
             p.requires_grad_(True)

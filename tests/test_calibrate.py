@@ -237,3 +237,53 @@ def test_let_init_guard_is_reported_per_block(tokens):
     reports = quantize_blocks(model, adapter, tokens, QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1),
                               CPU, scales, shifts)
     assert all(r.stages["let"]["init"] in ("smoothquant", "identity") for r in reports)
+
+
+def _lwc_let_run(tokens, compile_block: bool):
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    cfg = QuantConfig(wbits=3, group_size=16, lwc=True, let=True, epochs=2)
+    scales, shifts = collect_act_stats(model, adapter, tokens, CPU)
+    reports = quantize_blocks(model, adapter, tokens, cfg, CPU, scales, shifts, compile_block=compile_block)
+    return reports, model
+
+
+def test_compiled_block_trains_as_the_eager_block(tokens):
+    """--compile_block: the training steps run through torch.compile and give the eager run's losses and final
+    block error to float rounding."""
+    from torch._dynamo.utils import counters
+
+    from affinequant import trainer
+    from affinequant.quantizer import compile_available
+    if not compile_available():
+        pytest.skip("no C++ compiler for torch.compile")
+    eager, _ = _lwc_let_run(tokens, False)
+    counters.clear()
+    compiled, _ = _lwc_let_run(tokens, True)
+    if trainer.compile_failure():
+        pytest.skip(f"torch.compile cannot build here: {trainer.compile_failure()}")
+    assert counters["stats"]["unique_graphs"] >= 1             # the compiled path ran, not the eager one
+    for a, b in zip(eager, compiled):
+        assert a.losses == pytest.approx(b.losses, rel=1e-4)
+        assert a.final_mse == pytest.approx(b.final_mse, rel=1e-3)
+
+
+def test_compiled_block_that_cannot_build_trains_eager(tokens, monkeypatch, caplog):
+    """A torch.compile that cannot build (no C++ compiler, no Triton) costs one warning; the run trains eager
+    and gives the eager run's model bit for bit."""
+    from affinequant import trainer
+
+    def broken_compile(module, **kwargs):
+        def call(*args, **kw):
+            raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+    eager_reports, eager_model = _lwc_let_run(tokens, False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(trainer, "_compile_failure", None)
+    with caplog.at_level("WARNING"):
+        reports, model = _lwc_let_run(tokens, True)
+    assert "InvalidCxxCompiler" in trainer.compile_failure()
+    assert caplog.text.count("cannot build the block") == 1        # once, not once per block
+    assert [r.losses for r in reports] == [r.losses for r in eager_reports]
+    for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()):
+        assert torch.equal(a, b)

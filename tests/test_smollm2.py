@@ -53,7 +53,7 @@ def test_main_end_to_end_lwc(tmp_path, monkeypatch):
               "--nsamples", "4", "--seqlen", "256", "--wbits", "3", "--group_size", "128", "--eval_ppl",
               "--limit", "3", "--ppl_datasets", "wikitext2"]
     rtn = run(common + ["--output_dir", str(tmp_path / "rtn")])
-    lwc = run(common + ["--lwc", "--epochs", "2", "--output_dir", str(tmp_path / "lwc")])
+    lwc = run(common + ["--lwc", "--epochs", "2", "--compile_block", "--output_dir", str(tmp_path / "lwc")])
     written = json.loads((tmp_path / "lwc" / "results.json").read_text())
     assert written["ppl"]["wikitext2"]["windows"] == 3
     # training compiles the quantizer's kernels where a compiler is (auto); RTN does not need them
@@ -61,6 +61,10 @@ def test_main_end_to_end_lwc(tmp_path, monkeypatch):
     assert rtn["quant_kernels"] == "eager"
     fell_back = "compiled quantizer kernels unavailable" in (tmp_path / "lwc" / "log.txt").read_text()
     assert lwc["quant_kernels"] == ("compiled" if compile_available() and not fell_back else "eager")
+    # --compile_block: the training steps ran through torch.compile
+    assert rtn["compile_block"] is False
+    assert lwc["compile_block"] is (compile_available() and "cannot build the block" not in
+                                    (tmp_path / "lwc" / "log.txt").read_text())
     for res in (rtn, lwc):
         w = res["ppl"]["wikitext2"]
         assert math.isfinite(w["ppl"]) and w["ppl"] > w["fp_ppl"] and w["kl"] > 0
