@@ -168,9 +168,11 @@ class _Kernels:
     def _compiled(self, source, eager):
         # dynamic shapes from the start: one kernel per tensor rank serves every layer, so a layer gets the same
         # kernel (and the same sums) whichever shape happened to be compiled first
-        if source not in _COMPILED:
-            _COMPILED[source] = torch.compile(source, dynamic=True)
-        compiled = _COMPILED[source]
+        # the wrapper is cached too: a compiled block (--compile_block) guards on the functions it calls, so
+        # switching the kernels away and back must hand it the same function, not a new one that recompiles it
+        if source in _COMPILED:
+            return _COMPILED[source]
+        compiled = torch.compile(source, dynamic=True)
 
         def call(*args):
             try:
@@ -182,6 +184,7 @@ class _Kernels:
                     "skips the attempt)", type(err).__name__, (str(err).splitlines() or [""])[0])
                 self._eager()
                 return eager(*args)
+        _COMPILED[source] = call
         return call
 
 
