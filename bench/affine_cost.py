@@ -4,9 +4,10 @@ noise hits all of them alike.
     OMP_NUM_THREADS=1 python bench/affine_cost.py --model models/smollm2-135m.gguf
 
 For block 0 of the model: seconds per training step (refresh transforms + forward + backward + AdamW) for
-LWC, LWC+LET, AffineQuant (--use_ln_matrix) and AffineQuant (--use_matrix), each with the fused
-fake-quantization (quantizer._FakeQuant) on compiled kernels (--quant_kernels compiled, the default where a
-C++ compiler is) and on eager ones, and with the unfused formula it replaced; the step's FLOPs (torch's
+LWC, LWC+LET, AffineQuant (--use_ln_matrix) and AffineQuant (--use_matrix), each with the whole block
+compiled (--compile_block, on compiled kernels), with the fused fake-quantization (quantizer._FakeQuant) on
+compiled kernels (--quant_kernels compiled, the default where a C++ compiler is) and on eager ones, and with
+the unfused formula it replaced; the step's FLOPs (torch's
 FlopCounterMode) over its time against the fp32 matmul peak measured in the same process (MFU); the ceiling
 of that MFU, the step's own matrix products (same shapes and layouts) timed alone, and their share of the
 step; and the merged block's forward time with and without the runtime inverse after its norms.
@@ -32,6 +33,7 @@ from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_i
 from affinequant.config import QuantConfig  # noqa: E402
 from affinequant.modeling import load_model  # noqa: E402
 from affinequant.stats import collect_act_stats  # noqa: E402
+from affinequant.trainer import CompiledForward  # noqa: E402
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default}
@@ -117,7 +119,7 @@ def main():
         setups[name] = (bq, torch.optim.AdamW(params, lr=1e-3))
     def step(bq, opt):
         bq.refresh()
-        loss = F.mse_loss(_block_output(bq.block(inputs[:1], **kwargs)), target)
+        loss = F.mse_loss(_block_output((bq.train_forward or bq.block)(inputs[:1], **kwargs)), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -150,9 +152,11 @@ def main():
                 saved[(name, fused)] = saved_mib(bq)
             finally:
                 quantizer.fake_quant = fused_quant
-    # the same step on three fake-quantizations: compiled kernels, eager ones, and the unfused formula
-    variants = {"compiled": ("compiled", fused_quant), "eager": ("eager", fused_quant),
-                "unfused": ("eager", unfused_fake_quant)}
+    # the same step with the whole block compiled (--compile_block), then on three fake-quantizations:
+    # compiled kernels, eager ones, and the unfused formula
+    variants = {"compiled block": ("compiled", fused_quant), "compiled": ("compiled", fused_quant),
+                "eager": ("eager", fused_quant), "unfused": ("eager", unfused_fake_quant)}
+    compiled_blocks = {name: CompiledForward(bq.block) for name, (bq, _) in setups.items()}
     times = {v: {name: [] for name in MODES} for v in variants}
     ceiling = {name: [] for name in MODES}
     calls = {name: record_matmuls(lambda: step(*setups[name])) for name in MODES}
@@ -167,11 +171,13 @@ def main():
             for variant, (kernels, fake_quant) in variants.items():
                 quantizer.KERNELS.use(kernels)
                 quantizer.fake_quant = fake_quant
+                bq.train_forward = compiled_blocks[name] if variant == "compiled block" else None
                 try:
                     t0 = time.perf_counter()
                     step(bq, opt)
                     elapsed = time.perf_counter() - t0
                 finally:
+                    bq.train_forward = None
                     quantizer.fake_quant = fused_quant
                     quantizer.KERNELS.use("eager")
                 if r:
@@ -213,6 +219,10 @@ def main():
               "matmul_only_mfu": {k: med([f / t for t, f in v]) / peak for k, v in ceiling.items()},
               "matmul_share_of_step": {k: med([t for t, _ in v]) / med(step_times[k]) for k, v in ceiling.items()},
               "matmul_share_of_flops": {k: ceiling[k][0][1] / flops[k] for k in MODES},
+              "train_step_seconds_compiled_block": {k: med(v) for k, v in times["compiled block"].items()},
+              "compiled_block_over_compiled": {k: med(times["compiled block"][k]) / med(step_times[k])
+                                               for k in step_times},
+              "train_step_mfu_compiled_block": {k: flops[k] / med(v) / peak for k, v in times["compiled block"].items()},
               "train_step_seconds_eager": {k: med(v) for k, v in eager_times.items()},
               "train_step_seconds_unfused": {k: med(v) for k, v in unfused_times.items()},
               "compiled_over_eager": {k: med(step_times[k]) / med(eager_times[k]) for k in step_times},

@@ -27,7 +27,8 @@ substitutions here reproduce the reference's own CPU run. Then each mode (LWC, L
 runs on both codes, the reference first, and the per-block seconds of each (everything the loop does for
 a block: FP targets, LET initialisation, training, merge, next inputs) are compared. Ours runs with
 `--reference_compat` (the reference's conventions, so the same arithmetic and losses), with its
-defaults, and with its defaults and --compile_block. The first block of each run pays one-off costs
+defaults, and with its defaults and --compile_block. Each code runs --repeats times, the codes taking
+turns, and each code's best run counts (the machine's speed drifts by 10-20% over minutes). The first block of each run pays one-off costs
 (building compiled kernels), so the steady figure is the mean over the blocks after the first; the
 matmul floor is the block's matrix-product FLOPs (FlopCounterMode, our default run) at the fp32 matmul
 peak measured in this process. Writes bench/reference_side_by_side.json.
@@ -273,6 +274,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--repeats", type=int, default=2, help="runs of each code per mode, in turns; the best counts")
     p.add_argument("--no_check_fixture", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "reference_side_by_side.json")
     p.add_argument("--side", choices=["reference", "ours"], help=argparse.SUPPRESS)
@@ -292,7 +294,7 @@ def main() -> None:
     result = {"threads": args.threads, "command": " ".join(sys.argv),
               "model": dict(hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                             kv_heads=args.heads, layers=args.layers, vocab=args.vocab),
-              "settings": dict(wbits=args.wbits, group_size=args.group_size, nsamples=args.nsamples,
+              "repeats": args.repeats, "settings": dict(wbits=args.wbits, group_size=args.group_size, nsamples=args.nsamples,
                                seqlen=args.seqlen, epochs=args.epochs, batch_size=1)}
     if not args.no_check_fixture and FIXTURE.is_dir():
         result["fixture_check"] = check_fixture(args, env)
@@ -306,10 +308,16 @@ def main() -> None:
         for mode in args.modes:
             settings = dict(result["settings"], **MODES[mode], sf=1e-2 if MODES[mode].get("let") else 1.0)
             job = dict(common, settings=settings)
-            row = {"reference": call(args.reference_python, "reference",
-                                     dict(job, reference_dir=str(args.reference_dir)), env)}
-            for name, extra in OURS.items():
-                row[name] = call(sys.executable, "ours", dict(job, **extra, kernels="auto"), env)
+            runs = {name: [] for name in ("reference", *OURS)}
+            for _ in range(args.repeats):          # the codes take turns, so a slow spell of the machine hits all
+                runs["reference"].append(call(args.reference_python, "reference",
+                                              dict(job, reference_dir=str(args.reference_dir)), env))
+                for name, extra in OURS.items():
+                    runs[name].append(call(sys.executable, "ours", dict(job, **extra, kernels="auto"), env))
+            row = {}
+            for name, results in runs.items():   # each code's best run (the least disturbed), and every run's figure
+                row[name] = min(results, key=lambda res: steady(res["block_seconds"]))
+                row[name]["steady_seconds_of_each_run"] = [steady(res["block_seconds"]) for res in results]
             flops = call(sys.executable, "ours", dict(job, reference_compat=False, kernels="eager", count_flops=True),
                          env)["flops_per_block"]
             row["matmul_gflop_per_block"] = flops / 1e9

@@ -16,13 +16,15 @@ def section() -> str:
         parts += ["", "### Zero-shot accuracy (`bench/run_zeroshot.py`)", "", (bench / "ZEROSHOT.md").read_text().strip()]
     if (bench / "affine_cost.json").is_file():
         c = json.loads((bench / "affine_cost.json").read_text())
-        rows = ["| mode | step s: compiled / eager / unfused | relative to LWC+LET | GFLOP per step | MFU: compiled "
-                "/ eager | the step's matmuls alone: MFU, share of the step | saved for backward, fused (unfused) |",
-                "|---|---|---|---|---|---|---|"]
+        rows = ["| mode | step s: compiled block / compiled / eager / unfused | relative to LWC+LET | GFLOP per step "
+                "| MFU: compiled block / compiled / eager | the step's matmuls alone: MFU, share of the step | saved "
+                "for backward, fused (unfused) |", "|---|---|---|---|---|---|---|"]
         for k, v in c["train_step_seconds"].items():
-            rows.append(f"| {k} | {v:.3f} / {c['train_step_seconds_eager'][k]:.3f} / "
+            rows.append(f"| {k} | {c['train_step_seconds_compiled_block'][k]:.3f} / {v:.3f} / "
+                        f"{c['train_step_seconds_eager'][k]:.3f} / "
                         f"{c['train_step_seconds_unfused'][k]:.3f} | {c['train_step_over_let'][k]:.2f}x | "
-                        f"{c['train_step_gflop'][k]:.1f} | {c['train_step_mfu'][k]:.2f} / "
+                        f"{c['train_step_gflop'][k]:.1f} | {c['train_step_mfu_compiled_block'][k]:.2f} / "
+                        f"{c['train_step_mfu'][k]:.2f} / "
                         f"{c['train_step_mfu_eager'][k]:.2f} | {c['matmul_only_mfu'][k]:.2f}, "
                         f"{c['matmul_share_of_step'][k]:.2f} | "
                         f"{c['saved_for_backward_mib'][k]:.0f} MiB ({c['saved_for_backward_mib_unfused'][k]:.0f}) |")
@@ -30,7 +32,8 @@ def section() -> str:
                   f"{c['seqlen']} tokens)", "",
                   f"MFU: the step's FLOPs (torch's FlopCounterMode, which counts the matrix products and not "
                   f"attention) over its time, against the fp32 matmul peak measured in the same process "
-                  f"({c['matmul_peak_gflops']:.0f} GFLOP/s, 1024^3). Compiled / eager: the fused fake-quantization "
+                  f"({c['matmul_peak_gflops']:.0f} GFLOP/s, 1024^3). Compiled block: the whole block's forward and "
+                  f"backward compiled (`--compile_block`). Compiled / eager: the fused fake-quantization "
                   f"on `--quant_kernels compiled` (the default with a C++ compiler) and `eager`; unfused: the "
                   f"formula as separate autograd operations. The step's own matrix products, timed alone with the "
                   f"same shapes and layouts, reach the MFU in the next-to-last column, the ceiling of the step's; "
@@ -51,6 +54,8 @@ def section() -> str:
                       f"not depend on the tokens (hidden x hidden x out per consumer), so it weighs less at longer "
                       f"sequences: {c['use_ln_matrix_over_let']:.2f}x at {c['seqlen']} tokens, "
                       f"{c2['use_ln_matrix_over_let']:.2f}x at {c2['seqlen']}."]
+    if (bench / "reference_side_by_side.json").is_file():
+        parts += ["", *reference_section(json.loads((bench / "reference_side_by_side.json").read_text()))]
     if (bench / "PACKING.md").is_file():
         parts += ["", "### Real quantization (`bench/packing_bench.py`)", "", (bench / "PACKING.md").read_text().strip()]
     if (bench / "gptqmodel_check.json").is_file():
@@ -60,6 +65,35 @@ def section() -> str:
                   f"model's: max |diff| {g['max_abs_diff']:.3f} (logit scale {g['logit_scale']:.1f}), mean "
                   f"{g['mean_abs_diff']:.4f}, top-1 agreement {g['top1_agreement']:.3f} (fp16 arithmetic on its side)."]
     return "\n".join(parts)
+
+
+def reference_section(r: dict) -> list[str]:
+    """The side-by-side against the reference AffineQuant: steady seconds per block, ratios, matmul floor."""
+    m, st = r["model"], r["settings"]
+    ours = ["ours --reference_compat", "ours", "ours --compile_block"]
+    rows = ["| mode | matmul floor | reference | " + " | ".join(ours) + " | last-epoch loss, ours --reference_compat "
+            "against the reference |", "|---|---|---|" + "---|" * len(ours) + "---|"]
+    for mode, row in r["modes"].items():
+        ref = row["reference"]
+        cells = [f"{row[n]['steady_seconds']:.2f} s ({row[n]['steady_seconds'] / ref['steady_seconds']:.2f}x)"
+                 for n in ours]
+        gaps = [abs(a[-1] - b[-1]) / abs(b[-1]) for a, b in zip(row["ours --reference_compat"]["losses"], ref["losses"])]
+        rows.append(f"| {mode} | {row['matmul_floor_seconds']:.2f} s | {ref['steady_seconds']:.2f} s | "
+                    + " | ".join(cells) + f" | within {max(gaps):.1e} relative |")
+    check = r.get("fixture_check", {})
+    fixture = (" Before timing, the reference checkout run here reproduced the losses of the fixture's own reference "
+               "run (" + ", ".join(f"{k} to {v['max_rel_diff']:.0e}" for k, v in check.items()) + ").") if check else ""
+    return ["### Against the reference AffineQuant (`bench/reference_side_by_side.py`, outside CI)", "",
+            f"Seconds per block once one-off costs are paid (the mean over blocks 2-{m['layers']}), the best of "
+            f"{r.get('repeats', 1)} runs of each code taken in turns, one process each, {r['threads']} thread, on a random MHA Llama-shaped model (hidden {m['hidden']}, {m['heads']} heads and "
+            f"KV heads, MLP {m['intermediate']}, {m['layers']} layers), W{st['wbits']} g{st['group_size']}, "
+            f"{st['nsamples']} samples x {st['seqlen']} tokens, {st['epochs']} epochs, batch 1: the same tokens, "
+            f"statistics and settings for both codes. The reference (bytedance/AffineQuant, transformers 4.35 in its "
+            f"own environment) runs unedited, with three run-time substitutions for the CPU; ours with the "
+            f"reference's conventions (`--reference_compat`: the same arithmetic, hence the same losses), with its "
+            f"defaults, and with `--compile_block`. Matmul floor: the block's matrix-product FLOPs at the fp32 matmul "
+            f"peak measured in the same process ({r['matmul_peak_gflops']:.0f} GFLOP/s).{fixture} Set-up and "
+            f"discussion: [docs/step-cost.md](docs/step-cost.md#against-the-reference-affinequant).", "", *rows]
 
 
 def main():
