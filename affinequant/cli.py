@@ -600,7 +600,7 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
                          f"autocast on (no --deactive_amp). Finished blocks are checkpointed: rerun with --resume "
                          f"to continue from them") from exc
     results["calibration_seconds"] = time.time() - t0
-    results["compile_block"] = args.compile_block and compile_failure() is None
+    results["compile_block"] = args.compile_block and cfg.trains and compile_failure() is None  # used, not asked
     worked = [r for r in reports if not r.restored]      # a resumed run's replayed blocks cost no training
     results["seconds_per_block"] = sum(r.seconds for r in worked) / max(len(worked), 1)
     results["blocks_restored"] = len(reports) - len(worked)
