@@ -228,7 +228,7 @@ def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tens
     n_groups = math.ceil(in_f / gs)
     pad = n_groups * gs - in_f
     if pad:
-        weight = torch.cat([weight, weight[:, -1:].expand(out_f, pad)], dim=1)
+        weight = torch.nn.functional.pad(weight[None], (0, pad), mode="replicate")[0]
     return weight.reshape(out_f, n_groups, gs), pad
 
 
