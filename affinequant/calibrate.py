@@ -426,7 +426,7 @@ class BlockRunner:
         else:
             bq.prepare(data)
             if trains:
-                train_block(bq, data, cfg, report, f"{desc} {index}", self.compile_block)
+                train_block(bq, data, cfg, report, f"{desc} {index}", compile_block=self.compile_block)
         bq.finalize(data)
         if not report.restored:
             # saved after the rounding, so that a rounder that learns (TesseraQ) is saved too; a kill

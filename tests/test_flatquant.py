@@ -211,9 +211,9 @@ def test_fp_train_inputs_feed_each_block_its_fp_inputs(tokens, monkeypatch):
     seen = {}
     real = calibrate.train_block
 
-    def spy(bq, data, cfg, report, desc):
+    def spy(bq, data, cfg, report, desc, **kw):
         seen[cfg.train_inputs] = torch.equal(data.inputs, data.fp_inputs)
-        return real(bq, data, cfg, report, desc)
+        return real(bq, data, cfg, report, desc, **kw)
     monkeypatch.setattr(calibrate, "train_block", spy)
     for train_inputs in ("fp", "quantized"):
         model = tiny_model("llama")
