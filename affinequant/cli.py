@@ -169,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
            "compiler on CPU, Triton on CUDA; about 25 s the first time, cached after), or eager PyTorch; auto: "
            "compiled when training or quantizing activations and the compiler is there. Same values; gradients to float rounding")
     a("--compile_block", action="store_true",
-      help="run each block's training steps through torch.compile (inductor: C++ on CPU, Triton on CUDA): about "
-           "15%% faster steps on CPU (bench/reference_side_by_side.py), for a one-off build of 10-25 s per process; "
-           "pays with long budgets. The same losses to float rounding")
+      help="run each block's training steps through torch.compile (inductor: C++ on CPU, Triton on CUDA): 7-17%% "
+           "less time per block on CPU where the group size divides the widths, about even where it does not "
+           "(docs/step-cost.md), for a one-off build of 10-40 s per process; pays with long budgets. The same "
+           "losses to float rounding")
     a("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
       help="model dtype outside calibration (default: float16 on CUDA, float32 on CPU); bfloat16 also makes "
            "calibration autocast in bfloat16, on CUDA and on the CPU")
