@@ -8,8 +8,8 @@ For an nn.Linear of shape (out, in), quantized per group of `group_size` input c
     g_idx    int32 (in,)  the group of each input column: i // group_size (a shorter last group
              where group_size does not divide in)
 The bit stream is contiguous, so 3-bit codes straddle 32-bit words exactly as GPTQ packs them.
-Weights are always dequantized by `dequantize`, for the fake-quantized model and the packed one
-alike, so the two agree bit for bit.
+The fake-quantized model's weights (`dequantize`) and the packed layer's (`PackedLinear.weight`) are the
+same float32 operations, (q − zero) · scale, so the two agree bit for bit.
 """
 from __future__ import annotations
 
@@ -72,12 +72,42 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     return ((codes.float() - zero.float()[:, g]) * scale.float()[:, g]).to(dtype).contiguous()
 
 
+def _row_tiles(out_features: int, in_features: int) -> list[slice]:
+    """Tiles of output rows whose unpacked codes take about 1 MiB (int32), at most 64 tiles (3-bit unpacking makes
+    ~100 small operations per tile)."""
+    rows = max(2**18 // in_features, math.ceil(out_features / 64), 1)
+    return [slice(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
+_SCRATCH: dict = {}   # (device, dtype) -> the buffer that the exact kernel dequantizes into, sized for the largest layer
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused (out, in) buffer: the layers of a model run one after the other, so one buffer per device and dtype
+    serves them all (it holds the largest layer's dense weight, once)."""
+    numel = shape[0] * shape[1]
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
 INT4_CPU_GROUPS = (32, 64, 128, 256)     # group sizes torch's int4 CPU kernel takes
 PACKED_KERNELS = ("exact", "int4_cpu", "int8_cpu", "cpu")
 # int8_cpu runs one kernel call per group: at decode sizes it beats the dense layer (2.5x at 4096 -> 4096, one
 # token), over a few rows unpacking once and one dense matmul is faster (bench/PACKING.md), so longer inputs
 # take the exact path
 INT8_CPU_MAX_ROWS = 16
+# torch's int4 CPU kernel runs fast on long inputs only with bfloat16 hardware (AVX512-BF16 or AMX). Without it its
+# time grows with the rows (0.5 ms per row at 4096 -> 4096, one thread), and beyond ~250-450 rows the exact kernel is
+# faster (bench/PACKING.md), so there longer inputs take the exact path
+INT4_CPU_MAX_ROWS_WITHOUT_BF16 = 256
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX tiles)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 class PackedLinear(nn.Module):
@@ -86,7 +116,8 @@ class PackedLinear(nn.Module):
     Kernel "int4_cpu" (use_kernel) runs 2/3/4-bit layers through torch's int4 CPU matmul instead (their codes
     repacked once into an int4 copy held beside the packed storage, 0.5 byte per weight): activations
     and the per-group scale and offset in bfloat16, so not bit-exact (tests/test_packing.py states the
-    tolerance), and several times faster than the dense float32 layer at decode. Kernel "int8_cpu" does the
+    tolerance), and several times faster than the dense float32 layer at decode; inputs of more than
+    INT4_CPU_MAX_ROWS_WITHOUT_BF16 rows take the exact path on CPUs without bfloat16 matrix instructions. Kernel "int8_cpu" does the
     same for 8-bit layers with torch's int8 CPU matmul (one call per group, zero points as a correction term) on
     inputs of up to INT8_CPU_MAX_ROWS rows (decode), exact beyond; "cpu" picks whichever of the two the layer
     can run."""
@@ -148,24 +179,32 @@ class PackedLinear(nn.Module):
         stored = unpack_bits(self.qzeros.T.contiguous(), self.bits, self.out_features)   # (out, n_groups)
         return (stored.to(torch.int64) + self.zero_offset).to(torch.int32)
 
-    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out, in) weight, equal bit for bit to `dequantize` of the same codes. Computed in
-        the stored (in, out) orientation, each group's zero and scale broadcast over its rows (no
-        gathers); one contiguous transpose at the end gives the memory layout of a dense weight, hence
-        the same matmul kernel and the same sums."""
+    def weight(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense (out, in) weight, equal bit for bit to `dequantize` of the same codes, written into `out`
+        (a contiguous (out, in) tensor of `dtype`) when given. Made a tile of output rows at a time: each tile's
+        packed words are unpacked, offset and scaled while they sit in cache, and written straight into the
+        dense layout (no full-size integer temporaries, no transpose of the whole weight)."""
         dtype = dtype or self.weight_dtype
-        codes = unpack_bits(self.qweight, self.bits, self.in_features)                  # (in, out)
-        zeros = unpack_bits(self.qzeros.T.contiguous(), self.bits, self.out_features).T  # (groups, out)
-        zeros = zeros.float() + self.zero_offset
-        scales = self.scales.float()
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
+        zeros = self.zeros().float()                                               # (out, groups)
+        scales = self.scales.T.float()
         gs = self.group_size or self.in_features
-        full = self.in_features // gs * gs
-        parts = [(codes[:full].view(-1, gs, self.out_features).float() - zeros[: full // gs, None])
-                 .mul_(scales[: full // gs, None]).view(full, self.out_features)]
-        if full < self.in_features:                                                       # shorter last group
-            parts.append((codes[full:].float() - zeros[-1]).mul_(scales[-1]))
-        w_t = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return w_t.to(dtype).T.contiguous()
+        full, groups = self.in_features // gs * gs, self.in_features // gs
+        for rows in _row_tiles(self.out_features, self.in_features):
+            codes = unpack_bits(self.qweight[:, rows], self.bits, self.in_features).T   # (tile, in), strided
+            z, s = zeros[rows], scales[rows]
+            # (q − zero) · scale in float32, then the cast: the same operations as `dequantize`
+            parts = [(codes[:, :full].unflatten(1, (groups, gs)), z[:, :groups, None], s[:, :groups, None],
+                      out[rows, :full].unflatten(1, (groups, gs)))]
+            if full < self.in_features:                                                # shorter last group
+                parts.append((codes[:, full:], z[:, groups:], s[:, groups:], out[rows, full:]))
+            for q, zero, scale, dst in parts:
+                if dtype == torch.float32:
+                    torch.sub(q, zero, out=dst).mul_(scale)
+                else:
+                    dst.copy_((q - zero).mul_(scale))
+        return out
 
     @property
     def int4_cpu_supported(self) -> bool:
@@ -234,7 +273,8 @@ class PackedLinear(nn.Module):
                     * offsets[g]
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        if self.kernel == "int4_cpu" and x.device.type == "cpu":
+        if self.kernel == "int4_cpu" and x.device.type == "cpu" and (
+                x.numel() // self.in_features <= INT4_CPU_MAX_ROWS_WITHOUT_BF16 or cpu_has_bf16_matmul()):
             if self._int4 is None:
                 self._int4 = self._int4_tensors()
             packed, scales_offsets = self._int4
@@ -242,7 +282,11 @@ class PackedLinear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(rows, packed, self.group_size or self.in_features, scales_offsets)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        # the exact kernel: dequantize, then the dense product. Outside autograd the weight goes to a buffer kept
+        # for reuse: a fresh weight-sized allocation costs as much as the dequantization (its pages are faulted in)
+        keep = torch.is_grad_enabled() and x.requires_grad
+        out = None if keep else _scratch((self.out_features, self.in_features), x.dtype, self.qweight.device)
+        return F.linear(x, self.weight(x.dtype, out), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

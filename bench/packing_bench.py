@@ -46,6 +46,17 @@ print(json.dumps({{"ppl": res["ppl"], "seconds": res["seconds"], "peak_rss_mib":
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_name() -> str:
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def linear_speed(shapes, repeats: int = 20) -> list[dict]:
     import torch
     from affinequant.packing import PackedLinear
@@ -143,6 +154,8 @@ def main():
                     entry["eval_fp32"] = eval_peak(str(fp_dir), args.data_dir, args.windows)
                     entry["eval_packed_w4"] = eval_peak(str(out), args.data_dir, args.windows)
             print(name, json.dumps(entry, indent=1), flush=True)
+    from affinequant.packing import INT4_CPU_MAX_ROWS_WITHOUT_BF16, cpu_has_bf16_matmul
+    results["cpu"] = {"name": cpu_name(), "bf16_matmul": cpu_has_bf16_matmul()}
     results["linear_speed"] = linear_speed([(576, 1536), (896, 4864), (4096, 4096)])
     results["kernel_perplexity"] = {name: kernel_perplexity(str(Path(args.model_dir) / f"{name}.gguf"), args.data_dir,
                                                             args.windows) for name in args.models.split(",")}
@@ -159,7 +172,10 @@ def main():
               "same process: the exact kernel (torch unpack + matmul, bit-exact against fake-quant) and torch's low-bit "
               "CPU kernels (`--packed_kernel cpu`: int4 for 2/3/4-bit, 2- and 3-bit codes held as 4-bit ones, a shorter "
               "last group, as 576 at g128, padded to whole groups; int8 for 8-bit, one call per group, on up to "
-              "16 rows (longer inputs take the exact path); bfloat16 activations and scales):", "",
+              "16 rows (longer inputs take the exact path); bfloat16 activations and scales). CPU: "
+              f"{results['cpu']['name']}, " + ("with bfloat16 matrix instructions" if results["cpu"]["bf16_matmul"] else
+              "without bfloat16 matrix instructions (AVX512-BF16, AMX), so int4 inputs of more than "
+              f"{INT4_CPU_MAX_ROWS_WITHOUT_BF16} rows take the exact path") + ":", "",
               "| bits | in → out | tokens | dense ms | exact packed ms | exact / dense | fast kernel ms | dense / fast "
               "(speed-up) |", "|---|---|---|---|---|---|---|---|"]
     for r in results["linear_speed"]:
@@ -167,7 +183,9 @@ def main():
                 else "– | –")
         lines.append(f"| {r.get('bits', 4)} | {r['in']} → {r['out']} | {r['tokens']} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} | "
                      f"{r['packed_over_dense']:.1f} | {int4} |")
-    lines += ["", f"W4 g128 RTN packed models, WikiText-2 ({args.windows} windows of 512), one process:", "",
+    lines += ["", f"W4 g128 RTN packed models, WikiText-2 ({args.windows} windows of 512), one process" + (
+              "" if results["cpu"]["bf16_matmul"] else " (on this CPU the int4_cpu layers give 512-row inputs to the "
+              "exact path, hence the exact figures)") + ":", "",
               "| model | FP ppl | exact kernel ppl | int4_cpu ppl (layers on it) | eval s FP / exact / int4_cpu |",
               "|---|---|---|---|---|"]
     for name, k in results["kernel_perplexity"].items():

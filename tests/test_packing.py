@@ -53,6 +53,36 @@ def test_packed_linear_reproduces_fake_quant_bit_for_bit(bits, group, symmetric,
     assert torch.equal(packed(x), torch.nn.functional.linear(x, fake, bias))
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_exact_kernel_in_row_tiles_with_a_shared_buffer_stays_bit_exact(bits):
+    """The exact kernel dequantizes a tile of output rows at a time (a wide layer: 2^18 // 16400 = 15 rows per tile,
+    so 40 rows take three tiles, the last one short, with a shorter last group too) into one buffer that every layer
+    reuses outside autograd: two layers run in turn, and again, give their own products; float16 casts as
+    `dequantize` does; with autograd the weight is not the shared buffer, so the input's gradient is right."""
+    from affinequant import packing
+    torch.manual_seed(bits)
+    layers, weights = [], []
+    for out_f, in_f, group in ((40, 16400, 24), (7, 96, 32)):
+        codes = torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.int32)
+        groups = -(-in_f // group)
+        scale = (torch.rand(out_f, groups) * 0.01 + 1e-3).half().float()
+        zero = torch.randint(0, 2**bits, (out_f, groups)).float()
+        layers.append(PackedLinear.from_codes(codes, scale, zero, bits, group, None, zero_offset=0))
+        weights.append(dequantize(codes, scale, zero, group, torch.float32))
+        assert torch.equal(layers[-1].weight(torch.float16), dequantize(codes, scale, zero, group, torch.float16))
+    assert len(packing._row_tiles(40, 16400)) == 3
+    xs = [torch.randn(2, w.shape[1]) for w in weights]
+    with torch.no_grad():
+        for _ in range(2):
+            for layer, w, x in zip(layers, weights, xs):
+                assert torch.equal(layer(x), torch.nn.functional.linear(x, w))
+    x = xs[0].clone().requires_grad_()
+    y = layers[0](x)
+    layers[1](xs[1])                         # overwrites the shared buffer, if layer 0 had used it
+    y.sum().backward()
+    assert torch.allclose(x.grad, weights[0].sum(0).expand_as(x), rtol=1e-5, atol=1e-6)
+
+
 def test_zero_offset_reencoding_keeps_weights():
     torch.manual_seed(1)
     w = torch.randn(8, 48)
@@ -100,6 +130,22 @@ def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_
     model = torch.nn.Sequential(layer, eight)
     assert use_packed_kernel(model, "exact") == (2, 2) and layer.kernel == "exact"
     assert use_packed_kernel(model, "int4_cpu") == (1, 2)
+
+
+@pytest.mark.parametrize("bf16_hardware", [False, True])
+def test_int4_cpu_kernel_takes_long_inputs_only_with_bf16_hardware(bf16_hardware, monkeypatch):
+    """Without bfloat16 matrix instructions the int4 kernel is slower than the exact one on long inputs, so inputs of
+    more than INT4_CPU_MAX_ROWS_WITHOUT_BF16 rows take the exact path there (bit for bit); with them, the int4 kernel."""
+    from affinequant import packing
+    from affinequant.quantizer import WeightQuantizer
+    monkeypatch.setattr(packing, "cpu_has_bf16_matmul", lambda: bf16_hardware)
+    torch.manual_seed(0)
+    args = (*WeightQuantizer((32, 64), 4, 32).integer_codes(torch.randn(32, 64)), 4, 32, None)
+    exact, fast = PackedLinear.from_codes(*args, zero_offset=0), PackedLinear.from_codes(*args, zero_offset=0)
+    assert fast.use_kernel("cpu")
+    short, long = torch.randn(4, 64), torch.randn(packing.INT4_CPU_MAX_ROWS_WITHOUT_BF16 + 1, 64)
+    assert not torch.equal(fast(short), exact(short))
+    assert torch.equal(fast(long), exact(long)) != bf16_hardware
 
 
 @pytest.mark.parametrize("group", [None, 64])
