@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from affinequant.adapters import get_adapter
-from affinequant.data import calibration_samples, default_data_dir
-from affinequant.modeling import load_model, model_name
-from affinequant.stats import collect_act_stats
+from affinequant.models.adapters import get_adapter
+from affinequant.eval.data import calibration_samples, default_data_dir
+from affinequant.models.loading import load_model, model_name
+from affinequant.pipeline.stats import collect_act_stats
 from affinequant.utils import resolve_device, save_tensors, seed_everything, setup_logging
 
 log = logging.getLogger("affinequant")

@@ -5,7 +5,7 @@
     reports = quantize(model, samples, QuantConfig(wbits=3, group_size=128, epochs=2,
                                                    recipe=["let", {"lwc": {"lr": 5e-2}}, "gptq"]))
 
-`samples` is a (n, seqlen) tensor of token ids (see affinequant.data.calibration_samples).
+`samples` is a (n, seqlen) tensor of token ids (see affinequant.eval.data.calibration_samples).
 The model is quantized in place; each BlockReport holds the block's losses and final MSE.
 
 A model larger than memory, from a directory with safetensors, block by block (docs/streaming.md):
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import get_adapter
-from .calibrate import BlockReport, quantize_blocks
+from .models.adapters import get_adapter
+from .pipeline.calibrate import BlockReport, quantize_blocks
 from .config import QuantConfig
-from .stats import collect_act_stats
+from .pipeline.stats import collect_act_stats
 from .utils import resolve_device
 
 
@@ -47,8 +47,8 @@ def quantize_streamed(model_dir: str, samples: torch.Tensor, config: QuantConfig
     """`quantize` for a model that need not fit in memory: its blocks are read from `model_dir`'s safetensors one
     at a time and written to `work_dir` as they finish. Returns (the StreamedModel, the reports); pass the former
     as `blocks` to save_quantized and streamed_perplexity."""
-    from .modeling import load_config
-    from .streaming import StreamedModel
+    from .models.loading import load_config
+    from .pipeline.streaming import StreamedModel
     model_config = load_config(model_dir)
     blocks = StreamedModel(model_dir, model_config, get_adapter(model_config), dtype, work_dir)
     return blocks, quantize(blocks.model, samples, config, device, act_stats, cache_dir, blocks)

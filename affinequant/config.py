@@ -1,20 +1,66 @@
 """Typed configuration of one quantization run: what the CLI fills in and the library consumes."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import AffineQuantError
+from .errors import ConfigError
+from .recipe import learns, needs_statistics, recipe_data, resolve
+
+__all__ = ["QuantConfig", "ConfigError", "LossSpec", "LOSS_TERMS", "LOSS_PRESETS", "effective_bits", "default_sf"]
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-
-
-class ConfigError(AffineQuantError, ValueError):
-    """A setting that cannot work; the message names the fix."""
 
 
 TRAIN_INPUTS = ("quantized", "fp")             # a block learns on the quantized trajectory (OmniQuant) or the FP one (FlatQuant)
 QK_INITS = ("stats", "ones")                    # where the LET q <-> k scale starts: transforms.LET
 LET_INITS = ("smoothquant", "log")              # where the LET scales start: SmoothQuant's, or LRQuant's log-activation
+
+
+def effective_bits(bits: int, balanced: bool = False) -> float:
+    """Bits of information per weight: `bits`, or log2(2^bits + 1) under bit balance (W2*: 5 levels, 2.32)."""
+    return math.log2(2**bits + 1) if balanced else float(bits)
+
+
+# --loss: the grammar of a block objective, as data. Each term's name and whether it reads attention maps;
+# stages.losses implements the terms and registers them here (as stages register their configs in recipe).
+LOSS_TERMS: dict[str, bool] = {}                # term -> needs_attention
+LOSS_PRESETS = {"dc": "mse+nlc+attn_kl"}        # names that expand to terms, and imply two targets
+TWO_TARGET_PRESETS = {"dc"}
+_LOSS_PART = re.compile(r"^\s*(?:(\d+(?:\.\d*)?(?:e-?\d+)?)\s*\*\s*)?([a-z_]+)\s*$")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A parsed --loss: weighted terms, and whether they need the second target or attention maps."""
+    spec: str = "mse"
+    terms: tuple = (("mse", 1.0),)
+    two_targets: bool = False
+    needs_attention: bool = False
+
+    @classmethod
+    def parse(cls, spec: str):
+        known = ", ".join(list(LOSS_TERMS) + list(LOSS_PRESETS))
+        terms: list[tuple[str, float]] = []
+        two_targets = False
+        for part in spec.split("+"):
+            m = _LOSS_PART.match(part)
+            if not m or (m.group(2) not in LOSS_TERMS and m.group(2) not in LOSS_PRESETS):
+                raise ConfigError(f"--loss {spec!r}: {part.strip()!r} is not a loss term; write terms joined by '+', "
+                                  f"each optionally weighted ('mse+0.5*nlc'), from: {known}")
+            weight, name = float(m.group(1)) if m.group(1) else 1.0, m.group(2)
+            if name in LOSS_PRESETS:
+                two_targets |= name in TWO_TARGET_PRESETS
+                terms += [(n, weight) for n in LOSS_PRESETS[name].split("+")]
+            else:
+                terms.append((name, weight))
+        merged: dict[str, float] = {}
+        for name, weight in terms:
+            merged[name] = merged.get(name, 0.0) + weight
+        if not any(w > 0 for w in merged.values()):
+            raise ConfigError(f"--loss {spec!r} has no term with a positive weight")
+        return cls(spec, tuple(merged.items()), two_targets, any(LOSS_TERMS[n] for n in merged))
 
 
 def default_sf(abits: int) -> float:
@@ -123,7 +169,7 @@ class QuantConfig:
             raise ConfigError(f"--let_init {self.let_init!r} is not known: use one of {', '.join(LET_INITS)}")
         if self.qk_init not in QK_INITS:
             raise ConfigError(f"--qk_init {self.qk_init!r} is not known: use one of {', '.join(QK_INITS)}")
-        self.objective  # noqa: B018 -- parses --loss, raising ConfigError naming the terms
+        self.loss_spec  # noqa: B018 -- parses --loss, raising ConfigError naming the terms
         for name in ("epochs", "nsamples", "batch_size", "seqlen"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
                 raise ConfigError(f"--{name} must be positive (got {getattr(self, name)})")
@@ -150,7 +196,6 @@ class QuantConfig:
             raise ConfigError("--act_order orders GPTQ's columns: add --gptq, or drop --act_order")
         if not 0.0 <= self.percdamp < 1.0:
             raise ConfigError(f"--percdamp must lie in [0, 1) (got {self.percdamp}); GPTQ uses 0.01")
-        from .recipe import learns, resolve
         stages = resolve(self)
         if self.epochs > 0 and not learns(stages):
             raise ConfigError("--epochs > 0 trains nothing without --lwc or --let (no stage of the recipe learns): "
@@ -160,7 +205,6 @@ class QuantConfig:
     @property
     def effective_wbits(self) -> float:
         """Bits of information per weight: --wbits, or log2(5) = 2.32 under --bit_balance (never "INT2")."""
-        from .quantizer import effective_bits
         return effective_bits(self.wbits, self.bit_balance)
 
     @property
@@ -172,15 +216,14 @@ class QuantConfig:
                 + (f"g{self.group_size}" if self.group_size else ""))
 
     @property
-    def objective(self):
-        """The parsed --loss (losses.BlockObjective)."""
-        from .losses import BlockObjective
-        return BlockObjective.parse(self.loss)
+    def loss_spec(self) -> LossSpec:
+        """The parsed --loss (stages.losses.BlockObjective computes it)."""
+        return LossSpec.parse(self.loss)
 
     @property
     def two_targets(self) -> bool:
         """Whether blocks also match the FP block applied to the quantized input (--aug_loss, or --loss dc)."""
-        return self.aug_loss or self.objective.two_targets
+        return self.aug_loss or self.loss_spec.two_targets
 
     @property
     def stability_factor(self) -> float:
@@ -189,22 +232,18 @@ class QuantConfig:
 
     def stages(self) -> list:
         """The run's recipe: typed stage configs, from --recipe or from the flags (recipe.resolve)."""
-        from .recipe import resolve
         return resolve(self)
 
     def recipe_data(self) -> list[dict]:
         """The resolved recipe as data: what results.json and the checkpoint manifest record."""
-        from .recipe import recipe_data
         return recipe_data(self.stages())
 
     @property
     def trains(self) -> bool:
-        from .recipe import learns
         return self.epochs > 0 and learns(self.stages())
 
     @property
     def needs_statistics(self) -> bool:
-        from .recipe import needs_statistics
         return not self.full_precision and needs_statistics(self.stages())
 
     def to_dict(self) -> dict:

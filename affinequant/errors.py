@@ -6,6 +6,10 @@ class AffineQuantError(Exception):
     """A run that cannot go on as asked: bad input, missing data, an incompatible checkpoint."""
 
 
+class ConfigError(AffineQuantError, ValueError):
+    """A setting that cannot work; the message names the fix."""
+
+
 class ModelLoadError(AffineQuantError):
     """--model names something that is not a loadable model."""
 

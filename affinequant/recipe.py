@@ -14,12 +14,45 @@ named). AffineQuant's flags (--lwc --let --use_ln_matrix --use_matrix --sf ...) 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
-from .config import ConfigError
-from .stages import STAGES, StageConfig
+from .errors import ConfigError
 
 RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Typed settings of one stage. `name` is its key in recipes; `version` changes when a field's
+    meaning does, so a recipe recorded by an older version is recognised. The class variables say what
+    kind of stage it is, which is all a recipe needs to be checked without the stage's code."""
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    quantizes_weights: ClassVar[bool] = False     # needs weight quantizers (--wbits < 16)
+    learns: ClassVar[bool] = False                # has parameters for the shared trainer
+    needs_statistics: ClassVar[bool] = False      # starts from activation statistics (act_scales)
+    is_rounder: ClassVar[bool] = False            # turns the weights into integer codes: the last stage
+
+    def to_dict(self) -> dict:
+        return {"stage": self.name, **asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# name -> config class. The stages register theirs when affinequant.stages is imported (stages.base.register),
+# which importing any part of affinequant does (the package's __init__ imports the pipeline and its stages):
+# this module stays below the stages and never names one.
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {}
+
+
+def register_config(config_class: type[StageConfig]) -> None:
+    if not config_class.name or config_class.name in STAGE_CONFIGS:
+        raise ValueError(f"stage name {config_class.name!r} is empty or registered twice")
+    STAGE_CONFIGS[config_class.name] = config_class
 
 
 def _entry(entry) -> StageConfig:
@@ -33,9 +66,9 @@ def _entry(entry) -> StageConfig:
     else:
         raise ConfigError(f"recipe entry {entry!r} is not a stage: write a name (\"lwc\"), {{name: {{options}}}} "
                           f"or {{stage: name, ...options}}")
-    if name not in STAGES:
-        raise ConfigError(f"recipe: unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
-    config_class = STAGES[name].config_class
+    if name not in STAGE_CONFIGS:
+        raise ConfigError(f"recipe: unknown stage {name!r}; known stages: {', '.join(sorted(STAGE_CONFIGS))}")
+    config_class = STAGE_CONFIGS[name]
     unknown = sorted(set(options) - set(config_class.field_names()))
     if unknown:
         raise ConfigError(f"recipe: stage {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
@@ -77,51 +110,46 @@ def load_recipe_file(path: str | Path) -> list[dict]:
     return recipe_data(parse_recipe(data))
 
 
-def recipe_from_flags(cfg) -> list[StageConfig]:
-    """AffineQuant's and our flags as a recipe: LET (with AffineQuant's matrices), the clipping search on
-    the transformed weights, LWC, then the rounder."""
-    from .stages.clip_search import ClipSearchConfig
-    from .stages.compensation import CompensationConfig
-    from .stages.flatquant import FlatQuantConfig
-    from .stages.let import LETConfig
-    from .stages.lwc import LWCConfig
-    from .stages.rounding import GPTQConfig, RTNConfig
-    from .stages.tesseraq import TesseraQConfig
-
-    stages: list[StageConfig] = []
+def recipe_from_flags(cfg) -> list[dict]:
+    """AffineQuant's and our flags as recipe data, as a recipe file would hold it: LET (with AffineQuant's
+    matrices), FlatQuant, ABQ-LLM's compensation, the clipping search on the transformed weights, LWC, then
+    the rounder."""
+    stages: list[dict] = []
     if cfg.let:
-        stages.append(LETConfig(lr=cfg.let_lr, alpha=cfg.alpha, init=cfg.let_init, qk_init=cfg.qk_init, ln_matrix=cfg.use_ln_matrix,
-                                qk_matrix=cfg.use_matrix, sf=cfg.sf))
+        stages.append({"stage": "let", "lr": cfg.let_lr, "alpha": cfg.alpha, "init": cfg.let_init, "qk_init": cfg.qk_init,
+                       "ln_matrix": cfg.use_ln_matrix, "qk_matrix": cfg.use_matrix, "sf": cfg.sf})
     if cfg.flatquant:
-        stages.append(FlatQuantConfig(lr=cfg.flat_lr, lac_lr=10 * cfg.flat_lr,
-                                      parametrization="direct" if cfg.direct_inv else "svd"))
+        stages.append({"stage": "flatquant", "lr": cfg.flat_lr, "lac_lr": 10 * cfg.flat_lr,
+                       "parametrization": "direct" if cfg.direct_inv else "svd"})
     if cfg.compensation:
-        stages.append(CompensationConfig())
+        stages.append({"stage": "compensation"})
     if cfg.clip_search:
-        stages.append(ClipSearchConfig())
+        stages.append({"stage": "clip_search"})
     if cfg.lwc or (cfg.flatquant and cfg.wbits < 16):      # FlatQuant learns LWC with its transforms
-        stages.append(LWCConfig(lr=cfg.lwc_lr, schedule="cosine" if cfg.flatquant else "constant"))
+        stages.append({"stage": "lwc", "lr": cfg.lwc_lr, "schedule": "cosine" if cfg.flatquant else "constant"})
     if cfg.tesseraq:
-        stages.append(TesseraQConfig(iters=cfg.par_iters, batch=cfg.par_batch, lr=cfg.par_lr, rounds=cfg.par_rounds))
+        stages.append({"stage": "tesseraq", "iters": cfg.par_iters, "batch": cfg.par_batch, "lr": cfg.par_lr,
+                       "rounds": cfg.par_rounds})
+    elif cfg.gptq:
+        stages.append({"stage": "gptq", "percdamp": cfg.percdamp, "act_order": cfg.act_order})
     else:
-        stages.append(GPTQConfig(percdamp=cfg.percdamp, act_order=cfg.act_order) if cfg.gptq else RTNConfig())
+        stages.append({"stage": "rtn"})
     return stages
 
 
 def resolve(cfg) -> list[StageConfig]:
     """The run's stages: its recipe, or its flags as one; checked, ending with a rounder."""
-    stages = parse_recipe(cfg.recipe) if cfg.recipe is not None else recipe_from_flags(cfg)
+    stages = parse_recipe(cfg.recipe if cfg.recipe is not None else recipe_from_flags(cfg))
     names = [s.name for s in stages]
     for name in set(names):
         if names.count(name) > 1:
             raise ConfigError(f"recipe: stage {name!r} appears {names.count(name)} times; each stage runs once")
-    rounders = [s.name for s in stages if STAGES[s.name].is_rounder]
-    if len(rounders) > 1 or (rounders and not STAGES[stages[-1].name].is_rounder):
+    rounders = [s.name for s in stages if s.is_rounder]
+    if len(rounders) > 1 or (rounders and not stages[-1].is_rounder):
         raise ConfigError(f"recipe: the weights are rounded once, by the last stage (got rounders "
                           f"{', '.join(rounders)} in {names}): keep one rounder, last")
     if not rounders:
-        from .stages.rounding import RTNConfig
-        stages.append(RTNConfig())
+        stages.append(_entry("rtn"))
     if cfg.real_quant and "flatquant" in names:
         raise ConfigError("--real_quant writes the GPTQ layout, which has no place for FlatQuant's online transforms "
                           "(they run in front of the linears): drop --real_quant; the model saves in affinequant's "
@@ -140,9 +168,9 @@ def recipe_data(stages: list[StageConfig]) -> list[dict]:
 
 def learns(stages: list[StageConfig]) -> bool:
     """Whether any stage has parameters for the shared trainer."""
-    return any(STAGES[s.name].learns for s in stages)
+    return any(s.learns for s in stages)
 
 
 def needs_statistics(stages: list[StageConfig]) -> bool:
     """Whether any stage starts from activation statistics (act_scales / act_shifts)."""
-    return any(STAGES[s.name].needs_statistics for s in stages)
+    return any(s.needs_statistics for s in stages)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("affinequant")
 

@@ -27,13 +27,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from affinequant import quantizer  # noqa: E402
-from affinequant.adapters import get_adapter  # noqa: E402
-from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs  # noqa: E402
+from affinequant.quant import quantizer  # noqa: E402
+from affinequant.models.adapters import get_adapter  # noqa: E402
+from affinequant.pipeline.calibrate import BlockQuantizer  # noqa: E402
+from affinequant.models.blocks import block_output, capture_block_inputs
 from affinequant.config import QuantConfig  # noqa: E402
-from affinequant.modeling import load_model  # noqa: E402
-from affinequant.stats import collect_act_stats  # noqa: E402
-from affinequant.trainer import CompiledForward  # noqa: E402
+from affinequant.models.loading import load_model  # noqa: E402
+from affinequant.pipeline.stats import collect_act_stats  # noqa: E402
+from affinequant.pipeline.trainer import CompiledForward  # noqa: E402
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default}
@@ -119,7 +120,7 @@ def main():
         setups[name] = (bq, torch.optim.AdamW(params, lr=1e-3))
     def step(bq, opt):
         bq.refresh()
-        loss = F.mse_loss(_block_output((bq.train_forward or bq.block)(inputs[:1], **kwargs)), target)
+        loss = F.mse_loss(block_output((bq.train_forward or bq.block)(inputs[:1], **kwargs)), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -141,7 +142,7 @@ def main():
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             bq.refresh()
-            loss = F.mse_loss(_block_output(bq.block(inputs[:1], **kwargs)), target)
+            loss = F.mse_loss(block_output(bq.block(inputs[:1], **kwargs)), target)
         loss.backward()
         return sum(seen.values()) / 2**20
     saved = {}

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from affinequant.packing import PackedLinear, _row_tiles, cpu_has_bf16_matmul, unpack_bits  # noqa: E402
+from affinequant.quant.packing import PackedLinear, _row_tiles, cpu_has_bf16_matmul, unpack_bits  # noqa: E402
 from bench.packing_bench import cpu_name  # noqa: E402
 
 SHAPES = [(576, 1536), (896, 4864), (4096, 4096)]

@@ -23,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from affinequant.adapters import get_adapter  # noqa: E402
-from affinequant.calibrate import BlockQuantizer, capture_block_inputs  # noqa: E402
+from affinequant.models.adapters import get_adapter  # noqa: E402
+from affinequant.pipeline.calibrate import BlockQuantizer  # noqa: E402
+from affinequant.models.blocks import capture_block_inputs
 from affinequant.config import QuantConfig  # noqa: E402
-from affinequant.qmodules import use_quantized_attention  # noqa: E402
+from affinequant.quant.qmodules import use_quantized_attention  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def export(args):
     sys.path.insert(0, str(ROOT))
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
     from affinequant.config import QuantConfig
-    from affinequant.export import load_quantized, save_quantized
-    from affinequant.modeling import load_model
+    from affinequant.formats.export import load_quantized, save_quantized
+    from affinequant.models.loading import load_model
     model, tok, _ = load_model(args.model)
     cfg = QuantConfig(wbits=args.wbits, group_size=args.group_size, symmetric=args.symmetric, real_quant=True,
                       nsamples=1, seqlen=64)

@@ -31,9 +31,9 @@ def eval_peak(folder: str, data_dir: str, windows: int) -> dict:
 import json, resource, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from affinequant.export import load_quantized
-from affinequant.data import eval_tokens
-from affinequant.evaluate import perplexity
+from affinequant.formats.export import load_quantized
+from affinequant.eval.data import eval_tokens
+from affinequant.eval.perplexity import perplexity
 from transformers import AutoTokenizer
 model = load_quantized({folder!r})
 tok = AutoTokenizer.from_pretrained({folder!r})
@@ -59,8 +59,8 @@ def cpu_name() -> str:
 
 def linear_speed(shapes, repeats: int = 20) -> list[dict]:
     import torch
-    from affinequant.packing import PackedLinear
-    from affinequant.quantizer import WeightQuantizer
+    from affinequant.quant.packing import PackedLinear
+    from affinequant.quant.quantizer import WeightQuantizer
     rows = []
     torch.manual_seed(0)
     for (in_f, out_f), bits in [(shape, bits) for bits in (4, 3, 2, 8) for shape in shapes]:
@@ -91,13 +91,13 @@ def kernel_perplexity(model_path: str, data_dir: str, windows: int) -> dict:
     """W4 g128 RTN packed model: WikiText-2 perplexity and eval seconds with the exact packed kernel, with
     torch's int4 CPU kernel, and of the FP model, in one process."""
     import torch
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
     from affinequant.config import QuantConfig
-    from affinequant.data import eval_tokens
-    from affinequant.evaluate import perplexity
-    from affinequant.modeling import load_model
-    from affinequant.packing import use_packed_kernel
+    from affinequant.eval.data import eval_tokens
+    from affinequant.eval.perplexity import perplexity
+    from affinequant.models.loading import load_model
+    from affinequant.quant.packing import use_packed_kernel
     model, tok, _ = load_model(model_path)
     tokens, _ = eval_tokens("wikitext2", tok, 512, Path(data_dir))
     out = {"fp32": perplexity(model, tokens, 512, torch.device("cpu"), windows)}
@@ -113,11 +113,11 @@ def kernel_perplexity(model_path: str, data_dir: str, windows: int) -> dict:
 
 def main():
     import torch
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
     from affinequant.config import QuantConfig
-    from affinequant.export import save_quantized
-    from affinequant.modeling import load_model
+    from affinequant.formats.export import save_quantized
+    from affinequant.models.loading import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
@@ -154,7 +154,7 @@ def main():
                     entry["eval_fp32"] = eval_peak(str(fp_dir), args.data_dir, args.windows)
                     entry["eval_packed_w4"] = eval_peak(str(out), args.data_dir, args.windows)
             print(name, json.dumps(entry, indent=1), flush=True)
-    from affinequant.packing import INT4_CPU_MAX_ROWS_WITHOUT_BF16, cpu_has_bf16_matmul
+    from affinequant.quant.packing import INT4_CPU_MAX_ROWS_WITHOUT_BF16, cpu_has_bf16_matmul
     results["cpu"] = {"name": cpu_name(), "bf16_matmul": cpu_has_bf16_matmul()}
     results["linear_speed"] = linear_speed([(576, 1536), (896, 4864), (4096, 4096)])
     results["kernel_perplexity"] = {name: kernel_perplexity(str(Path(args.model_dir) / f"{name}.gguf"), args.data_dir,

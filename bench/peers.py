@@ -42,8 +42,8 @@ def _peak_mib() -> float:
 
 def prepare(args):
     sys.path.insert(0, str(ROOT))
-    from affinequant.data import calibration_samples, default_data_dir
-    from affinequant.modeling import load_model
+    from affinequant.eval.data import calibration_samples, default_data_dir
+    from affinequant.models.loading import load_model
     work = Path(args.work)
     model, tok, _ = load_model(args.model)
     samples, source = calibration_samples("c4", tok, args.nsamples, args.seqlen, args.seed,
@@ -116,9 +116,9 @@ def autoround(args):
 def evaluate(args):
     sys.path.insert(0, str(ROOT))
     from transformers import AutoModelForCausalLM
-    from affinequant.data import default_data_dir, eval_tokens
-    from affinequant.evaluate import perplexity
-    from affinequant.modeling import load_model
+    from affinequant.eval.data import default_data_dir, eval_tokens
+    from affinequant.eval.perplexity import perplexity
+    from affinequant.models.loading import load_model
     work = Path(args.work)
     info = json.loads((work / args.run / "info.json").read_text())
     reference, tok, _ = load_model(args.model)

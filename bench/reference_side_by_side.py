@@ -148,9 +148,9 @@ def run_ours(job: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from affinequant import quantizer
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
+    from affinequant.quant import quantizer
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
     from affinequant.config import QuantConfig
 
     torch.set_num_threads(job["threads"])
@@ -218,8 +218,8 @@ def make_model(path: Path, args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from affinequant.adapters import get_adapter
-    from affinequant.stats import collect_act_stats
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.stats import collect_act_stats
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,

@@ -26,7 +26,7 @@ RUNS = {"memory": [], "stream": ["--stream"], "stream+cache_dir": ["--stream", "
 def fp32_bytes(model_dir: Path) -> int:
     """4 bytes per parameter the checkpoint holds (an untied head counts: it is memory the model needs)."""
     sys.path.insert(0, str(ROOT))
-    from affinequant.streaming import TensorFiles
+    from affinequant.pipeline.streaming import TensorFiles
     files = TensorFiles.of_checkpoint(model_dir)
     total = 0
     for _, _, shape, _, _ in files.entries.values():

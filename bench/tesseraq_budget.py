@@ -30,11 +30,11 @@ BUDGETS = {
 def main():
     import sys
     sys.path.insert(0, str(ROOT))
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
     from affinequant.config import QuantConfig
-    from affinequant.data import calibration_samples
-    from affinequant.modeling import load_model
+    from affinequant.eval.data import calibration_samples
+    from affinequant.models.loading import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m.gguf"))

@@ -1,5 +1,5 @@
 """Copy the benchmark tables (bench/RESULTS.md, PACKING.md, affine_cost.json, gptqmodel_check.json)
-into README.md between the bench markers."""
+into bench/README.md between the bench markers."""
 import json
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def section() -> str:
                   f"same shapes and layouts, reach the MFU in the next-to-last column, the ceiling of the step's; "
                   f"the rest of the step (attention, norms, the element-wise work of the transforms, AdamW) takes "
                   f"what they leave. Where the rest goes, and why 0.8 of the peak is out of reach for the whole "
-                  f"step: [docs/step-cost.md](docs/step-cost.md).", "",
+                  f"step: [docs/step-cost.md](../docs/step-cost.md).", "",
                   *rows, "",
                   f"Forward time of a merged block with the runtime inverses after its norms, relative to the LET-merged "
                   f"block: {c['runtime_inverse_forward_overhead']:.2f}x."]
@@ -93,11 +93,11 @@ def reference_section(r: dict) -> list[str]:
             f"reference's conventions (`--reference_compat`: the same arithmetic, hence the same losses), with its "
             f"defaults, and with `--compile_block`. Matmul floor: the block's matrix-product FLOPs at the fp32 matmul "
             f"peak measured in the same process ({r['matmul_peak_gflops']:.0f} GFLOP/s).{fixture} Set-up and "
-            f"discussion: [docs/step-cost.md](docs/step-cost.md#against-the-reference-affinequant).", "", *rows]
+            f"discussion: [docs/step-cost.md](../docs/step-cost.md#against-the-reference-affinequant).", "", *rows]
 
 
 def main():
-    readme = ROOT / "README.md"
+    readme = ROOT / "bench" / "README.md"
     text = readme.read_text()
     head, rest = text.split(START) if START in text else text.split("BENCH_TABLE")
     tail = rest.split(END, 1)[1] if END in rest else rest

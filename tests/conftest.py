@@ -17,7 +17,7 @@ VOCAB = 96
 def eager_quant_kernels_between_tests():
     """A run through the CLI switches the process's quantizer kernels (--quant_kernels auto): each test starts
     from the eager ones, whatever ran before it."""
-    from affinequant.quantizer import KERNELS
+    from affinequant.quant.quantizer import KERNELS
     KERNELS.use("eager")
     yield
     KERNELS.use("eager")
@@ -121,9 +121,10 @@ def prepared_block(family: str, tokens, cfg):
     so a transform alone is under test. Returns (block, quantizer, inputs, kwargs, FP output)."""
     import copy
 
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs
-    from affinequant.stats import collect_act_stats
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import BlockQuantizer
+    from affinequant.models.blocks import block_output, capture_block_inputs
+    from affinequant.pipeline.stats import collect_act_stats
 
     model = tiny_model(family)
     adapter = get_adapter(model.config)
@@ -131,7 +132,7 @@ def prepared_block(family: str, tokens, cfg):
     inputs, kwargs = capture_block_inputs(model, adapter, tokens, torch.device("cpu"), torch.float32)
     block = copy.deepcopy(adapter.layers(model)[0])
     with torch.no_grad():
-        reference = _block_output(block(inputs, **kwargs))
+        reference = block_output(block(inputs, **kwargs))
     prefix = f"{adapter.layers_path}.0."
     strip = lambda d: {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
     bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
@@ -143,12 +144,12 @@ def prepared_block(family: str, tokens, cfg):
 
 def assert_transform_exact(block, bq, inputs, kwargs, reference, rtol):
     """The differentiable (training) view and the merged weights both reproduce the FP block."""
-    from affinequant.calibrate import _block_output
+    from affinequant.models.blocks import block_output
     with torch.no_grad():
         bq.refresh()
-        trained_view = _block_output(block(inputs, **kwargs))
+        trained_view = block_output(block(inputs, **kwargs))
         bq.finalize()
-        merged = _block_output(block(inputs, **kwargs))
+        merged = block_output(block(inputs, **kwargs))
     scale = reference.abs().max()
     assert (trained_view - reference).abs().max() / scale < rtol
     assert (merged - reference).abs().max() / scale < rtol

@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import BlockQuantizer, capture_block_inputs, quantize_blocks
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import BlockQuantizer, quantize_blocks
+from affinequant.models.blocks import capture_block_inputs
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.packing import PackedLinear
-from affinequant.quantizer import WeightQuantizer
+from affinequant.quant.packing import PackedLinear
+from affinequant.quant.quantizer import WeightQuantizer
 from affinequant.stages.compensation import CompensationConfig
 from affinequant.stages.rounding import RTNConfig
-from affinequant.stats import collect_act_stats
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import save_tiny, tiny_model, write_text
 from test_cli import _run_keeping_model, base

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
 from affinequant.config import QuantConfig
-from affinequant.qmodules import TransformedNorm
-from affinequant.stats import collect_act_stats
-from affinequant.transforms import band_count, band_mask, diagonal_dominance
+from affinequant.quant.qmodules import TransformedNorm
+from affinequant.pipeline.stats import collect_act_stats
+from affinequant.stages.transforms import band_count, band_mask, diagonal_dominance
 
 from conftest import assert_transform_exact, prepared_block, tiny_model
 

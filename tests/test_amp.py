@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from affinequant import calibrate
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
+from affinequant.pipeline import calibrate
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
 from affinequant.config import QuantConfig
-from affinequant.qmodules import QuantLinear
-from affinequant.stats import collect_act_stats
+from affinequant.quant.qmodules import QuantLinear
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import tiny_model
 
@@ -53,7 +53,7 @@ def test_bfloat16_autocast_training_on_cpu(tokens, monkeypatch, abits):
 
 
 def test_deactive_amp_turns_autocast_off():
-    from affinequant.calibrate import amp_active
+    from affinequant.pipeline.calibrate import amp_active
     assert amp_active(CPU, QuantConfig(), torch.bfloat16)
     assert not amp_active(CPU, QuantConfig(deactive_amp=True), torch.bfloat16)
     assert not amp_active(CPU, QuantConfig(), torch.float16)      # float16 autocast is a CUDA path

@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affinequant import calibrate
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import block_loss, quantize_blocks
+from affinequant.pipeline import calibrate
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
+from affinequant.stages.losses import block_loss
 from affinequant.config import QuantConfig
-from affinequant.qmodules import QuantLinear, use_quantized_attention
-from affinequant.stats import collect_act_stats
+from affinequant.quant.qmodules import QuantLinear, use_quantized_attention
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import FAMILIES, tiny_model
 from test_quantizer import reference_rtn
@@ -182,7 +183,8 @@ def test_one_call_api_computes_statistics_for_let(tokens, monkeypatch):
 def _guard_case(tokens, outlier: bool, absurd: bool):
     """Block 0 of a W4A4 LET+LWC run, ready for the LET init guard: (BlockQuantizer, LET stage, data)."""
     import contextlib
-    from affinequant.calibrate import BlockQuantizer, _block_output, capture_block_inputs
+    from affinequant.pipeline.calibrate import BlockQuantizer
+    from affinequant.models.blocks import block_output, capture_block_inputs
     from affinequant.stages import BlockData
     model = tiny_model("llama")
     if outlier:          # one massive channel into q/k/v: per-token 4-bit activations lose everything else
@@ -197,7 +199,7 @@ def _guard_case(tokens, outlier: bool, absurd: bool):
     inputs, kwargs = capture_block_inputs(model, adapter, tokens, CPU, torch.float32)
     block = adapter.layers(model)[0]
     with torch.no_grad():
-        target = _block_output(block(inputs, **kwargs))
+        target = block_output(block(inputs, **kwargs))
     strip = lambda d: {k[len("model.layers.0."):]: v for k, v in d.items() if k.startswith("model.layers.0.")}  # noqa
     cfg = QuantConfig(wbits=4, abits=4, lwc=True, let=True, epochs=1)
     bq = BlockQuantizer(block, adapter, model.config, cfg, strip(scales), strip(shifts))
@@ -253,8 +255,8 @@ def test_compiled_block_trains_as_the_eager_block(tokens):
     block error to float rounding."""
     from torch._dynamo.utils import counters
 
-    from affinequant import trainer
-    from affinequant.quantizer import compile_available
+    from affinequant.pipeline import trainer
+    from affinequant.quant.quantizer import compile_available
     if not compile_available():
         pytest.skip("no C++ compiler for torch.compile")
     eager, _ = _lwc_let_run(tokens, False)
@@ -271,7 +273,7 @@ def test_compiled_block_trains_as_the_eager_block(tokens):
 def test_compiled_block_that_cannot_build_trains_eager(tokens, monkeypatch, caplog):
     """A torch.compile that cannot build (no C++ compiler, no Triton) costs one warning; the run trains eager
     and gives the eager run's model bit for bit."""
-    from affinequant import trainer
+    from affinequant.pipeline import trainer
 
     def broken_compile(module, **kwargs):
         def call(*args, **kw):

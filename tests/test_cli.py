@@ -113,7 +113,7 @@ def test_weight_only_save_reloads_with_stock_transformers(tiny_dir, calib, tmp_p
 
 
 def _run_keeping_model(argv):
-    from affinequant import cli
+    from affinequant.cli import calibration as cli
     captured = {}
     real = cli.quantize_blocks
 
@@ -150,7 +150,7 @@ def test_real_quant_gptq_export_round_trip(tiny_dir, calib, tmp_path, wbits, gro
     from safetensors import safe_open
 
     from affinequant import load_quantized
-    from affinequant.packing import PackedLinear
+    from affinequant.quant.packing import PackedLinear
     grouping = ["--group_size", group] if group else []      # none: one grid per output channel
     model = _run_keeping_model(base(tiny_dir, calib, tmp_path, "--wbits", str(wbits), *grouping,
                                     "--lwc", "--epochs", "1", "--real_quant", "--save_dir", str(tmp_path / "q")))
@@ -182,7 +182,7 @@ def test_packed_model_equals_fake_quant_model(tiny_dir, calib, tmp_path, monkeyp
 
 
 def test_out_of_memory_names_the_flags_that_help(tiny_dir, calib, tmp_path, monkeypatch):
-    from affinequant import cli
+    from affinequant.cli import calibration as cli
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -224,7 +224,7 @@ def test_int4_cpu_kernel_in_evaluation_and_loading(tiny_dir, calib, tmp_path, mo
     kernel: perplexity within 1% of the exact packed model's, the export unchanged, load_quantized(kernel=...)
     the same switch."""
     from affinequant import load_quantized
-    from affinequant.packing import PackedLinear
+    from affinequant.quant.packing import PackedLinear
     monkeypatch.chdir(tmp_path)
     Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
     flags = ["--wbits", "4", "--group_size", "32", "--real_quant", "--eval_ppl", "--ppl_datasets", "wikitext2",
@@ -268,7 +268,7 @@ def test_kl_reference_on_disk_gives_the_same_figures_without_a_model_copy(tiny_d
     file is gone afterwards."""
     import types
 
-    from affinequant import cli
+    from affinequant.cli import calibration as cli
     ppl = ["--eval_ppl", "--ppl_datasets", "wikitext2", "--limit", "3", "--data_dir", str(Path(calib).parent)]
     Path(calib).with_name("wiki.test.raw").write_text(Path(calib).read_text())
     flags = ["--wbits", "3", "--abits", "8", "--lwc", "--let", "--epochs", "1", *ppl]

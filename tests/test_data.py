@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from affinequant.data import DataError, _wikitext_rows, calibration_samples, document_windows, load_text
-from affinequant.evaluate import perplexity
+from affinequant.eval.data import DataError, _wikitext_rows, calibration_samples, document_windows, load_text
+from affinequant.eval.perplexity import perplexity
 
 from conftest import tiny_model
 

@@ -27,7 +27,7 @@ def _worker(rank: int, world: int, port: int, argv: list, queue, die_at_block: i
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), AFFINEQUANT_DIST_TIMEOUT="60", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from affinequant import calibrate
+    from affinequant.pipeline import calibrate
     from affinequant.cli import run
     if die_at_block is not None and rank == 1:
         real = calibrate.BlockRunner.quantize
@@ -169,7 +169,7 @@ def test_flatquant_ranks_agree_and_learn_the_first_block_as_one_process(setup, t
 def test_streamed_ranks_give_the_in_memory_ranks_model(setup, tmp_path):
     """--stream under two ranks: each reads every block, rank 0 alone stores and exports them; the export is the
     two-rank in-memory run's, bit for bit."""
-    from affinequant.export import load_quantized
+    from affinequant.formats.export import load_quantized
     flags = setup + FLAGS
     for name, extra in (("memory", []), ("stream", ["--stream", "--cache_dir", str(tmp_path / "cache")])):
         out, codes = _run_ranks(flags + extra + ["--output_dir", str(tmp_path / name), "--save_dir",

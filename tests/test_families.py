@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import _block_output, capture_block_arguments
+from affinequant.models.adapters import get_adapter
+from affinequant.models.blocks import block_output, capture_block_arguments
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.export import load_quantized
+from affinequant.formats.export import load_quantized
 
 from conftest import save_tiny, tiny_model, write_text
 from test_cli import _run_keeping_model, base
@@ -32,9 +32,9 @@ def test_every_block_runs_with_its_own_arguments(family, tokens):
     assert sorted(kwargs) == [0, 1] and torch.equal(inputs, hidden[0])
     layers = adapter.layers(model)
     with torch.no_grad():
-        out0 = _block_output(layers[0](hidden[0], **kwargs[0]))
-        out1 = _block_output(layers[1](out0, **kwargs[1]))
-        shared = _block_output(layers[1](out0, **kwargs[0]))
+        out0 = block_output(layers[0](hidden[0], **kwargs[0]))
+        out1 = block_output(layers[1](out0, **kwargs[1]))
+        shared = block_output(layers[1](out0, **kwargs[0]))
     assert torch.allclose(out0, hidden[1], atol=1e-5)
     # the model's last hidden state is after the final norm: compare block 1 before it
     final = model.model.norm
@@ -78,7 +78,7 @@ def test_exports_of_new_families_load_back_identically(family, tmp_path, monkeyp
 def test_the_block_loop_passes_each_block_its_own_arguments(tokens, monkeypatch):
     """Calibration (and with it every exactness test of a transform) runs each Gemma block with the arguments
     the model gives that block: the sliding-window mask to block 0, the global one to block 1."""
-    from affinequant import calibrate
+    from affinequant.pipeline import calibrate
     model = tiny_model("gemma2")
     adapter = get_adapter(model.config)
     _, expected = capture_block_arguments(model, adapter, tokens[:1], CPU, torch.float32)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from affinequant.calibrate import _block_output
+from affinequant.models.blocks import block_output
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.kronecker import DirectFactor, SVDFactor, decompose_dim, kron_matmul
-from affinequant.qmodules import (ATTN_IMPLEMENTATION, ATTN_IMPLEMENTATION_EAGER, OnlineTransform, QKVQuantizers,
+from affinequant.quant.kronecker import DirectFactor, SVDFactor, decompose_dim, kron_matmul
+from affinequant.quant.qmodules import (ATTN_IMPLEMENTATION, ATTN_IMPLEMENTATION_EAGER, OnlineTransform, QKVQuantizers,
                                   QuantLinear, TransformedNorm)
-from affinequant.quantizer import ActQuantizer
+from affinequant.quant.quantizer import ActQuantizer
 
 from conftest import FAMILIES, MOE_FAMILIES, VOCAB, prepared_block, save_tiny, tiny_model, write_text
 
@@ -48,9 +48,9 @@ def test_transforms_leave_the_block_unchanged_before_quantization(family, tokens
     assert stage.key is not None
     with torch.no_grad():
         bq.refresh()
-        trained = _block_output(block(inputs, **kwargs))
+        trained = block_output(block(inputs, **kwargs))
         bq.finalize()
-        merged = _block_output(block(inputs, **kwargs))
+        merged = block_output(block(inputs, **kwargs))
     scale = reference.abs().max()
     assert (trained - reference).abs().max() / scale < 2e-5
     assert (merged - reference).abs().max() / scale < 2e-5
@@ -114,10 +114,11 @@ def test_learnable_activation_clipping_narrows_the_token_range_and_learns():
 
 def _quantized_block(tokens, cfg, edit=None):
     """Block 0 of a tiny Llama under `cfg` with every quantizer on, and its FP output; `edit(model)` first."""
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import BlockQuantizer, capture_block_inputs
-    from affinequant.qmodules import use_quantized_attention
-    from affinequant.stats import collect_act_stats
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import BlockQuantizer
+    from affinequant.models.blocks import capture_block_inputs
+    from affinequant.quant.qmodules import use_quantized_attention
+    from affinequant.pipeline.stats import collect_act_stats
     model = tiny_model("llama")
     if edit is not None:
         with torch.no_grad():
@@ -128,7 +129,7 @@ def _quantized_block(tokens, cfg, edit=None):
     inputs, kwargs = capture_block_inputs(model, adapter, tokens, CPU, torch.float32)
     block = adapter.layers(model)[0]
     with torch.no_grad():
-        reference = _block_output(block(inputs, **kwargs))
+        reference = block_output(block(inputs, **kwargs))
     stats = {k[len("model.layers.0."):]: v for k, v in scales.items() if k.startswith("model.layers.0.")}
     return block, BlockQuantizer(block, adapter, model.config, cfg, stats, None), inputs, kwargs, reference
 
@@ -142,7 +143,7 @@ def test_lac_and_transforms_receive_gradients(tokens):
         for p in g["params"]:
             p.requires_grad_(True)
     bq.refresh()
-    out = _block_output(block(inputs, **kwargs))
+    out = block_output(block(inputs, **kwargs))
     (out - reference).pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.transforms.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.lac_parameters())
@@ -151,7 +152,7 @@ def test_lac_and_transforms_receive_gradients(tokens):
 
 
 def test_cosine_schedule_goes_from_lr_to_a_thousandth():
-    from affinequant.trainer import COSINE_FLOOR, scheduled_lr
+    from affinequant.pipeline.trainer import COSINE_FLOOR, scheduled_lr
     assert scheduled_lr(1.0, "cosine", 0, 100) == pytest.approx(1.0)
     assert scheduled_lr(1.0, "cosine", 50, 100) == pytest.approx((1 + COSINE_FLOOR) / 2)
     assert scheduled_lr(1.0, "cosine", 100, 100) == pytest.approx(COSINE_FLOOR)
@@ -162,7 +163,7 @@ def test_cosine_schedule_goes_from_lr_to_a_thousandth():
 def test_kv_quantizer_quantizes_what_attention_reads(tokens, kv_bits, q_bits):
     """Per token and head, the k attention reads takes at most 2^kv_bits values (after the k-cache transform),
     q at most 2^q_bits; 16 bits leaves them as they are."""
-    from affinequant.qmodules import AttentionProbe
+    from affinequant.quant.qmodules import AttentionProbe
     cfg = QuantConfig(wbits=16, abits=8, kv_bits=kv_bits, q_bits=q_bits, flatquant=True)
     block, bq, inputs, kwargs, _ = _quantized_block(tokens, cfg)
     qkv = getattr(block.self_attn, "qkv_quantizers", None)
@@ -205,9 +206,9 @@ def test_bad_flatquant_settings_are_refused(kwargs, message):
 def test_fp_train_inputs_feed_each_block_its_fp_inputs(tokens, monkeypatch):
     """--train_inputs fp: every block learns on the FP model's hidden states (FlatQuant); the default learns on
     the quantized model's (OmniQuant)."""
-    from affinequant import calibrate
-    from affinequant.adapters import get_adapter
-    from affinequant.stats import collect_act_stats
+    from affinequant.pipeline import calibrate
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.stats import collect_act_stats
     seen = {}
     real = calibrate.train_block
 
@@ -293,9 +294,9 @@ def test_flatquant_defaults_to_its_15_epochs_and_the_rest_to_rtn():
 def test_flatquant_trains_under_bfloat16_autocast(tokens):
     """The GPU path (autocast) runs on the CPU in bfloat16: Cayley solves, Kronecker products and the online
     transforms in mixed precision, losses finite and decreasing."""
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
-    from affinequant.stats import collect_act_stats
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
+    from affinequant.pipeline.stats import collect_act_stats
     model = tiny_model("llama")
     adapter = get_adapter(model.config)
     stats = collect_act_stats(model, adapter, tokens, CPU)

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import _block_output, capture_block_inputs, quantize_blocks
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
+from affinequant.models.blocks import block_output, capture_block_inputs
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.losses import BlockObjective, LossBatch
-from affinequant.qmodules import AttentionProbe, QKVQuantizers, use_quantized_attention
-from affinequant.stats import collect_act_stats
+from affinequant.stages.losses import BlockObjective, LossBatch
+from affinequant.quant.qmodules import AttentionProbe, QKVQuantizers, use_quantized_attention
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import tiny_model
 
@@ -89,7 +90,7 @@ def test_attention_kl_is_zero_without_quantization_and_positive_with_it():
     objective = BlockObjective.parse("attn_kl")
     fp_reads = _reads(copy.deepcopy(block), inputs, kwargs, stop=True)
     assert len(fp_reads) == 1        # stop=True ends the FP forward at its attention call
-    out = _block_output(block(inputs, **kwargs))
+    out = block_output(block(inputs, **kwargs))
     same = objective(LossBatch(out, [out], _reads(block, inputs, kwargs), fp_reads)).item()
     assert abs(same) < 1e-9
     block.get_submodule(adapter.attention).qkv_quantizers = QKVQuantizers(3)

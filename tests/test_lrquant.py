@@ -23,9 +23,9 @@ def test_log_activation_init_is_lrquants_formula_and_function_preserving(family,
 
 
 def _quantized_w4a4(tokens):
-    from affinequant.adapters import get_adapter
-    from affinequant.calibrate import quantize_blocks
-    from affinequant.stats import collect_act_stats
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
+    from affinequant.pipeline.stats import collect_act_stats
     from conftest import tiny_model
     import copy
 
@@ -42,9 +42,9 @@ def test_tta_trains_on_the_blocks_real_inputs_with_activation_quantization_on(to
     """The two faults of the reference's TTA: its last block trains on the embeddings, and runs with FP
     activations afterwards. Here the block's training inputs are the quantized model's hidden states at
     that block, and its activation quantizers run in training and in the adapted model's evaluation."""
-    from affinequant import calibrate, tta
-    from affinequant.qmodules import QuantLinear
-    from affinequant.quantizer import ActQuantizer
+    from affinequant.pipeline import calibrate, tta
+    from affinequant.quant.qmodules import QuantLinear
+    from affinequant.quant.quantizer import ActQuantizer
 
     model, reference, adapter, cfg, stats = _quantized_w4a4(tokens)
     windows = torch.randint(0, 96, (3, 32), generator=torch.Generator().manual_seed(5))
@@ -120,10 +120,10 @@ def test_tta_is_reported_beside_the_plain_figure_and_never_replaces_it(tmp_path,
     saved = json.loads((tmp_path / "tta" / "out" / "results.json").read_text())
     assert saved["ppl_tta"]["wikitext2"]["ppl"] == tta["ppl"]
     # the saved model is the plain one
-    from affinequant.export import load_quantized
+    from affinequant.formats.export import load_quantized
     reloaded = load_quantized(str(tmp_path / "saved"))
-    from affinequant.data import eval_tokens
-    from affinequant.evaluate import perplexity
+    from affinequant.eval.data import eval_tokens
+    from affinequant.eval.perplexity import perplexity
     from transformers import AutoTokenizer
     tokens, _ = eval_tokens("wikitext2", AutoTokenizer.from_pretrained(tiny), 32, tmp_path)
     assert perplexity(reloaded, tokens, 32, CPU, 3)["ppl"] == pytest.approx(plain["ppl"]["wikitext2"]["ppl"], rel=1e-5)
@@ -143,7 +143,7 @@ def test_tta_refuses_what_cannot_run_before_any_work(capsys, tmp_path, flags, ex
 
 
 def test_tta_fp_block_target_is_the_fp_block_on_the_quantized_inputs(tokens, monkeypatch):
-    from affinequant import calibrate, tta
+    from affinequant.pipeline import calibrate, tta
     model, reference, adapter, cfg, stats = _quantized_w4a4(tokens)
     windows = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(6))
     seen = {}

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
 from affinequant.config import QuantConfig
-from affinequant.export import load_quantized
-from affinequant.moe import ExpertLinears, unpack_experts
-from affinequant.quantizer import WeightQuantizer
-from affinequant.stats import collect_act_stats
+from affinequant.formats.export import load_quantized
+from affinequant.models.moe import ExpertLinears, unpack_experts
+from affinequant.quant.quantizer import WeightQuantizer
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import MOE_FAMILIES, save_tiny, tiny_model, write_text
 from test_cli import _run_keeping_model, base
@@ -86,7 +86,7 @@ def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(tokens, c
     assert "experts [3] saw none of the calibration tokens" in caplog.text
     rtn = WeightQuantizer(tuple(original.shape), 3, 16)
     codes, scale, zero = rtn.integer_codes(original)
-    from affinequant.packing import dequantize
+    from affinequant.quant.packing import dequantize
     expected = dequantize(codes, scale.half().float(), zero, 16, original.dtype)
     assert torch.equal(model.model.layers[0].mlp.experts[3].down_proj.weight, expected)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from affinequant.packing import PackedLinear, dequantize, pack_bits, unpack_bits
-from affinequant.quantizer import WeightQuantizer
+from affinequant.quant.packing import PackedLinear, dequantize, pack_bits, unpack_bits
+from affinequant.quant.quantizer import WeightQuantizer
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
@@ -59,7 +59,7 @@ def test_exact_kernel_in_row_tiles_with_a_shared_buffer_stays_bit_exact(bits):
     so 40 rows take three tiles, the last one short, with a shorter last group too) into one buffer that every layer
     reuses outside autograd: two layers run in turn, and again, give their own products; float16 casts as
     `dequantize` does; with autograd the weight is not the shared buffer, so the input's gradient is right."""
-    from affinequant import packing
+    from affinequant.quant import packing
     torch.manual_seed(bits)
     layers, weights = [], []
     for out_f, in_f, group in ((40, 16400, 24), (7, 96, 32)):
@@ -99,8 +99,8 @@ def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_
     """torch's int4 CPU kernel runs 4-bit layers with bfloat16 activations, scales and offsets: not bit-exact.
     The tolerance: relative error of the output below 1% (bfloat16 keeps 8 bits of mantissa). 2/3-bit codes and a
     shorter last group run on it too; 8-bit layers and group sizes the kernel does not take stay exact."""
-    from affinequant.packing import PackedLinear, use_packed_kernel
-    from affinequant.quantizer import WeightQuantizer
+    from affinequant.quant.packing import PackedLinear, use_packed_kernel
+    from affinequant.quant.quantizer import WeightQuantizer
     torch.manual_seed(0)
     weight = torch.randn(96, 256)
     codes, scale, zero = WeightQuantizer((96, 256), 4, 64).integer_codes(weight)
@@ -136,8 +136,8 @@ def test_int4_cpu_kernel_is_close_to_the_exact_packed_layer_and_used_only_where_
 def test_int4_cpu_kernel_takes_long_inputs_only_with_bf16_hardware(bf16_hardware, monkeypatch):
     """Without bfloat16 matrix instructions the int4 kernel is slower than the exact one on long inputs, so inputs of
     more than INT4_CPU_MAX_ROWS_WITHOUT_BF16 rows take the exact path there (bit for bit); with them, the int4 kernel."""
-    from affinequant import packing
-    from affinequant.quantizer import WeightQuantizer
+    from affinequant.quant import packing
+    from affinequant.quant.quantizer import WeightQuantizer
     monkeypatch.setattr(packing, "cpu_has_bf16_matmul", lambda: bf16_hardware)
     torch.manual_seed(0)
     args = (*WeightQuantizer((32, 64), 4, 32).integer_codes(torch.randn(32, 64)), 4, 32, None)
@@ -152,8 +152,8 @@ def test_int4_cpu_kernel_takes_long_inputs_only_with_bf16_hardware(bf16_hardware
 def test_int8_cpu_kernel_is_close_to_the_exact_8bit_layer(group):
     """8-bit layers on torch's int8 CPU kernel: codes shifted to signed, the zero points a per-group correction
     term; bfloat16 activations, so within 1% of the exact layer, not bit-exact. "cpu" picks int4 or int8 by bits."""
-    from affinequant.packing import PackedLinear, use_packed_kernel
-    from affinequant.quantizer import WeightQuantizer
+    from affinequant.quant.packing import PackedLinear, use_packed_kernel
+    from affinequant.quant.quantizer import WeightQuantizer
     torch.manual_seed(0)
     weight = torch.randn(96, 256) + 0.5            # asymmetric ranges: zero points far from 128
     layer = PackedLinear.from_codes(*WeightQuantizer((96, 256), 8, group).integer_codes(weight), 8, group,

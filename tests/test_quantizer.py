@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from affinequant.quantizer import ActQuantizer, WeightQuantizer
+from affinequant.quant.quantizer import ActQuantizer, WeightQuantizer
 
 
 def reference_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool, fp16_scales: bool = False) -> np.ndarray:
@@ -100,7 +100,7 @@ def _unfused_fake_quant(x, scale, zero, qmax):
 @pytest.fixture(params=["eager", "compiled"])
 def quant_kernels(request):
     """Each fused-quantizer test runs on the eager kernels and on the torch.compile'd ones."""
-    from affinequant.quantizer import KERNELS, compile_available
+    from affinequant.quant.quantizer import KERNELS, compile_available
     if request.param == "compiled" and not compile_available():
         pytest.skip("no C++ compiler for torch.compile")
     assert KERNELS.use(request.param) == request.param
@@ -119,7 +119,7 @@ def quant_kernels(request):
 def test_fused_fake_quant_equals_the_unfused_formula(group, symmetric, lwc, let, quant_kernels):
     """Same values bit for bit; the same gradients, to float rounding, for the weight (through LET's scale) and
     LWC's factors: the fused node's closed form sums in another order than autograd's chain of operations."""
-    from affinequant import quantizer as qz
+    from affinequant.quant import quantizer as qz
     torch.manual_seed(0)
     weight = torch.randn(32, 48)
     grad_out = torch.randn(32, 48)
@@ -150,7 +150,7 @@ def test_fused_fake_quant_equals_the_unfused_formula(group, symmetric, lwc, let,
 
 def test_fused_activation_quantizer_gradients_match(quant_kernels):
     """LAC's clipping factors and the input get the unfused formula's gradients through the per-token grid."""
-    from affinequant import quantizer as qz
+    from affinequant.quant import quantizer as qz
     torch.manual_seed(1)
     x0 = torch.randn(2, 5, 16)
     grads = []
@@ -172,7 +172,7 @@ def test_fused_activation_quantizer_gradients_match(quant_kernels):
 
 def test_compiled_kernels_that_cannot_build_fall_back_to_eager(monkeypatch, caplog):
     """A backend that fails (no compiler, no Triton) costs one warning: the same values from the eager kernels."""
-    from affinequant import quantizer as qz
+    from affinequant.quant import quantizer as qz
 
     def broken_compile(fn, **kwargs):
         def call(*args):
@@ -198,7 +198,7 @@ def test_compiled_kernels_that_cannot_build_fall_back_to_eager(monkeypatch, capl
 def test_range_gradients_equal_autograds_over_ties(quant_kernels):
     """last_dim_range's one-kernel backward gives what autograd gives amin/amax: each extreme's gradient split
     over every entry that attains it (ties are common on weights dequantized from a coarse grid)."""
-    from affinequant.quantizer import last_dim_range
+    from affinequant.quant.quantizer import last_dim_range
     torch.manual_seed(0)
     x0 = torch.randint(-3, 4, (6, 4, 16)).float()          # few levels: several entries per group tie
     g_low, g_high = torch.randn(6, 4, 1), torch.randn(6, 4, 1)

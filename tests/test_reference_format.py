@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
-from affinequant.checkpoint import CalibrationCheckpoint
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
+from affinequant.pipeline.checkpoint import CalibrationCheckpoint
 from affinequant.cli import run
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.export import load_quantized
-from affinequant.reference_format import ReferenceParams, ReferenceResume, read_reference_params
+from affinequant.formats.export import load_quantized
+from affinequant.formats.reference import ReferenceParams, ReferenceResume, read_reference_params
 
 from conftest import write_text
 
@@ -107,7 +107,7 @@ def test_reference_compat_training_reproduces_reference_run(tmp_path, run_name):
 def test_save_params_reads_back_to_the_same_model(tmp_path, run_name):
     source = FIXTURE / run_name / "affine_parameters.pth"
     model, _, checkpoint, cfg = quantize_fixture(tmp_path / "a", run_name, 0, source)
-    from affinequant.reference_format import write_reference_params
+    from affinequant.formats.reference import write_reference_params
     out = tmp_path / "ours.pth"
     result = write_reference_params(out, checkpoint, cfg, model.config, get_adapter(model.config))
     assert result["layers"] == 2 and result["not_representable"] == []
@@ -164,7 +164,7 @@ def _drop_layer(params):
 ])
 def test_foreign_reference_files_are_refused_before_loading(tmp_path, monkeypatch, capsys, edit, flags, message):
     monkeypatch.chdir(tmp_path)
-    import affinequant.cli as cli
+    import affinequant.cli.commands as cli
     loaded = []
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: loaded.append(1) or (_ for _ in ()).throw(AssertionError))
     path = _edited(tmp_path, "lwc_w3g64", edit)
@@ -211,9 +211,9 @@ def test_our_transforms_are_written_exactly(tmp_path, family):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from affinequant.calibrate import BlockQuantizer
-    from affinequant.reference_format import write_reference_params
-    from affinequant.stats import collect_act_stats
+    from affinequant.pipeline.calibrate import BlockQuantizer
+    from affinequant.formats.reference import write_reference_params
+    from affinequant.pipeline.stats import collect_act_stats
 
     torch.manual_seed(0)
     if family == "llama":

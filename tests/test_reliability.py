@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import affinequant.cli as cli
+import affinequant.cli.commands as cli
 from affinequant.cli import run
 
 from conftest import save_tiny, write_text
@@ -172,10 +172,10 @@ class _ExplodingBlock:
 
 
 def test_divergence_without_nan_rolls_back():
-    from affinequant.calibrate import BlockReport
+    from affinequant.pipeline.calibrate import BlockReport
     from affinequant.config import QuantConfig
     from affinequant.stages import BlockData
-    from affinequant.trainer import train_block
+    from affinequant.pipeline.trainer import train_block
     import contextlib
     bq = _ExplodingBlock()
     data = BlockData(torch.zeros(4, 2, 3), [torch.zeros(4, 2, 3)], {}, torch.device("cpu"),

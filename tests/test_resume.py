@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from affinequant import checkpoint as ckpt_module
+from affinequant.pipeline import checkpoint as ckpt_module
 from affinequant.cli import run
 
 from conftest import save_tiny, write_text
@@ -53,7 +53,7 @@ def test_killed_run_resumes_to_identical_model(setup, tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "checkpoint" / "block_0001.safetensors").exists()
 
     trained = []
-    from affinequant import calibrate
+    from affinequant.pipeline import calibrate
     real_train_block = calibrate.train_block
 
     def count(bq, *a, **k):

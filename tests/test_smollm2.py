@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
 from affinequant.config import QuantConfig
-from affinequant.data import eval_tokens
-from affinequant.evaluate import perplexity
-from affinequant.modeling import default_model_path, load_model
+from affinequant.eval.data import eval_tokens
+from affinequant.eval.perplexity import perplexity
+from affinequant.models.loading import default_model_path, load_model
 
 from test_quantizer import reference_rtn
 
@@ -57,7 +57,7 @@ def test_main_end_to_end_lwc(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "lwc" / "results.json").read_text())
     assert written["ppl"]["wikitext2"]["windows"] == 3
     # training compiles the quantizer's kernels where a compiler is (auto); RTN does not need them
-    from affinequant.quantizer import compile_available
+    from affinequant.quant.quantizer import compile_available
     assert rtn["quant_kernels"] == "eager"
     fell_back = "compiled quantizer kernels unavailable" in (tmp_path / "lwc" / "log.txt").read_text()
     assert lwc["quant_kernels"] == ("compiled" if compile_available() and not fell_back else "eager")

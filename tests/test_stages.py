@@ -5,15 +5,15 @@ refused), resume of a recipe with GPTQ."""
 import pytest
 import torch
 
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.gptq import GPTQ, Hessian
-from affinequant.packing import PackedLinear
-from affinequant.quantizer import WeightQuantizer
+from affinequant.stages.gptq import GPTQ, Hessian
+from affinequant.quant.packing import PackedLinear
+from affinequant.quant.quantizer import WeightQuantizer
 from affinequant.recipe import parse_recipe, resolve
 from affinequant.stages.clip_search import search_clip_ratio
-from affinequant.stats import collect_act_stats
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import tiny_model
 
@@ -98,7 +98,7 @@ def test_gptq_output_error_is_below_round_to_nearest():
     wq = WeightQuantizer(tuple(w.shape), 3, 8)
     h = Hessian(w.shape[1])
     h.add_batch(x)
-    from affinequant.packing import dequantize
+    from affinequant.quant.packing import dequantize
     codes, scale, zero = GPTQ(h).quantize(w, wq)
     gptq_w = dequantize(codes, scale, zero, 8, torch.float32)
     rtn_w = wq(w)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from affinequant.cli import run
-from affinequant.export import load_quantized
-from affinequant.streaming import StreamedModel, TensorFiles
+from affinequant.formats.export import load_quantized
+from affinequant.pipeline.streaming import StreamedModel, TensorFiles
 
 from conftest import save_tiny, write_text
 
@@ -62,7 +62,7 @@ def test_streamed_run_equals_in_memory_run(setup, family, flags):
 def test_streamed_head_in_chunks_agrees_to_rounding(setup, monkeypatch):
     """A window longer than the head's chunk: the head's matmul blocks the rows otherwise, so the logits agree to
     float rounding (perplexity to 1e-6, KL, a small difference of close numbers, to 1e-3), not bit for bit."""
-    from affinequant import evaluate
+    from affinequant.eval import perplexity as evaluate
     monkeypatch.setattr(evaluate, "HEAD_CHUNK", 8)
     tmp_path, common = setup
     memory, stream = _pair(tmp_path, common, FLAGS)
@@ -168,7 +168,7 @@ def test_activation_caches_on_disk_give_the_same_model(setup, flags):
 
 
 def test_disk_activations_index_like_a_tensor(tmp_path):
-    from affinequant.activations import DiskActivations, empty_like, mean_squared_error
+    from affinequant.models.activations import DiskActivations, empty_like, mean_squared_error
     torch.manual_seed(0)
     t = torch.randn(7, 3, 4).to(torch.bfloat16)
     d = DiskActivations(tmp_path, t.shape, t.dtype)
@@ -238,8 +238,8 @@ def test_one_call_api_streams_to_the_same_model(tmp_path):
 def test_convert_writes_a_checkpoint_stream_reads(tmp_path):
     """python -m affinequant.convert: the same tensors as the source model, as safetensors --stream reads; a
     non-empty target is refused in one line."""
-    from affinequant.convert import main as convert_main
-    from affinequant.modeling import load_model
+    from affinequant.formats.convert import main as convert_main
+    from affinequant.models.loading import load_model
     source = save_tiny(tmp_path / "tiny", "llama")
     convert_main([source, str(tmp_path / "converted")])
     files = TensorFiles.of_checkpoint(tmp_path / "converted")
@@ -257,16 +257,16 @@ def test_stream_downloads_a_hub_id_after_every_check(setup, monkeypatch):
     downloaded (snapshot_download) only after the checks, and the run streams from the download."""
     import huggingface_hub
 
-    from affinequant import cli
+    from affinequant.cli import commands as cli, preflight
     tmp_path, common = setup
     local = save_tiny(tmp_path / "tiny", "llama")
     argv = ["--model", "org/tiny-llama", *common, *FLAGS, "--stream", "--output_dir", str(tmp_path / "out")]
-    monkeypatch.setattr(cli, "hub_reachable", lambda: False)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda: False)
     with pytest.raises(SystemExit):
         run(argv)
     downloads = []
     real_load_config = cli.load_config
-    monkeypatch.setattr(cli, "hub_reachable", lambda: True)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda: True)
     monkeypatch.setattr(cli, "load_config", lambda model_id, trust=False: real_load_config(local))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: downloads.append(repo) or local)
     with pytest.raises(SystemExit):         # a bad flag: refused before anything is downloaded

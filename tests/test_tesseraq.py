@@ -4,15 +4,15 @@ middle of PAR, and a lower block loss than round-to-nearest on the same grid."""
 import pytest
 import torch
 
-from affinequant import checkpoint as ckpt_module
-from affinequant.adapters import get_adapter
-from affinequant.calibrate import quantize_blocks
-from affinequant.checkpoint import CalibrationCheckpoint
+from affinequant.pipeline import checkpoint as ckpt_module
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.calibrate import quantize_blocks
+from affinequant.pipeline.checkpoint import CalibrationCheckpoint
 from affinequant.config import QuantConfig
-from affinequant.packing import PackedLinear, dequantize
-from affinequant.quantizer import WeightQuantizer
+from affinequant.quant.packing import PackedLinear, dequantize
+from affinequant.quant.quantizer import WeightQuantizer
 from affinequant.stages import tesseraq as tq
-from affinequant.stats import collect_act_stats
+from affinequant.pipeline.stats import collect_act_stats
 
 from conftest import tiny_model
 

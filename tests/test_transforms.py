@@ -3,13 +3,13 @@ and the differentiable application used in training equals the merged weights.""
 import pytest
 import torch
 
-from affinequant.calibrate import _block_output
+from affinequant.models.blocks import block_output
 from affinequant.config import QuantConfig
-from affinequant.qmodules import QuantLinear, TransformedNorm
+from affinequant.quant.qmodules import QuantLinear, TransformedNorm
 
-from affinequant.adapters import get_adapter
-from affinequant.stats import collect_act_stats
-from affinequant.transforms import LET, expand_kv
+from affinequant.models.adapters import get_adapter
+from affinequant.pipeline.stats import collect_act_stats
+from affinequant.stages.transforms import LET, expand_kv
 
 from conftest import FAMILIES, assert_transform_exact, prepared_block, tiny_model
 
@@ -59,7 +59,7 @@ def test_let_gradients_reach_all_parameters(tokens):
     for p in bq.let.parameters():
         p.requires_grad_(True)
     bq.refresh()
-    out = _block_output(block(inputs, **kwargs))
+    out = block_output(block(inputs, **kwargs))
     (out - reference).pow(2).mean().add(out.pow(2).mean()).backward()
     for name, p in bq.let.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -70,7 +70,7 @@ def test_qk_scale_starts_from_q_and_k_statistics(family, tokens):
     """The q ↔ k scale starts SmoothQuant-style from max|q| and max|k| (per KV head, tied per RoPE
     pair): with alpha 0.5, q/s and k·s end up with equal maxima in every (pair of) channel(s), and the
     block's function is unchanged. Statistics without q/k outputs (older files) start it at 1."""
-    from affinequant.transforms import QK_OUTPUT
+    from affinequant.stages.transforms import QK_OUTPUT
     block, bq, inputs, kwargs, reference = prepared_block(family, tokens, QuantConfig(wbits=16, abits=8, let=True))
     let = bq.let
     q_name, k_name = let.adapter.qk_pair

@@ -1,5 +1,5 @@
 """What an algorithm of the block loop is: a typed config (what a recipe names) and a handler (a
-Stage), registered under the config's name. The block loop (calibrate.py) only calls the hooks below,
+Stage), registered under the config's name. The block loop (pipeline/calibrate.py) only calls the hooks below,
 in recipe order; it knows no algorithm by name.
 
 A stage's life in one block:
@@ -17,27 +17,15 @@ the block loop owns: the fake-quant weight and the packed layer are both built f
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Typed settings of one stage. `name` is its key in recipes; `version` changes when a field's
-    meaning does, so a recipe recorded by an older version is recognised."""
-    name: ClassVar[str] = ""
-    version: ClassVar[int] = 1
-    quantizes_weights: ClassVar[bool] = False     # needs weight quantizers (--wbits < 16)
-
-    def to_dict(self) -> dict:
-        return {"stage": self.name, **asdict(self)}
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+from .. import distributed
+from ..recipe import StageConfig, register_config
+from .gptq import Hessian
 
 
 @dataclass
@@ -73,10 +61,7 @@ class BlockData:
 
 
 class Stage:
-    config_class: ClassVar[type[StageConfig]] = StageConfig
-    is_rounder: ClassVar[bool] = False
-    learns: ClassVar[bool] = False               # has param_groups for the shared trainer
-    needs_statistics: ClassVar[bool] = False     # starts from activation statistics (act_scales)
+    config_class: ClassVar[type[StageConfig]] = StageConfig    # its traits (learns, is_rounder...) are the config's
 
     def __init__(self, config: StageConfig, ctx: BlockContext):
         self.config, self.ctx = config, ctx
@@ -110,8 +95,6 @@ Commit = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class Rounder(Stage):
-    is_rounder = True
-
     def round(self, bq, data: BlockData | None, commit: Commit) -> None:
         """Call commit(name, codes (out, in) int32, scale (out, groups), zero (out, groups)) for every
         linear of ctx.linears that has a weight quantizer. Scales must already be fp16-representable."""
@@ -123,10 +106,11 @@ STAGES: dict[str, type[Stage]] = {}
 
 def register(stage_class: type[Stage]) -> type[Stage]:
     """Class decorator: make a stage known to recipes under its config's name."""
-    name = stage_class.config_class.name
-    if not name or name in STAGES:
-        raise ValueError(f"stage name {name!r} is empty or registered twice")
-    STAGES[name] = stage_class
+    config = stage_class.config_class
+    if config.is_rounder != issubclass(stage_class, Rounder):
+        raise ValueError(f"stage {config.name!r}: a Rounder's config says is_rounder, and only a Rounder's")
+    register_config(config)
+    STAGES[config.name] = stage_class
     return stage_class
 
 
@@ -143,7 +127,6 @@ def quantized_linears(ctx: BlockContext) -> dict:
 def probe_loss(bq, data: BlockData, probe: int = 4) -> float:
     """The block objective summed over the first `probe` calibration samples, as the block stands now: what
     the initialisation guards compare (data-parallel: each rank probes its share, summed over the ranks)."""
-    from .. import distributed
     per_rank = max(1, probe // distributed.world()) if data.data_parallel else probe
     total = 0.0
     for i in range(min(per_rank, data.inputs.shape[0])):
@@ -162,7 +145,6 @@ def linear_hessians(ctx: BlockContext, data: BlockData, names: list[str]) -> dic
     data-parallel), from one pass of the block over data.inputs as it stands now (transforms refreshed, earlier linears as already rounded). The
     input is what the linear receives, before its own activation quantizer. Each forward stops as
     soon as every named linear has seen its input, so the later part of the block does not run."""
-    from ..gptq import Hessian
 
     modules = {n: ctx.linears[n] for n in names}
     hessians = {n: Hessian(m.in_features, data.device) for n, m in modules.items()}
@@ -190,7 +172,6 @@ def linear_hessians(ctx: BlockContext, data: BlockData, names: list[str]) -> dic
         for h in handles:
             h.remove()
     if data.data_parallel:          # H over every rank's inputs: Σ_r n_r·H_r / Σ_r n_r
-        from .. import distributed
         for h in hessians.values():
             h.H *= h.nsamples
             distributed.all_reduce_sum_([h.H])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..quantizer import grid_codes, minmax_scale_zero
+from ..quant.quantizer import grid_codes, minmax_scale_zero
 from .base import Stage, StageConfig, block_device, linear_hessians, quantized_linears, register
 
 METRICS = ("output", "weight")

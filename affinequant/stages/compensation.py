@@ -18,6 +18,7 @@ from .base import Stage, StageConfig, block_device, register
 @dataclass(frozen=True)
 class CompensationConfig(StageConfig):
     name = "compensation"
+    learns = True
     first: int = 3          # blocks 0..first-1
     last: int = 4           # and the last `last` blocks (ABQ-LLM: 3 and 4)
     lr: float = 1e-2
@@ -33,7 +34,6 @@ class CompensationConfig(StageConfig):
 @register
 class Compensation(Stage):
     config_class = CompensationConfig
-    learns = True
 
     def __init__(self, config: CompensationConfig, ctx):
         super().__init__(config, ctx)

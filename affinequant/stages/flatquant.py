@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..kronecker import PARAMETRIZATIONS, decompose_dim, make_factor
-from ..qmodules import KeyTransform, OnlineTransform, TransformedNorm, set_submodule
-from ..transforms import (LinearTransform, _floor, apply_linear_plan, fold_into_norm, fuse_part_transforms,
+from ..quant.kronecker import PARAMETRIZATIONS, decompose_dim, make_factor
+from ..quant.qmodules import KeyTransform, OnlineTransform, TransformedNorm, set_submodule
+from .transforms import (LinearTransform, _floor, apply_linear_plan, fold_into_norm, fuse_part_transforms,
                           smooth_scale)
 from .base import Stage, StageConfig, block_device, probe_loss, register
 
@@ -35,6 +35,8 @@ SCHEDULES = ("cosine", "constant")
 @dataclass(frozen=True)
 class FlatQuantConfig(StageConfig):
     name = "flatquant"
+    learns = True
+    needs_statistics = True
     lr: float = 5e-3                    # transforms and scales (FlatQuant's flat_lr)
     lac: bool = True                    # learnable activation clipping on every activation quantizer of the block
     lac_lr: float = 5e-2                # FlatQuant: 10 x lr
@@ -79,8 +81,6 @@ def smooth_start(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
 @register
 class FlatQuant(Stage):
     config_class = FlatQuantConfig
-    learns = True
-    needs_statistics = True
 
     def __init__(self, config: FlatQuantConfig, ctx):
         super().__init__(config, ctx)

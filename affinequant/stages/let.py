@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LET_INITS, QK_INITS, ConfigError, default_sf
-from ..qmodules import TransformedNorm, set_submodule
-from ..transforms import LET as LETModule, qk_transform_exists
+from ..quant.qmodules import TransformedNorm, set_submodule
+from .transforms import LET as LETModule, qk_transform_exists
 from .base import Stage, StageConfig, probe_loss, register
 
 log = logging.getLogger("affinequant")
@@ -20,6 +20,8 @@ log = logging.getLogger("affinequant")
 @dataclass(frozen=True)
 class LETConfig(StageConfig):
     name = "let"
+    learns = True
+    needs_statistics = True
     lr: float = 5e-3
     alpha: float = 0.5                  # SmoothQuant migration strength of the initialisation
     init: str = "smoothquant"           # scale start: "smoothquant" (max|x|^α / max|W|^(1-α)) or "log" (LRQuant)
@@ -49,15 +51,13 @@ class LETConfig(StageConfig):
 @register
 class LET(Stage):
     config_class = LETConfig
-    learns = True
-    needs_statistics = True
 
     def __init__(self, config: LETConfig, ctx):
         super().__init__(config, ctx)
         cfg, adapter, block = ctx.cfg, ctx.adapter, ctx.block
         if ctx.act_scales is None:
             raise ConfigError("LET needs activation statistics (act_scales): compute them with "
-                              "affinequant.stats.collect_act_stats or generate_act_scale_shift.py")
+                              "affinequant.pipeline.stats.collect_act_stats or generate_act_scale_shift.py")
         for norm_name, _ in adapter.norm_groups:
             set_submodule(block, norm_name, TransformedNorm(block.get_submodule(norm_name)))
         self.reference = cfg.reference_compat

@@ -13,6 +13,7 @@ from .base import Stage, StageConfig, block_device, quantized_linears, register
 @dataclass(frozen=True)
 class LWCConfig(StageConfig):
     name = "lwc"
+    learns = True
     quantizes_weights = True
     lr: float = 1e-2
     schedule: str = "constant"          # or "cosine" (down to 1e-3 x lr: FlatQuant trains LWC with its transforms)
@@ -25,7 +26,6 @@ class LWCConfig(StageConfig):
 @register
 class LWC(Stage):
     config_class = LWCConfig
-    learns = True
 
     def __init__(self, config: LWCConfig, ctx):
         super().__init__(config, ctx)

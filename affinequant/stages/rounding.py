@@ -7,13 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..gptq import GPTQ, fp16_scale
+from ..quant.quantizer import fp16_scale
+from .gptq import GPTQ
 from .base import Rounder, StageConfig, linear_hessians, quantized_linears, register
 
 
 @dataclass(frozen=True)
 class RTNConfig(StageConfig):
     name = "rtn"
+    is_rounder = True
 
 
 @register
@@ -34,6 +36,7 @@ class RTN(Rounder):
 @dataclass(frozen=True)
 class GPTQConfig(StageConfig):
     name = "gptq"
+    is_rounder = True
     quantizes_weights = True
     percdamp: float = 0.01
     act_order: bool = False             # columns by descending Hessian diagonal (needs static groups)

@@ -25,7 +25,8 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError
-from ..gptq import fp16_scale
+from ..quant.quantizer import fp16_scale
+from .losses import BlockObjective, objective_on
 from .base import Rounder, StageConfig, quantized_linears, register
 
 log = logging.getLogger("affinequant")
@@ -56,6 +57,7 @@ def schedule(rounds: int) -> list[float]:
 @dataclass(frozen=True)
 class TesseraQConfig(StageConfig):
     name = "tesseraq"
+    is_rounder = True
     quantizes_weights = True
     iters: int = 250                   # Adam steps per round (soften phase)
     batch: int = 4                     # calibration samples per step
@@ -167,8 +169,6 @@ class TesseraQ(Rounder):
             commit(name, codes, fp16_scale(scale[..., 0] * factor.to(scale.device)), zero[..., 0])
 
     def learn(self, linears: dict, data) -> dict:
-        from ..calibrate import objective_on
-
         cfg, t0 = self.config, time.time()
         soft = {n: SoftRounding(q.weight.detach(), q.weight_quantizer, cfg.tune_scale) for n, q in linears.items()}
         saved = {n: q.weight_quantizer for n, q in linears.items()}
@@ -179,9 +179,11 @@ class TesseraQ(Rounder):
         n = data.inputs.shape[0]
         gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed) * 1000 + int(self.ctx.index))
 
+        objective = BlockObjective.parse(self.ctx.cfg.loss)
+
         def loss_on(idx) -> torch.Tensor:
             with data.ctx_factory():
-                return objective_on(self.ctx.block, data, idx, self.ctx.cfg.objective)
+                return objective_on(self.ctx.block, data, idx, objective)
 
         # data-parallel: each rank draws its share of every mini-batch from its own samples, the gradients
         # and losses are averaged over the ranks, so the rounding variables stay identical on every rank

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .adapters import get_adapter
-from .errors import OutputError
-from .moe import ExpertLinears, packed_experts, unpack_experts
-from .packing import PackedLinear, use_packed_kernel
-from .qmodules import (KeyTransform, OnlineTransform, QKVQuantizers, QuantLinear, TransformedNorm, install_quantizers,
+from ..models.adapters import get_adapter
+from ..errors import OutputError
+from ..models.moe import ExpertLinears, packed_experts, unpack_experts
+from ..quant.packing import PackedLinear, use_packed_kernel
+from ..quant.qmodules import (KeyTransform, OnlineTransform, QKVQuantizers, QuantLinear, TransformedNorm, install_quantizers,
                        set_submodule, use_quantized_attention)
-from .quantizer import ActQuantizer
-from .utils import atomic_write, write_json
+from ..quant.quantizer import ActQuantizer
+from ..utils import atomic_write, write_json
 
 log = logging.getLogger("affinequant")
 

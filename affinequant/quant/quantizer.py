@@ -211,9 +211,9 @@ def fake_quant(x, scale, zero, qmax: int):
     return KERNELS.grid(x, scale, zero, qmax)
 
 
-def effective_bits(bits: int, balanced: bool = False) -> float:
-    """Bits of information per weight: `bits`, or log2(2^bits + 1) under bit balance (W2*: 5 levels, 2.32)."""
-    return math.log2(2**bits + 1) if balanced else float(bits)
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A scale as every deployment format stores it: rounded to float16 (kept in float32)."""
+    return scale.half().float()
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:

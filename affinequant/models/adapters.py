@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 MLP_OUTPUTS = ("down_proj", "fc2")

@@ -17,120 +17,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .activations import empty_like, mean_squared_error
-from .adapters import Adapter
-from .config import ConfigError, QuantConfig
-from .losses import BlockObjective, LossBatch
-from .gptq import fp16_scale
-from .moe import expert_report, reset_expert_counts, unpack_experts
-from .packing import PackedLinear, dequantize
-from .qmodules import AttentionProbe, install_quantizers, set_submodule, use_quantized_attention
-from .quantizer import WeightQuantizer
-from .stages import STAGES, BlockContext, BlockData
+from .. import distributed
+from ..models.activations import mean_squared_error
+from ..models.blocks import capture_block_arguments, run_block
+from ..models.adapters import Adapter
+from ..config import ConfigError, QuantConfig
+from ..stages.losses import BlockObjective, objective_on
+from ..models.moe import expert_report, reset_expert_counts, unpack_experts
+from ..quant.packing import PackedLinear, dequantize
+from ..quant.qmodules import install_quantizers, set_submodule, use_quantized_attention
+from ..quant.quantizer import WeightQuantizer, fp16_scale
+from ..stages import STAGES, BlockContext, BlockData
 from .trainer import train_block
-from .utils import round_to_half_
+from ..utils import round_to_half_
 
 log = logging.getLogger("affinequant")
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """The block objective `kind` (a --loss spec without attention terms) against one target."""
-    return BlockObjective.parse(kind)(LossBatch(out, [target]))
-
-
-def non_block_to(model: nn.Module, adapter: Adapter, device) -> None:
-    """Move everything except the decoder blocks (embeddings, final norm, rotary tables, head)."""
-    prefix = adapter.layers_path + "."
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefix) and not tensor.is_meta:     # meta: a streamed model's unloaded head
-            tensor.data = tensor.data.to(device)
-
-
-class _ArgumentRecorder(nn.Module):
-    """Stands in for a decoder block while inputs are captured: records the keyword arguments the model
-    passes to this block (and, at the first recorded block, its input), then hands the hidden states on
-    unchanged, so capturing every block's arguments costs no block compute."""
-
-    def __init__(self, index: int, sink: "_Capture"):
-        super().__init__()
-        self.index, self.sink = index, sink
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        return self.sink.record(self.index, hidden_states if hidden_states is not None else args[0], kwargs)
-
-
-class _Capture:
-    def __init__(self, first: int, last: int, cache_dtype, n_samples: int, cache_dir=None):
-        self.first, self.last, self.cache_dtype = first, last, cache_dtype
-        self.n_samples, self.cache_dir = n_samples, cache_dir
-        self.inputs: list[torch.Tensor] = []
-        self.disk = None            # --cache_dir: each sample written as it comes
-        self.recorded = 0
-        self.kwargs: dict[int, dict] = {}
-
-    def record(self, index: int, hidden: torch.Tensor, kwargs: dict):
-        if index == self.first:
-            if self.cache_dir is None:
-                self.inputs.append(hidden.detach().to(self.cache_dtype))
-            else:
-                from .activations import DiskActivations
-                if self.disk is None:
-                    self.disk = DiskActivations(self.cache_dir, (self.n_samples, *hidden.shape[1:]), self.cache_dtype)
-                self.disk[self.recorded:self.recorded + 1] = hidden
-            self.recorded += 1
-        if index not in self.kwargs:
-            self.kwargs[index] = {k: v for k, v in kwargs.items()
-                                  if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
-        if index == self.last:
-            raise _StopForward
-        return hidden
-
-
-@torch.no_grad()
-def capture_block_arguments(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
-                            cache_dtype: torch.dtype, index: int = 0, cache_dir=None) -> tuple[torch.Tensor, dict[int, dict]]:
-    """Run the model up to block `index` for every sample; return that block's inputs (N, L, d) and, for
-    every block from `index` on, the keyword arguments the model passes to it (mask, position embeddings...).
-    They differ between blocks where the model alternates layer types (Gemma's sliding-window and global
-    layers: other masks, and for Gemma-3 other RoPE tables), so each block gets its own. The blocks from
-    `index` on are replaced by recorders while this runs: they cost nothing. For block 0 only the
-    embeddings move to `device` and back; for a later block the model must already be on `device`.
-    `cache_dir`: the inputs go to a file there as they are captured (activations.DiskActivations)."""
-    layers = adapter.layers(model)
-    capture = _Capture(index, len(layers) - 1, cache_dtype, samples.shape[0], cache_dir)
-    originals = [layers[i] for i in range(index, len(layers))]
-    for i in range(index, len(layers)):
-        layers[i] = _ArgumentRecorder(i, capture)
-    if index == 0:
-        non_block_to(model, adapter, device)
-    try:
-        for sample in samples:
-            try:
-                model(sample[None].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for i, block in zip(range(index, len(layers)), originals):
-            layers[i] = block
-        if index == 0:
-            non_block_to(model, adapter, "cpu")
-    return (capture.disk if capture.disk is not None else torch.cat(capture.inputs)), capture.kwargs
-
-
-def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, device,
-                         cache_dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, dict]:
-    """Block `index`'s inputs and its keyword arguments (capture_block_arguments, for one block)."""
-    inputs, kwargs = capture_block_arguments(model, adapter, samples, device, cache_dtype, index)
-    return inputs, kwargs[index]
 
 
 @dataclass
@@ -161,6 +62,7 @@ class BlockQuantizer:
             if cfg.wbits < 16 else None), reference=cfg.reference_compat, q_bits=cfg.q_width, kv_bits=cfg.kv_width)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
+        self.objective = BlockObjective.parse(cfg.loss)
         self.round_to_nearest: set[str] = set()     # linears with no calibration data (unrouted MoE experts)
         self.train_forward = None                   # the training steps' forward (trainer.CompiledForward), or the block
         for p in block.parameters():
@@ -194,7 +96,7 @@ class BlockQuantizer:
         """The block objective (--loss) on the samples `batch` (a slice or indices) of `data`: refresh the
         transforms, then `objective_on`. Call inside the autocast context."""
         self.refresh()
-        return objective_on(self.train_forward or self.block, data, batch, self.cfg.objective)
+        return objective_on(self.train_forward or self.block, data, batch, self.objective)
 
     def start_epoch(self, epoch: int) -> dict:
         """Every stage's schedule hook; returns what they report (AffineQuant: the matrices' health)."""
@@ -209,7 +111,7 @@ class BlockQuantizer:
         """Restore every stage. A rounder's keys (its learned rounding, e.g. TesseraQ's codes) are optional:
         without them it rounds anew, and another rounder's are ignored (a rebuild with --epochs 0 may round
         another way)."""
-        rounders = {name for name, cls in STAGES.items() if cls.is_rounder}
+        rounders = {name for name, cls in STAGES.items() if cls.config_class.is_rounder}
         own_rounder = self.stages[-1].config.name
         rounder_state = {k: v for k, v in state.items() if k.split(".", 1)[0] == own_rounder}
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in rounders}
@@ -286,31 +188,6 @@ def amp_context(device: torch.device, cfg: QuantConfig, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def objective_on(block: nn.Module, data: BlockData, batch, objective: BlockObjective) -> torch.Tensor:
-    """`objective` of `block` (as it stands) on the samples `batch` of `data`: its output against the
-    targets, and, for attention terms, the attention maps it reads against the FP block's on the FP
-    inputs, recomputed for this batch only (calibration-set-sized maps would not fit: N x heads x L x L)."""
-    device = data.device
-    with AttentionProbe(stop=False) if objective.needs_attention else contextlib.nullcontext() as reads:
-        out = _block_output(block(data.inputs[batch].to(device), **data.kwargs)).float()
-    fp_reads = []
-    if objective.needs_attention:
-        with torch.no_grad(), AttentionProbe(stop=True) as fp_reads:
-            data.fp_block(data.fp_inputs[batch].to(device), **data.kwargs)
-    return objective(LossBatch(out, [t[batch].to(device).float() for t in data.targets], reads or [], fp_reads))
-
-
-@torch.no_grad()
-def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device, ctx_factory) -> torch.Tensor:
-    """The block's outputs on `inputs`, a batch at a time, into a cache like `inputs` (in memory or on disk)."""
-    outs = empty_like(inputs)
-    for i in range(0, inputs.shape[0], batch_size):
-        with ctx_factory():
-            x = inputs[i:i + batch_size].to(device)
-            outs[i:i + batch_size] = _block_output(block(x, **kwargs)).to(outs.dtype)
-    return outs
-
-
 def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, cfg: QuantConfig,
                     device: torch.device, act_scales: dict | None = None,
                     act_shifts: dict | None = None, amp_dtype: torch.dtype = torch.float16,
@@ -364,7 +241,7 @@ def check_data_parallel(cfg: QuantConfig) -> None:
 
 def prepare_attention(model: nn.Module, cfg: QuantConfig) -> None:
     """Route attention through our function where the run quantizes q/k/v or a loss term reads the maps."""
-    if min(cfg.abits, cfg.q_width, cfg.kv_width) < 16 or cfg.objective.needs_attention:
+    if min(cfg.abits, cfg.q_width, cfg.kv_width) < 16 or cfg.loss_spec.needs_attention:
         use_quantized_attention(model)
 
 
@@ -380,7 +257,7 @@ class BlockRunner:
         self.data_parallel, self.compile_block = data_parallel, compile_block
         self.step_batch = cfg.batch_size // distributed.world() if data_parallel else cfg.batch_size
         self.act_scales, self.act_shifts = act_scales, act_shifts
-        self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, cfg.objective
+        self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, BlockObjective.parse(cfg.loss)
         self.cache_dtype = amp_dtype if amp_active(device, cfg, amp_dtype) else torch.float32
         self.ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
 

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from . import distributed
-from .utils import memory_report
+from .. import distributed
+from ..utils import memory_report
 
 log = logging.getLogger("affinequant")
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import QuantConfig
-from .errors import AffineQuantError
-from .utils import atomic_write, tensor_digest, write_json
+from ..config import QuantConfig
+from ..recipe import STAGE_CONFIGS
+from ..errors import AffineQuantError
+from ..utils import atomic_write, tensor_digest, write_json
 
 log = logging.getLogger("affinequant")
 
@@ -46,17 +47,15 @@ def _saved_recipe(saved: dict) -> list[dict]:
 
 def recipe_differences(saved: list[dict], now: list[dict], whole: bool) -> dict:
     """{what: (checkpoint, now)} between two recipes; without `whole`, only what the stored tensors depend on."""
-    from .stages import STAGES
-
     def kept(recipe):
-        return recipe if whole else [e for e in recipe if not STAGES[e["stage"]].is_rounder]
+        return recipe if whole else [e for e in recipe if not STAGE_CONFIGS[e["stage"]].is_rounder]
     saved, now = kept(saved), kept(now)
     if [e["stage"] for e in saved] != [e["stage"] for e in now]:
         return {"recipe": (" -> ".join(e["stage"] for e in saved), " -> ".join(e["stage"] for e in now))}
     diff = {}
     for a, b in zip(saved, now):
         # an option added since the checkpoint was written had its default then
-        a = {**STAGES[a["stage"]].config_class().to_dict(), **a}
+        a = {**STAGE_CONFIGS[a["stage"]]().to_dict(), **a}
         keys = set(a) | set(b) if whole else STRUCTURAL_OPTIONS.get(a["stage"], ())
         for k in sorted(keys):
             if a.get(k) != b.get(k):

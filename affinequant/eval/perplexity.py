@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models.blocks import capture_block_arguments, non_block_to, run_block
+
 log = logging.getLogger("affinequant")
 
 
@@ -172,7 +174,6 @@ def _streamed_hidden(model, adapter, windows: torch.Tensor, device, load, releas
     """The last block's outputs for every window (windows, L, d), walking the blocks one at a time: `load(i)`
     gives block i, `release(i)` drops it. Each window runs alone, as in `perplexity`: the same sums."""
     import contextlib
-    from .calibrate import capture_block_arguments, run_block
     hidden, kwargs = capture_block_arguments(model, adapter, windows, device, dtype)
     for index in tqdm(range(len(adapter.layers(model))), desc=desc, unit="block"):
         block = load(index)
@@ -216,7 +217,6 @@ def streamed_perplexity(blocks, adapter, tokens: torch.Tensor, seqlen: int, devi
     of the same model held in memory, bit for bit on the CPU."""
     windows, n_windows = _windows_of(tokens, seqlen, limit, desc)
     t0 = time.time()
-    from .calibrate import non_block_to
     model = blocks.model
     blocks.load_non_block(windows)          # the embedding rows of these windows; no head yet
     try:

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
-from .calibrate import _block_output, capture_block_arguments
-from .transforms import QK_OUTPUT
+from ..models.adapters import Adapter
+from ..models.blocks import block_output, capture_block_arguments
+from ..stages.transforms import QK_OUTPUT
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def collect_act_stats(model: nn.Module, adapter: Adapter, samples: torch.Tensor,
                         _keep_max(scales, key, _rows(out).abs().amax(0).cpu())
                     handles.append(module.register_forward_hook(out_hook))
         for i in range(inputs.shape[0]):
-            inputs[i:i + 1] = _block_output(block(inputs[i:i + 1].to(device), **block_kwargs[index])).float().cpu()
+            inputs[i:i + 1] = block_output(block(inputs[i:i + 1].to(device), **block_kwargs[index])).float().cpu()
         for h in handles:
             h.remove()
         block.to(device="cpu", dtype=orig_dtype)

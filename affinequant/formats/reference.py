@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, QuantConfig
-from .modeling import block_linear_shapes
-from .transforms import REFERENCE_TRUNCATION, band_mask, rope_pair_blocks
-from .utils import atomic_write
+from ..config import ConfigError, QuantConfig
+from ..models.loading import block_linear_shapes
+from ..stages.transforms import REFERENCE_TRUNCATION, band_mask, rope_pair_blocks
+from ..utils import atomic_write
 
 log = logging.getLogger("affinequant")
 
@@ -86,7 +86,7 @@ def configure_for_file(cfg: QuantConfig, params: dict) -> QuantConfig:
     """The run's configuration made to match the file: the reference's conventions on, the stages the
     file holds checked against the flags (a stage or matrix option that differs is refused with the
     flags to use), and LET's v -> o form taken from the file."""
-    from .recipe import recipe_data
+    from ..recipe import recipe_data
     found = file_stages(params)
     stages = cfg.stages()
     names = {s.name for s in stages}

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import Adapter
-from .kronecker import kron_matmul
-from .qmodules import QuantLinear, TransformedNorm
+from ..models.adapters import Adapter
+from ..quant.kronecker import kron_matmul
+from ..quant.qmodules import QuantLinear, TransformedNorm
 
 log = logging.getLogger("affinequant")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import AffineQuantError
-from .utils import hub_reachable
+from ..errors import AffineQuantError
+from ..utils import hub_reachable
 
 log = logging.getLogger("affinequant")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
-from .utils import hub_reachable
+from ..errors import ModelLoadError
+from ..utils import hub_reachable
 
 log = logging.getLogger("affinequant")
 

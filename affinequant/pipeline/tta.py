@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .calibrate import BlockRunner, capture_block_arguments, capture_block_inputs, prepare_attention
-from .config import ConfigError, QuantConfig
+from ..models.blocks import capture_block_arguments, capture_block_inputs
+from .calibrate import BlockRunner, prepare_attention
+from ..config import ConfigError, QuantConfig
 
 log = logging.getLogger("affinequant")
 

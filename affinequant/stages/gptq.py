@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .quantizer import grid_codes
+from ..quant.quantizer import fp16_scale, grid_codes
 
 
 class Hessian:
@@ -39,10 +39,6 @@ class Hessian:
         self.nsamples += n
         x = math.sqrt(2 / self.nsamples) * x
         self.H += x.T @ x
-
-
-def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    return scale.half().float()
 
 
 class GPTQ:

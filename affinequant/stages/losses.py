@@ -15,14 +15,16 @@ Target terms are summed over the targets, as OmniQuant sums its aug_loss term.
 """
 from __future__ import annotations
 
-import re
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
+from ..config import LOSS_TERMS, LossSpec
+from ..models.blocks import block_output
+from ..quant.qmodules import AttentionProbe
 
 
 @dataclass
@@ -41,13 +43,12 @@ class Term:
 
 
 TERMS: dict[str, Term] = {}
-PRESETS = {"dc": "mse+nlc+attn_kl"}        # names that expand to terms, and imply two targets
-TWO_TARGET_PRESETS = {"dc"}
 
 
 def term(name: str, needs_attention: bool = False):
     def register(fn):
         TERMS[name] = Term(fn, needs_attention, (fn.__doc__ or "").strip().split("\n")[0])
+        LOSS_TERMS[name] = needs_attention          # what --loss may name (config.LossSpec)
         return fn
     return register
 
@@ -113,39 +114,8 @@ def attn_kl(batch: LossBatch) -> torch.Tensor:
     return total
 
 
-_PART = re.compile(r"^\s*(?:(\d+(?:\.\d*)?(?:e-?\d+)?)\s*\*\s*)?([a-z_]+)\s*$")
-
-
-@dataclass(frozen=True)
-class BlockObjective:
-    """A parsed --loss: weighted terms, and whether they need the second target or attention maps."""
-    spec: str = "mse"
-    terms: tuple = (("mse", 1.0),)
-    two_targets: bool = False
-    needs_attention: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> "BlockObjective":
-        known = ", ".join(list(TERMS) + list(PRESETS))
-        terms: list[tuple[str, float]] = []
-        two_targets = False
-        for part in spec.split("+"):
-            m = _PART.match(part)
-            if not m or (m.group(2) not in TERMS and m.group(2) not in PRESETS):
-                raise ConfigError(f"--loss {spec!r}: {part.strip()!r} is not a loss term; write terms joined by '+', "
-                                  f"each optionally weighted ('mse+0.5*nlc'), from: {known}")
-            weight, name = float(m.group(1)) if m.group(1) else 1.0, m.group(2)
-            if name in PRESETS:
-                two_targets |= name in TWO_TARGET_PRESETS
-                terms += [(n, weight) for n in PRESETS[name].split("+")]
-            else:
-                terms.append((name, weight))
-        merged: dict[str, float] = {}
-        for name, weight in terms:
-            merged[name] = merged.get(name, 0.0) + weight
-        if not any(w > 0 for w in merged.values()):
-            raise ConfigError(f"--loss {spec!r} has no term with a positive weight")
-        return cls(spec, tuple(merged.items()), two_targets, any(TERMS[n].needs_attention for n in merged))
+class BlockObjective(LossSpec):
+    """A parsed --loss that computes itself on a LossBatch."""
 
     def __call__(self, batch: LossBatch) -> torch.Tensor:
         return sum(w * TERMS[name].fn(batch) for name, w in self.terms if w)
@@ -153,3 +123,22 @@ class BlockObjective:
     def describe(self) -> str:
         parts = " + ".join(name if w == 1 else f"{w:g}*{name}" for name, w in self.terms)
         return parts + (" (two targets: FP chain and FP block on the quantized input)" if self.two_targets else "")
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The block objective `kind` (a --loss spec without attention terms) against one target."""
+    return BlockObjective.parse(kind)(LossBatch(out, [target]))
+
+
+def objective_on(block: torch.nn.Module, data, batch, objective: BlockObjective) -> torch.Tensor:
+    """`objective` of `block` (as it stands) on the samples `batch` of `data` (a stages.BlockData): its output
+    against the targets, and, for attention terms, the attention maps it reads against the FP block's on the
+    FP inputs, recomputed for this batch only (calibration-set-sized maps would not fit: N x heads x L x L)."""
+    device = data.device
+    with AttentionProbe(stop=False) if objective.needs_attention else contextlib.nullcontext() as reads:
+        out = block_output(block(data.inputs[batch].to(device), **data.kwargs)).float()
+    fp_reads = []
+    if objective.needs_attention:
+        with torch.no_grad(), AttentionProbe(stop=True) as fp_reads:
+            data.fp_block(data.fp_inputs[batch].to(device), **data.kwargs)
+    return objective(LossBatch(out, [t[batch].to(device).float() for t in data.targets], reads or [], fp_reads))

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
-from .utils import atomic_write
+from ..errors import ModelLoadError
+from ..utils import atomic_write
 
 log = logging.getLogger("affinequant")
 

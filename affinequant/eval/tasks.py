@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
-from .utils import hub_reachable
+from ..config import ConfigError
+from ..utils import hub_reachable
 
 log = logging.getLogger("affinequant")
 
