@@ -78,3 +78,12 @@ def test_calibration_from_text_file(tmp_path):
     assert samples.shape == (4, 16) and torch.equal(samples, again) and "c.txt" in source
     with pytest.raises(DataError, match="fewer than one window"):
         calibration_samples(str(tmp_path / "c.txt"), tok, 4, 100000, 2, None)
+
+
+def test_the_default_data_dir_is_shared_data_beside_the_checkout(monkeypatch):
+    """Without --data_dir or $AFFINEQUANT_DATA, runs read ../shared/data (relative to the repository), wherever
+    the package's modules sit inside it."""
+    from affinequant.eval.data import default_data_dir
+    monkeypatch.delenv("AFFINEQUANT_DATA", raising=False)
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert default_data_dir() == (beside if beside.is_dir() else None)

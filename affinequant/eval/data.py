@@ -45,7 +45,8 @@ def default_data_dir(explicit: str | None = None) -> Path | None:
     env = os.environ.get("AFFINEQUANT_DATA")
     if env and not Path(env).is_dir():
         raise DataError(f"$AFFINEQUANT_DATA={env} is not a directory: fix or unset it")
-    for candidate in (env, Path(__file__).resolve().parents[2] / "shared" / "data"):
+    checkout = Path(__file__).resolve().parents[2]      # affinequant/eval/data.py → the repository's root
+    for candidate in (env, checkout.parent / "shared" / "data"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
