@@ -101,8 +101,8 @@ class QuantConfig:
     compensation: bool = False         # ABQ-LLM's rank-1 down_proj compensation, first 3 / last 4 blocks (stages.compensation)
     clip_search: bool = False          # search each group's clipping ratio before training (stages.clip_search)
     gptq: bool = False                 # round the weights with GPTQ instead of to nearest (stages.rounding)
-    percdamp: float = 0.01             # GPTQ's dampening, a fraction of the Hessian's mean diagonal
-    act_order: bool = False            # GPTQ columns by descending Hessian diagonal (static groups)
+    percdamp: float = 0.05             # GPTQ's dampening, a fraction of the Hessian's mean diagonal (GPTQ's: 0.01)
+    act_order: bool = True             # GPTQ columns by descending Hessian diagonal (static groups; GPTQ's: off)
     tesseraq: bool = False             # round with TesseraQ's PAR + dequantization-scale tuning (stages.tesseraq)
     par_iters: int = 250               # TesseraQ: Adam steps per round
     par_batch: int = 4                 # TesseraQ: samples per step
@@ -183,7 +183,7 @@ class QuantConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
         if self.recipe is not None:
-            flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq", "act_order",
+            flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq",
                                         "tesseraq", "compensation", "flatquant") if getattr(self, k)]
             if flags:
                 raise ConfigError(f"--recipe names the stages, so {' '.join(flags)} would be ignored: drop them, or "
@@ -192,8 +192,6 @@ class QuantConfig:
             raise ConfigError("--flatquant and --let both transform what the norms feed: keep one")
         if self.tesseraq and self.gptq:
             raise ConfigError("--tesseraq and --gptq both round the weights: keep one")
-        if self.act_order and not self.gptq:
-            raise ConfigError("--act_order orders GPTQ's columns: add --gptq, or drop --act_order")
         if not 0.0 <= self.percdamp < 1.0:
             raise ConfigError(f"--percdamp must lie in [0, 1) (got {self.percdamp}); GPTQ uses 0.01")
         stages = resolve(self)

@@ -48,14 +48,19 @@ METHODS = {
     # stages that learn nothing (no --epochs): the clipping search, GPTQ rounding (columns in act-order, as
     # GPTQModel's default group-aware reordering), and both
     "clip search": ["--clip_search"],
-    "GPTQ": ["--gptq", "--act_order"],
+    # (the rows before issue 30 ran act order at damping 0.01, spelled out below since the defaults changed)
+    "GPTQ": ["--gptq", "--act_order", "--percdamp", "0.01"],
     "GPTQ@damp0.05": ["--gptq", "--act_order", "--percdamp", "0.05"],    # GPTQModel's default dampening
-    "clip search+GPTQ": ["--clip_search", "--gptq", "--act_order"],
+    "GPTQ@damp0.1": ["--gptq", "--act_order", "--percdamp", "0.1"],
+    "GPTQ (GPTQ's defaults)": ["--gptq", "--no_act_order", "--percdamp", "0.01"],   # natural order, GPTQ's damping
+    "GPTQ (defaults)": ["--gptq"],                                                # what --gptq alone does now
+    "clip search+GPTQ": ["--clip_search", "--gptq", "--act_order", "--percdamp", "0.01"],
     # AffineQuant's transforms and LWC, then GPTQ rounding on the merged weights (FlatQuant's composition)
-    "AffineQuant+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--gptq", "--act_order"],
+    "AffineQuant+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--gptq", "--act_order", "--percdamp", "0.01"],
     # the clipping search as LWC's start, alone and inside AffineQuant+GPTQ (recipes/affinequant-clip-gptq.yaml)
     "clip search+LWC": ["--clip_search", "--lwc"],
-    "AffineQuant+clip search+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--clip_search", "--gptq", "--act_order"],
+    "AffineQuant+clip search+GPTQ": ["--lwc", "--let", "--use_ln_matrix", "--clip_search", "--gptq", "--act_order",
+                                     "--percdamp", "0.01"],
     # the reference code's conventions (--reference_compat: its LET init, shifts after RMSNorm, per-channel q/k
     # scale, truncation, quantizer range, float16 model) against this tool's defaults, on the same budget
     "LWC (reference conventions)": ["--lwc", "--reference_compat"],
@@ -83,7 +88,7 @@ METHODS = {
     # same on the quantized trajectory; and its transforms at their start (random Kronecker rotation after the
     # smoothing scale), untrained
     "FlatQuant": ["--flatquant", "--train_inputs", "fp"],
-    "FlatQuant+GPTQ": ["--flatquant", "--train_inputs", "fp", "--gptq", "--act_order"],
+    "FlatQuant+GPTQ": ["--flatquant", "--train_inputs", "fp", "--gptq", "--act_order", "--percdamp", "0.01"],
     "FlatQuant (quantized inputs)": ["--flatquant"],
     "FlatQuant (untrained)": ["--flatquant"],
     "FlatQuant@15 epochs": ["--flatquant", "--train_inputs", "fp", "--epochs", "15"],   # FlatQuant's epochs
@@ -94,7 +99,8 @@ METHODS = {
 }
 TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET",
             "LWC+LET (MSE+NLC) +TTA fp_block": "LWC+LET (MSE+NLC)"}
-TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
+TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "GPTQ@damp0.1",
+             "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),

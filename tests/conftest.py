@@ -90,9 +90,17 @@ def tokens():
     return torch.randint(0, VOCAB, (8, 32))
 
 
-def save_tiny(path, family: str = "llama"):
-    """A tiny model with a word-level tokenizer, saved as a local Hugging Face directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def save_tiny(path, family: str = "llama", bos: bool = False):
+    """A tiny model with a word-level tokenizer, saved as a local Hugging Face directory. `bos`: the tokenizer
+    opens every text with <s>, as Llama's does."""
+    tiny_model(family).save_pretrained(path)
+    tiny_tokenizer(bos).save_pretrained(path)
+    return str(path)
+
+
+def tiny_tokenizer(bos: bool = False):
+    """A word-level tokenizer of the tiny models' vocabulary; `bos`: it adds <s> (id 2) in front, as Llama's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(
@@ -101,11 +109,10 @@ def save_tiny(path, family: str = "llama"):
     assert len(vocab) <= VOCAB
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
-    tiny_model(family).save_pretrained(path)
-    fast.save_pretrained(path)
-    return str(path)
 
 
 def write_text(path, n_words: int = 6000, seed: int = 0):

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affinequant.pipeline import calibrate
 from affinequant.models.adapters import get_adapter
 from affinequant.pipeline.calibrate import quantize_blocks
 from affinequant.stages.losses import block_loss

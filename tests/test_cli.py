@@ -47,6 +47,8 @@ def base(tiny_dir, calib, tmp_path, *extra):
     (["--wbits", "16", "--abits", "16", "--let"], "nothing to transform"),
     (["--recipe", "no-such-recipe.yaml"], "--recipe no-such-recipe.yaml: no such file"),
     (["--act_order"], "add --gptq"),
+    (["--no_act_order"], "add --gptq"),
+    (["--gptq", "--act_order", "--no_act_order"], "contradict each other"),
 ])
 def test_bad_flags(capsys, tiny_dir, calib, tmp_path, flags, expect):
     assert expect in _error(capsys, base(tiny_dir, calib, tmp_path, *flags))

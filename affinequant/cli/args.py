@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..config import LET_INITS, QK_INITS, QuantConfig
-from ..eval.data import PPL_DATASETS
+from ..config import LET_INITS, QK_INITS, ConfigError, QuantConfig
+from ..eval.data import BOS_MODES, PPL_DATASETS
 from ..pipeline.tta import TTA_TARGETS
 
 log = logging.getLogger("affinequant")
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--calib_dataset", default=None,
       help="wikitext2 | c4 | ptb | generated | a .txt/.jsonl/.parquet file "
            "(default: wikitext2 if reachable, else c4, else model-generated text)")
+    a("--calib_bos", default="on", choices=["on", "off"],
+      help="on: where the tokenizer adds BOS (Llama, Mistral, Gemma), each calibration sample is BOS and seqlen-1 "
+           "tokens of text, as the model sees text in use; off: plain slices of text, as the reference's")
     a("--data_dir", default=None, help="folder of local data files (also $AFFINEQUANT_DATA)")
     a("--nsamples", type=int, default=128, help="number of calibration samples")
     a("--seqlen", type=int, default=2048, help="tokens per calibration sample and perplexity window")
@@ -50,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=2, help="seed for calibration sampling")
     a("--eval_ppl", action="store_true", help="evaluate perplexity")
     a("--ppl_datasets", default="wikitext2,c4", help=f"comma-separated, from {', '.join(PPL_DATASETS)}")
+    a("--ppl_bos", default="first", choices=list(BOS_MODES),
+      help="BOS in perplexity windows: first, the joined text tokenized once with the tokenizer's defaults (BOS opens "
+           "window 0 where the tokenizer adds one: GPTQ's, OmniQuant's, AffineQuant's protocol); every, each window "
+           "opens with BOS (lm-eval's rolling perplexity); none, no special tokens")
     a("--no_kl", action="store_true", help="skip the KL/top-1 comparison with the full-precision model "
                                            "(it keeps a full-precision copy in memory)")
     a("--kl_reference", default="model", choices=["model", "disk"],
@@ -133,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="what a block learns on: its inputs on the quantized model (OmniQuant, AffineQuant) or on the FP model "
            "(FlatQuant)")
     a("--gptq", action="store_true", help="round the weights with GPTQ after the transforms (instead of to nearest)")
-    a("--percdamp", type=float, default=0.01, help="GPTQ dampening: fraction of the Hessian's mean diagonal")
-    a("--act_order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order (static groups)")
+    a("--percdamp", type=float, default=0.05,
+      help="GPTQ dampening: fraction of the Hessian's mean diagonal (GPTQModel's 0.05; GPTQ's original 0.01)")
+    a("--act_order", action="store_true", dest="act_order_flag",
+      help="GPTQ: columns in descending Hessian-diagonal order, with static groups (the default)")
+    a("--no_act_order", action="store_true",
+      help="GPTQ: columns in natural order, as GPTQ's original (with --percdamp 0.01: its defaults)")
     a("--tesseraq", action="store_true",
       help="round the weights with TesseraQ (progressive adaptive rounding + dequantization-scale tuning) after the "
            "transforms and clipping")
@@ -181,8 +192,17 @@ def default_epochs(args) -> int:
 
 def config_from_args(args) -> QuantConfig:
     from ..recipe import load_recipe_file
+    order_flags = [f for f, given in (("--act_order", args.act_order_flag), ("--no_act_order", args.no_act_order))
+                   if given]
+    if len(order_flags) == 2:
+        raise ConfigError("--act_order and --no_act_order contradict each other: keep one")
+    if order_flags and args.recipe:
+        raise ConfigError(f"--recipe names the stages, so {order_flags[0]} would be ignored: drop it, or put "
+                          f"act_order in the recipe's gptq stage")
+    if order_flags and not args.gptq:
+        raise ConfigError(f"{order_flags[0]} orders GPTQ's columns: add --gptq, or drop {order_flags[0]}")
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
-                       clip_search=args.clip_search, compensation=args.compensation, gptq=args.gptq, percdamp=args.percdamp, act_order=args.act_order,
+                       clip_search=args.clip_search, compensation=args.compensation, gptq=args.gptq, percdamp=args.percdamp, act_order=not args.no_act_order,
                        tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
                        par_rounds=args.par_rounds,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..eval.data import calibration_samples
+from ..eval.data import adds_bos, calibration_samples
 from ..formats.reference import ReferenceResume, write_reference_params
 from ..pipeline.calibrate import quantize_blocks
 from ..pipeline.checkpoint import CalibrationCheckpoint
@@ -52,9 +52,12 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     activation statistics (act_scales, act_shifts; None when no stage uses them). `reference_params`: a
     reference parameter file to rebuild blocks from (--resume FILE.pth). `blocks`: --stream's StreamedModel (the
     KL reference is then its FP blocks, re-read at evaluation: None here)."""
+    calib_bos = args.calib_bos == "on" and adds_bos(tokenizer)
     samples, calib_source = calibration_samples(args.calib_dataset, tokenizer, cfg.nsamples, cfg.seqlen,
-                                                cfg.seed, data_dir, None if blocks is not None else model)
+                                                cfg.seed, data_dir, None if blocks is not None else model, calib_bos)
     results["calibration"] = calib_source
+    results["calibration_bos"] = calib_bos
+    results["calibration_data_free"] = calib_source.startswith("generated")
     log.info("calibration: %d x %d tokens from %s", cfg.nsamples, cfg.seqlen, calib_source)
 
     act_scales = act_shifts = None

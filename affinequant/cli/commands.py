@@ -121,6 +121,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
             amp_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
             tta = lambda windows: adapt(model, reference, adapter, windows, cfg, tta_config(args), device,  # noqa: E731
                                         amp_dtype, *stats)
+        results["ppl_bos"] = args.ppl_bos
         results["ppl"], tta_results = evaluate_ppl(args, model, reference, tokenizer, device, data_dir, cfg.seqlen,
                                                    adapter, tta, blocks)
         if tta_results:

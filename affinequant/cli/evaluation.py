@@ -100,7 +100,7 @@ def _ppl_sets(args, tokenizer, seqlen, data_dir, out: dict | None = None):
     (without `out`, passed over in silence: the evaluation reports it)."""
     for name in [d.strip() for d in args.ppl_datasets.split(",") if d.strip()]:
         try:
-            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir)
+            tokens, source = eval_tokens(name, tokenizer, seqlen, data_dir, args.ppl_bos)
         except DataError as exc:
             if out is not None:
                 log.warning("perplexity on %s skipped: %s", name, exc)

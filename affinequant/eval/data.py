@@ -1,5 +1,12 @@
 """Calibration and evaluation text, GPTQ protocol.
 
+BOS as the papers have it (GPTQ's, OmniQuant's and AffineQuant's datautils): a perplexity set's joined text is
+tokenized once with the tokenizer's defaults, so a tokenizer that adds BOS (Llama, Mistral, Gemma) puts it at
+the start of window 0 and nowhere else (`--ppl_bos first`); `every` opens each window with BOS, as lm-eval's
+rolling perplexity does; `none` tokenizes without special tokens. SmolLM2's and Qwen2.5's tokenizers add no
+BOS, and there the three agree but for `every`. Calibration samples open with BOS where the tokenizer adds one
+(`--calib_bos on`), so a block is calibrated on the attention sink it sees in use.
+
 Every dataset is loaded from the hub by name when it is reachable, and otherwise from local
 files in the data directory (--data_dir, $AFFINEQUANT_DATA, or ../shared/data beside the
 checkout) under their usual names. Results always record which source was used.
@@ -23,6 +30,7 @@ log = logging.getLogger("affinequant")
 PPL_DATASETS = ("wikitext2", "c4", "ptb", "c4-new", "ptb-new")
 CALIB_DATASETS = ("wikitext2", "c4", "ptb", "generated")
 C4_EVAL_WINDOWS = 256
+BOS_MODES = ("first", "every", "none")
 
 
 
@@ -157,8 +165,37 @@ def load_text(name: str, split: str, data_dir: Path | None) -> Text:
     raise DataError(f"unknown dataset '{name}': use one of {', '.join(PPL_DATASETS)}, or a file path")
 
 
-def _tokenize(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+def _tokenize(tokenizer, text: str, special: bool = False) -> torch.Tensor:
+    """`special`: the tokenizer's defaults (BOS where it adds one), else the bare text's tokens."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=special).input_ids[0]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's defaults open a text with BOS (Llama's, Mistral's, Gemma's do; SmolLM2's and
+    Qwen2.5's add nothing)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+def bos_token_id(tokenizer, flag: str) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise DataError(f"{flag} needs a BOS token and this tokenizer has none: choose another {flag.split()[0]} value")
+    return bos
+
+
+def _with_bos(windows: torch.Tensor, bos: int) -> torch.Tensor:
+    """(n, s) windows → (n, s + 1), each opened by BOS."""
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def _bos_every(ids: torch.Tensor, seqlen: int, bos: int) -> torch.Tensor:
+    """A token stream cut into windows of seqlen − 1, each opened by BOS, as one stream of whole windows."""
+    width = seqlen - 1
+    return _with_bos(ids[: ids.numel() // width * width].reshape(-1, width), bos).reshape(-1)
 
 
 def random_windows(tokens: torch.Tensor, n: int, seqlen: int, rng: random.Random) -> torch.Tensor:
@@ -169,16 +206,18 @@ def random_windows(tokens: torch.Tensor, n: int, seqlen: int, rng: random.Random
     return torch.stack([tokens[s:s + seqlen] for s in starts])
 
 
-def document_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Random) -> torch.Tensor:
+def document_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Random,
+                     special: bool = False) -> torch.Tensor:
     """GPTQ's C4 draw: a random document with more than seqlen tokens, a random window in it.
-    (`>` rather than `>=` avoids GPTQ's randint crash on documents of exactly seqlen tokens.)"""
+    (`>` rather than `>=` avoids GPTQ's randint crash on documents of exactly seqlen tokens.)
+    `special`: documents tokenized with the tokenizer's defaults, as GPTQ's (a window at 0 then opens with BOS)."""
     out, tries = [], 0
     while len(out) < n:
         tries += 1
         if tries > 100 * n + 1000:
             raise DataError(f"found only {len(out)} documents longer than --seqlen {seqlen} tokens; "
                             f"use a smaller --seqlen or more documents")
-        ids = _tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+        ids = _tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)], special)
         if ids.numel() <= seqlen:
             continue
         start = rng.randint(0, ids.numel() - seqlen - 1)
@@ -186,76 +225,93 @@ def document_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: rando
     return torch.stack(out)
 
 
-def generated_samples(model, tokenizer, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Data-free calibration: text sampled from the model itself, each sample from a random first
-    token (as LLM-QAT does), for when no data is reachable at all."""
+def generated_samples(model, tokenizer, n: int, seqlen: int, seed: int, bos: bool = False) -> torch.Tensor:
+    """Data-free calibration: text sampled from the model itself, each sample from a random first token (as
+    LLM-QAT does; after BOS with `bos`), for when no data is reachable at all. All samples in one batch, with the
+    KV cache: a 135M model's 4 × 256 tokens take seconds."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
     device = next(model.parameters()).device
-    samples = []
-    for _ in range(n):
-        start = torch.randint(0, vocab, (1, 1), generator=gen).to(device)
-        with torch.no_grad():
-            out = model.generate(start, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, do_sample=True,
-                                 top_k=50, pad_token_id=tokenizer.pad_token_id or 0)
-        samples.append(out[0, :seqlen].cpu())
-    return torch.stack(samples)
+    start = torch.randint(0, model.config.vocab_size, (n, 1), generator=gen)
+    if bos:
+        start = _with_bos(start, bos_token_id(tokenizer, "--calib_bos on"))
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        new = seqlen - start.shape[1]
+        out = model.generate(start.to(device), attention_mask=torch.ones_like(start).to(device), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=True, top_k=50, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id or 0)
+    return out[:, :seqlen].cpu()
 
 
 def calibration_samples(name: str | None, tokenizer, nsamples: int, seqlen: int, seed: int,
-                        data_dir: Path | None, model=None) -> tuple[torch.Tensor, str]:
+                        data_dir: Path | None, model=None, bos: bool = False) -> tuple[torch.Tensor, str]:
     """(nsamples, seqlen) token windows for calibration, and a description of their source.
-    name None means: WikiText-2 train if reachable, else C4, else model-generated text."""
-    rng = random.Random(seed)
+    name None means: WikiText-2 train if reachable, else C4, else model-generated text. `bos`: each sample is
+    BOS and seqlen − 1 tokens of text (the reference's random slices never hold it)."""
     if name is None:
         for candidate in ("wikitext2", "c4"):
             try:
-                return calibration_samples(candidate, tokenizer, nsamples, seqlen, seed, data_dir, model)
+                return calibration_samples(candidate, tokenizer, nsamples, seqlen, seed, data_dir, model, bos)
             except DataError as exc:
                 log.warning("calibration set %s unavailable (%s)", candidate, str(exc).split(":")[0])
-        log.warning("no calibration data reachable: using text generated by the model (data-free)")
+        log.warning("no calibration data reachable: calibrating on text generated by the model (data-free). For "
+                    "real text, point --data_dir at a folder with wiki.train.raw or c4-validation*.json.gz|.parquet, "
+                    "or pass --calib_dataset FILE.txt|.jsonl|.parquet")
         name = "generated"
     if name == "generated":
         if model is None:
             raise DataError("model-generated calibration text needs the whole model in memory: give --calib_dataset "
                             "(a text file, wikitext2 or c4), or drop --stream")
-        return generated_samples(model, tokenizer, nsamples, seqlen, seed), f"generated by the model, seed {seed}"
+        return (generated_samples(model, tokenizer, nsamples, seqlen, seed, bos),
+                f"generated by the model, seed {seed}{', each opening with BOS' if bos else ''}")
+    samples, source = _text_samples(name, tokenizer, nsamples, seqlen - 1 if bos else seqlen, seed, data_dir)
+    if bos:
+        return _with_bos(samples, bos_token_id(tokenizer, "--calib_bos on")), f"{source}, each opening with BOS"
+    return samples, source
+
+
+def _text_samples(name: str, tokenizer, nsamples: int, width: int, seed: int, data_dir: Path | None):
+    rng = random.Random(seed)
     path = Path(name)
     if path.suffix in (".txt", ".jsonl", ".json", ".parquet", ".gz") or path.is_file():
         if not path.is_file():
             raise DataError(f"calibration file {name} does not exist")
         docs = _read_documents(path)
         if len(docs) > 1:
-            return document_windows(docs, tokenizer, nsamples, seqlen, rng), f"file:{path}, {nsamples} windows"
-        return random_windows(_tokenize(tokenizer, docs[0]), nsamples, seqlen, rng), f"file:{path}, {nsamples} windows"
+            return document_windows(docs, tokenizer, nsamples, width, rng), f"file:{path}, {nsamples} windows"
+        return random_windows(_tokenize(tokenizer, docs[0]), nsamples, width, rng), f"file:{path}, {nsamples} windows"
     if name in ("c4", "c4-new"):
         text = load_text("c4", "train", data_dir)
         split = "validation" if "validation" in text.source else "train"   # a local sample may be validation text
-        return document_windows(text.text, tokenizer, nsamples, seqlen, rng), f"c4 {split} ({text.source}), seed {seed}"
+        return document_windows(text.text, tokenizer, nsamples, width, rng), f"c4 {split} ({text.source}), seed {seed}"
     if name in ("wikitext2", "ptb"):
         text = load_text(name, "train", data_dir)
-        return random_windows(_tokenize(tokenizer, text.text), nsamples, seqlen, rng), f"{name} train ({text.source}), seed {seed}"
+        return random_windows(_tokenize(tokenizer, text.text), nsamples, width, rng), f"{name} train ({text.source}), seed {seed}"
     raise DataError(f"unknown calibration set '{name}': use one of {', '.join(CALIB_DATASETS)} or a "
                     f".txt/.jsonl/.parquet file")
 
 
-def eval_tokens(name: str, tokenizer, seqlen: int, data_dir: Path | None) -> tuple[torch.Tensor, str]:
-    """The token stream of a perplexity set, GPTQ protocol; evaluated in non-overlapping windows."""
-    if name == "wikitext2":
-        text = load_text("wikitext2", "test", data_dir)
-        return _tokenize(tokenizer, text.text), text.source
-    if name == "ptb":
-        text = load_text("ptb", "validation", data_dir)
-        return _tokenize(tokenizer, text.text), text.source
-    if name == "ptb-new":
-        text = load_text("ptb-new", "test", data_dir)
-        return _tokenize(tokenizer, text.text), text.source
+def eval_tokens(name: str, tokenizer, seqlen: int, data_dir: Path | None, bos: str = "first") -> tuple[torch.Tensor, str]:
+    """The token stream of a perplexity set, GPTQ protocol, evaluated in non-overlapping windows of seqlen.
+    `bos` (BOS_MODES): first, the tokenizer's defaults on the joined text (the papers'); every, each window
+    BOS and seqlen − 1 tokens; none, no special tokens."""
+    if bos not in BOS_MODES:
+        raise DataError(f"--ppl_bos {bos}: use one of {', '.join(BOS_MODES)}")
+    special, every = bos == "first", bos == "every"
+    bos_id = bos_token_id(tokenizer, "--ppl_bos every") if every else None
+    if name in ("wikitext2", "ptb", "ptb-new"):
+        text = load_text(name, {"wikitext2": "test", "ptb": "validation", "ptb-new": "test"}[name], data_dir)
+        ids = _tokenize(tokenizer, text.text, special)
+        return (_bos_every(ids, seqlen, bos_id) if every else ids), text.source
     if name == "c4":
         text = load_text("c4", "validation", data_dir)
-        windows = document_windows(text.text, tokenizer, C4_EVAL_WINDOWS, seqlen, random.Random(0))
+        windows = document_windows(text.text, tokenizer, C4_EVAL_WINDOWS, seqlen - 1 if every else seqlen,
+                                   random.Random(0), special)
+        windows = _with_bos(windows, bos_id) if every else windows
         return windows.reshape(-1), f"{text.source}, {C4_EVAL_WINDOWS} random windows, seed 0"
     if name == "c4-new":
         text = load_text("c4", "validation", data_dir)
-        ids = _tokenize(tokenizer, " ".join(text.text[:1100]))
+        ids = _tokenize(tokenizer, " ".join(text.text[:1100]), special)
+        ids = _bos_every(ids, seqlen, bos_id) if every else ids
         return ids[: C4_EVAL_WINDOWS * seqlen], f"{text.source}, first 1100 documents joined"
     raise DataError(f"unknown perplexity set '{name}': use one of {', '.join(PPL_DATASETS)}")
