@@ -291,3 +291,30 @@ def test_kl_reference_on_disk_checks_the_space_first(tiny_dir, calib, tmp_path, 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10, 10, 1000))
     with pytest.raises(SystemExit, match="--kl_reference disk needs .* GiB .* free"):
         run(base(tiny_dir, calib, tmp_path, "--wbits", "3", *ppl, "--kl_reference", "disk"))
+
+
+def test_gptq_export_is_complete_for_the_engines(calib, tmp_path):
+    """What vLLM needs with no hand edits (issue 31): `architectures` in config.json (a config built from a GGUF
+    has none), generation_config.json, and a tied embedding under both its names (vLLM does not re-tie on load);
+    our own loader still reads it back to the same logits."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from affinequant import load_quantized
+    model_dir = save_tiny(tmp_path / "tied")
+    config = LlamaConfig.from_pretrained(model_dir)
+    config.tie_word_embeddings, config.architectures = True, None
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)       # saved once, as SmolLM2's GGUF has it
+    config.save_pretrained(model_dir)                         # without architectures, as a GGUF's config
+    model = _run_keeping_model(base(model_dir, calib, tmp_path, "--wbits", "4", "--group_size", "16", "--symmetric",
+                                    "--real_quant", "--save_dir", str(tmp_path / "q")))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"] and (tmp_path / "q" / "generation_config.json").is_file()
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), f.get_tensor("lm_head.weight"))
+    reloaded = load_quantized(str(tmp_path / "q"))
+    ids = torch.randint(0, 40, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

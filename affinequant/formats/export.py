@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from ..models.adapters import get_adapter
 from ..errors import OutputError
@@ -110,14 +110,32 @@ def choose_gptq_format(model, symmetric: bool, requested: str = "auto", blocks=N
     return requested
 
 
-def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: int | None = None) -> None:
+def _every_name(state: dict) -> dict:
+    """`state` with a tensor shared by several names (a tied embedding and output head) stored under each of
+    them: vLLM, unlike transformers, does not re-tie on load and reads model.embed_tokens.weight."""
+    out, storage = {}, {}
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        out[key] = tensor.clone().contiguous() if ptr in storage else tensor.contiguous()
+        storage.setdefault(ptr, key)
+    return out
+
+
+def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: int | None = None,
+                   every_name: bool = False) -> None:
     """The model's tensors as `stem`.safetensors; for a streamed model (`blocks`), as Hugging Face shards
     (`stem`-0000k-of-0000n.safetensors and `stem`.safetensors.index.json: the non-block tensors, then one shard
     per block, each block read back from the store while its shard is written), which from_pretrained,
-    GPTQModel and load_quantized read. `zero_offset`: the GPTQ zero-point encoding of packed layers."""
+    GPTQModel and load_quantized read. `zero_offset`: the GPTQ zero-point encoding of packed layers.
+    `every_name`: a tied tensor under each of its names, for the engines (see _every_name)."""
     from safetensors.torch import save_file
     if blocks is None or not blocks.streamed:
-        atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+        if every_name:
+            tensors = _every_name(model.state_dict())
+            atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        else:
+            atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
         return
     prefix = blocks.prefix
     n_shards = len(blocks) + 1
@@ -134,11 +152,11 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
     with blocks.non_block():
         seen, non_block = set(), {}
         for key, tensor in model.state_dict(keep_vars=True).items():
-            if key.startswith(prefix) or id(tensor) in seen:      # a tied output embedding: saved once
+            if key.startswith(prefix) or (id(tensor) in seen and not every_name):   # a tied output embedding
                 continue
             seen.add(id(tensor))
             non_block[key] = tensor
-        write(1, non_block)
+        write(1, _every_name(non_block) if every_name else non_block)
     for index in range(len(blocks)):
         block = blocks.restore(index)
         if zero_offset is not None:
@@ -152,26 +170,25 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
 
 
 def _read_weights(model, path: Path, stem: str) -> None:
-    """Load what _write_weights wrote (one file or shards) into `model`, strictly (a tied output embedding
-    may be absent)."""
-    index = path / f"{stem}.safetensors.index.json"
-    if not index.is_file():
-        load_model(model, path / f"{stem}.safetensors", strict=True)
-        return
+    """Load what _write_weights wrote (one file or shards) into `model`, strictly: every tensor the file holds is
+    the model's, and every tensor of the model is read, a tied one under any of its names."""
     from safetensors.torch import load_file
+    index = path / f"{stem}.safetensors.index.json"
+    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+              else [f"{stem}.safetensors"])
     loaded = set()
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+    for shard in shards:
         tensors = load_file(path / shard)
         unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
         if unexpected:
             raise RuntimeError(f"{shard} holds tensors the model lacks: {unexpected[:3]}")
         loaded |= set(tensors)
-    out = model.get_output_embeddings()
-    tied = {f"{n}.weight" for n, m in model.named_modules() if m is out} \
-        if out is not None and out.weight is model.get_input_embeddings().weight else set()
-    missing = set(model.state_dict()) - loaded - tied
+    names_of = {}           # one storage, every name it has (a tied embedding and output head)
+    for key, tensor in model.state_dict().items():
+        names_of.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()), set()).add(key)
+    missing = [key for names in names_of.values() if not names & loaded for key in sorted(names)]
     if missing:
-        raise RuntimeError(f"the shards lack {sorted(missing)[:3]}")
+        raise RuntimeError(f"the weights lack {missing[:3]}")
 
 
 def gptq_config(packed: dict[str, list], sym: bool) -> dict:
@@ -274,9 +291,15 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
         elif fmt == "gptq":
             qcfg = gptq_config(packed, cfg.symmetric)
             config_dict = config.to_dict()
+            # what an engine needs to pick the class (a config built from a GGUF names none) and the dtype to run
+            config_dict["architectures"] = config_dict.get("architectures") or [type(model).__name__]
+            if not (config_dict.get("dtype") or config_dict.get("torch_dtype")):
+                config_dict["torch_dtype"] = "float16"
             config_dict["quantization_config"] = qcfg
             (save_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
-            _write_weights(model, save_dir, "model", blocks, zero_offset)
+            _write_weights(model, save_dir, "model", blocks, zero_offset, every_name=True)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(save_dir)
             ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
                       and m.in_features % m.group_size]
             log.info("saved a GPTQ checkpoint (%d-bit, group %s, sym %s, %s) to %s", qcfg["bits"],
