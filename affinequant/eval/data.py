@@ -4,7 +4,7 @@ BOS as the papers have it (GPTQ's, OmniQuant's and AffineQuant's datautils): a p
 tokenized once with the tokenizer's defaults, so a tokenizer that adds BOS (Llama, Mistral, Gemma) puts it at
 the start of window 0 and nowhere else (`--ppl_bos first`); `every` opens each window with BOS, as lm-eval's
 rolling perplexity does; `none` tokenizes without special tokens. SmolLM2's and Qwen2.5's tokenizers add no
-BOS, and there the three agree but for `every`. Calibration samples open with BOS where the tokenizer adds one
+BOS, and there `first` and `none` agree. Calibration samples open with BOS where the tokenizer adds one
 (`--calib_bos on`), so a block is calibrated on the attention sink it sees in use.
 
 Every dataset is loaded from the hub by name when it is reachable, and otherwise from local
