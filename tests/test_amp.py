@@ -58,3 +58,33 @@ def test_deactive_amp_turns_autocast_off():
     assert not amp_active(CPU, QuantConfig(deactive_amp=True), torch.bfloat16)
     assert not amp_active(CPU, QuantConfig(), torch.float16)      # float16 autocast is a CUDA path
     assert amp_active(torch.device("cuda"), QuantConfig(), torch.float16)
+
+
+def test_float16_autocast_trains_through_a_gradient_scaler(tokens, monkeypatch):
+    """The reference's GPU path: float16 autocast with a loss scaler. Run here on the CPU by letting the CPU take
+    the branch CUDA takes; the scaler is torch.amp.GradScaler for whatever device the block is on. float16 keeps
+    11 bits of mantissa (bfloat16 8): the same optimisation as float32, within the bound the bfloat16 test uses."""
+    monkeypatch.setattr(calibrate, "amp_active", lambda device, cfg, dtype: not cfg.deactive_amp)
+    scales = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def scale(self, outputs):
+        scales.append(self.get_scale() if self.is_enabled() else 1.0)
+        return real_scale(self, outputs)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
+    results = {}
+    for amp in (torch.float16, torch.float32):
+        model = tiny_model("llama")
+        adapter = get_adapter(model.config)
+        stats = collect_act_stats(model, adapter, tokens, CPU)
+        cfg = QuantConfig(wbits=2, group_size=16, lwc=True, let=True, epochs=6, nsamples=8, lwc_lr=5e-2,
+                          deactive_amp=amp == torch.float32)
+        results[amp] = quantize_blocks(model, adapter, tokens, cfg, CPU, *stats, amp_dtype=torch.float16)
+        if amp == torch.float16:
+            assert scales and all(s > 1 for s in scales)        # every float16 step's loss was scaled up
+            scales.clear()
+    assert scales and all(s == 1.0 for s in scales)             # float32: the scaler stays off
+    for amp_report, fp32_report in zip(results[torch.float16], results[torch.float32]):
+        assert all(math.isfinite(x) for x in amp_report.losses)
+        assert amp_report.losses[-1] < amp_report.losses[0]
+        assert amp_report.final_mse < 2 * fp32_report.final_mse + 1e-6

@@ -259,6 +259,8 @@ class BlockRunner:
         self.act_scales, self.act_shifts = act_scales, act_shifts
         self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, BlockObjective.parse(cfg.loss)
         self.cache_dtype = amp_dtype if amp_active(device, cfg, amp_dtype) else torch.float32
+        # float16's range ends at 6e-8: its gradients need a loss scale (as the reference's NativeScalerWithGradNormCount)
+        self.grad_scaling = self.cache_dtype == torch.float16
         self.ctx = lambda: amp_context(device, cfg, amp_dtype)  # noqa: E731
 
     def quantize(self, block: nn.Module, index: int, q_inps: torch.Tensor, fp_inps: torch.Tensor, kwargs: dict,
@@ -288,7 +290,7 @@ class BlockRunner:
         # the inputs a block learns on: the quantized trajectory (OmniQuant), or the FP one (FlatQuant)
         inputs = fp_inps if cfg.train_inputs == "fp" else q_inps
         data = BlockData(inputs, [t for t in (fp_outs, aug) if t is not None], kwargs, device, ctx,
-                         self.step_batch, trains, fp_inps, fp_block, self.data_parallel)
+                         self.step_batch, trains, fp_inps, fp_block, self.data_parallel, self.grad_scaling)
         report = BlockReport(index, experts={k: v for k, v in experts.items() if k != "unseen_linears"}
                              if experts else None)
         if checkpoint is not None and checkpoint.done(index):

@@ -94,7 +94,6 @@ def _train(bq, data, cfg, report, progress_desc: str, params: list) -> None:
             p.requires_grad_(True)
     initial = [p.detach().clone() for g in params for p in g["params"]]
     lr_scale = 1.0
-    use_scaler = data.device.type == "cuda" and not cfg.deactive_amp
     n = data.inputs.shape[0]
     epoch = 0
 
@@ -110,7 +109,7 @@ def _train(bq, data, cfg, report, progress_desc: str, params: list) -> None:
         for name, health in bq.start_epoch(epoch).items():
             log.info("%s epoch %d: %s: %s", progress_desc, epoch, name, _describe(health))
         good = [p.detach().clone() for g in params for p in g["params"]]
-        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        scaler = torch.amp.GradScaler(data.device.type, enabled=data.grad_scaling)
         t0, total, finite = time.time(), 0.0, True
         for i in range(0, n, data.batch_size):
             batch = slice(i, i + data.batch_size)

@@ -58,6 +58,7 @@ class BlockData:
     fp_inputs: torch.Tensor | None = None          # the block's inputs on the FP trajectory
     fp_block: nn.Module | None = None              # the block before quantization (attention terms only)
     data_parallel: bool = False                    # this rank holds its share of the samples (distributed.py)
+    grad_scaling: bool = False                     # float16 autocast: scale the loss so gradients do not underflow
 
 
 class Stage:
