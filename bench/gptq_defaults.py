@@ -39,6 +39,12 @@ def main() -> None:
                 ratio = f"{r['ppl'] / rtn['ppl']:.3f}" if rtn else "–"
                 lines.append(f"| {model} | {setting} | {method} | {OPTIONS[method]} | {r['ppl']:.2f} ({r['windows']}) "
                              f"| {ratio} | {r['kl']:.4f} | {r['top1']:.3f} |")
+    lines += ["", "Read: GPTQ's own options lose to round-to-nearest on SmolLM2 at W4 and barely beat it at W3; act order "
+              "with damping 0.05 (now what `--gptq` does) beats RTN at W3 by more than GPTQModel on both models and "
+              "ties GPTQ's options on Qwen W4 (60.49 against 60.45, with the lower KL). Damping 0.1 won at SmolLM2 W3; "
+              "0.05 stays the default because 8 x 512 calibration tokens favour heavy damping and the papers' "
+              "128 x 2048 would not. GPTQModel rows at W4 are not here (its environment was not installed). Models "
+              "dequantized from GGUF: their FP weights already lie on a coarse grid."]
     (ROOT / "bench" / "gptq_defaults.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
