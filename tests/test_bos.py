@@ -68,7 +68,8 @@ def test_perplexity_of_each_mode_equals_an_independent_computation(wiki_dir):
         with torch.no_grad():
             losses = [model(torch.tensor([w]), labels=torch.tensor([w])).loss.item() for w in windows]
         for ours, theirs in zip(res["window_nll"], losses, strict=True):
-            assert math.isclose(ours, theirs, rel_tol=1e-6, abs_tol=1e-6), mode
+            # the same float32 forward, batched or not: a few ulps of a sum over 64 features and 96 logits
+            assert math.isclose(ours, theirs, rel_tol=1e-5), mode
 
 
 def test_every_needs_a_bos_token():

@@ -110,15 +110,20 @@ def choose_gptq_format(model, symmetric: bool, requested: str = "auto", blocks=N
     return requested
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """What two names of one tensor share (a tied embedding and output head)."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+
 def _every_name(state: dict) -> dict:
     """`state` with a tensor shared by several names (a tied embedding and output head) stored under each of
     them: vLLM, unlike transformers, does not re-tie on load and reads model.embed_tokens.weight."""
     out, storage = {}, {}
     for key, tensor in state.items():
         tensor = tensor.detach()
-        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        out[key] = tensor.clone().contiguous() if ptr in storage else tensor.contiguous()
-        storage.setdefault(ptr, key)
+        shared = _storage_key(tensor)
+        out[key] = tensor.clone().contiguous() if shared in storage else tensor.contiguous()
+        storage.setdefault(shared, key)
     return out
 
 
@@ -185,7 +190,7 @@ def _read_weights(model, path: Path, stem: str) -> None:
         loaded |= set(tensors)
     names_of = {}           # one storage, every name it has (a tied embedding and output head)
     for key, tensor in model.state_dict().items():
-        names_of.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()), set()).add(key)
+        names_of.setdefault(_storage_key(tensor), set()).add(key)
     missing = [key for names in names_of.values() if not names & loaded for key in sorted(names)]
     if missing:
         raise RuntimeError(f"the weights lack {missing[:3]}")
@@ -274,13 +279,14 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
                 "unpacked_experts": any(isinstance(m, ExpertLinears) for m in model.modules()),
                 "weights": "packed integer codes (GPTQ layout)" if packed else "fake-quantized (dequantized floats)"}
     config = model.config
+    # what an engine needs to pick the class: a config built from a GGUF names none (save_pretrained fills it in
+    # for the standard export only)
+    config.architectures = config.architectures or [type(model).__name__]
     saved_attn, saved_cache = config._attn_implementation, config.use_cache
     config._attn_implementation, config.use_cache = "sdpa", True
     try:
         if fmt == "standard" and blocks is not None and blocks.streamed:
             config.save_pretrained(save_dir)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(save_dir)
             _write_weights(model, save_dir, "model", blocks)
             log.info("saved a standard checkpoint to %s (fake-quantized weights, one shard per block; loads with "
                      "AutoModelForCausalLM.from_pretrained)", final)
@@ -291,15 +297,12 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
         elif fmt == "gptq":
             qcfg = gptq_config(packed, cfg.symmetric)
             config_dict = config.to_dict()
-            # what an engine needs to pick the class (a config built from a GGUF names none) and the dtype to run
-            config_dict["architectures"] = config_dict.get("architectures") or [type(model).__name__]
+            # the dtype an engine runs in, where the config names none
             if not (config_dict.get("dtype") or config_dict.get("torch_dtype")):
                 config_dict["torch_dtype"] = "float16"
             config_dict["quantization_config"] = qcfg
             (save_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
             _write_weights(model, save_dir, "model", blocks, zero_offset, every_name=True)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(save_dir)
             ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
                       and m.in_features % m.group_size]
             log.info("saved a GPTQ checkpoint (%d-bit, group %s, sym %s, %s) to %s", qcfg["bits"],
@@ -325,6 +328,8 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
                         "rather than loading it wrong", " and ".join(what), final, str(final))
     finally:
         config._attn_implementation, config.use_cache = saved_attn, saved_cache
+    if getattr(model, "generation_config", None) is not None and not (save_dir / "generation_config.json").is_file():
+        model.generation_config.save_pretrained(save_dir)       # every format, as save_pretrained does for its own
     if tokenizer is not None:
         tokenizer.save_pretrained(save_dir)
     write_json(save_dir / MANIFEST, manifest)
