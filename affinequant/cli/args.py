@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
            "fake-quant), int4_cpu (torch's int4 CPU kernel for 2/3/4-bit layers with a group size of 32-256), int8_cpu "
            "(torch's int8 CPU kernel for 8-bit layers) or cpu (whichever of the two a layer can run): bfloat16 "
            "activations, several times faster at decode, within 1%% of exact")
+    a("--save_gguf", default=None, metavar="FILE.gguf",
+      help="also write the model as a GGUF file for llama.cpp (a model loaded from a .gguf file: its metadata and "
+           "tokenizer are copied); the weights must lie on --gguf_type's grid (Q4_0: --wbits 4 --group_size 32 "
+           "--symmetric) and are written exactly")
+    a("--gguf_type", default=None, choices=["F32", "F16", "Q4_0", "Q5_0", "Q8_0"],
+      help="with --save_gguf: the GGUF type (default: Q4_0, Q5_0 or Q8_0 from --wbits; F16 at --wbits 16)")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
     a("--calib_dataset", default=None,

@@ -136,6 +136,10 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
         results["saved"] = {"path": args.save_dir,
                             "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format,
                                                      overwrite=args.overwrite, blocks=blocks)}
+    if args.save_gguf:
+        from ..formats.gguf import save_gguf
+        results["gguf"] = save_gguf(model, model_id, args.save_gguf, args.gguf_type)
+        results["gguf"]["path"] = args.save_gguf
     if blocks is not None:
         blocks.store.remove()
     results["peak_memory_mib"] = peak_memory_mb(device)      # the whole run, evaluation included

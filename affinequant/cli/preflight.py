@@ -11,6 +11,7 @@ from ..config import ConfigError, QuantConfig
 from ..errors import AffineQuantError, OutputError
 from ..eval.data import CALIB_DATASETS, PPL_DATASETS
 from ..formats.export import check_save_dir
+from ..formats.gguf import check_gguf_target, default_gguf_type
 from ..models.loading import block_linear_shapes, model_name
 from ..pipeline.checkpoint import CalibrationCheckpoint
 from ..pipeline.tta import TTAConfig
@@ -127,7 +128,11 @@ def check_output_paths(args) -> None:
 
 def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data_dir) -> None:
     """Every check that needs no weights, so a mistake costs seconds, not a model load and a calibration."""
-    if cfg.full_precision and (not (args.eval_ppl or args.tasks) or args.save_dir or args.save_params):
+    if args.save_gguf:
+        args.gguf_type = args.gguf_type or default_gguf_type(cfg)
+        check_gguf_target(args.save_gguf, args.gguf_type, cfg, model_id, args.overwrite, args.stream)
+    if cfg.full_precision and (not (args.eval_ppl or args.tasks or args.save_gguf) or args.save_dir
+                               or args.save_params):
         raise ConfigError("--wbits 16 --abits 16 quantizes nothing: it only evaluates the full-precision model, so "
                           "give --eval_ppl or --tasks (and no --save_dir/--save_params), or lower --wbits or --abits")
     if args.limit == 0 or args.limit < -1:

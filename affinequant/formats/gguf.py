@@ -1,0 +1,241 @@
+"""GGUF files for llama.cpp (and ollama, LM Studio on top of it).
+
+The legacy symmetric types Q4_0, Q5_0 and Q8_0 store w = d · q per block of 32 weights, with d in fp16 and q a
+signed (bits)-bit integer: exactly our symmetric grid at --group_size 32 (zero point 2^(bits-1), fp16 scales).
+So the decoder blocks are not quantized again here: each block's scale is recovered from the calibrated weights
+(`_exact_blocks`: the finest fp16 d on which every weight is an integer in range), its codes written, and the
+file checked against the `gguf` package's reference dequantization, which must give our weights bit for bit.
+A block that lies on no such grid (a model quantized at another setting) is quantized by that reference code
+instead and counted in the report. The token embedding (and an untied output head), which calibration leaves in
+full precision, are written in Q8_0 by the reference code; norms in F32. F16 and F32 write every weight as is.
+
+The metadata (architecture, tokenizer, chat template) is copied from the GGUF file the model was loaded from;
+llama-architecture q/k rows are permuted back to llama.cpp's rotary layout, as its converter does.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, OutputError
+
+log = logging.getLogger("affinequant")
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    name: str
+    bits: int | None            # None: a float type
+    group_size: int | None
+    file_type: int              # llama.cpp's LLAMA_FTYPE_* for general.file_type
+
+
+GGUF_TYPES = {t.name: t for t in (
+    GGUFType("F32", None, None, 0), GGUFType("F16", None, None, 1),
+    GGUFType("Q4_0", 4, 32, 2), GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8))}
+LATER_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q3_K_M")
+
+
+def gguf_type(name: str) -> GGUFType:
+    if name.upper() in LATER_TYPES:
+        raise ConfigError(f"--gguf_type {name}: not written yet (asymmetric and K-quant grids); use one of "
+                          f"{', '.join(GGUF_TYPES)}")
+    if name.upper() not in GGUF_TYPES:
+        raise ConfigError(f"--gguf_type {name} is not a GGUF type this tool writes: use one of {', '.join(GGUF_TYPES)}")
+    return GGUF_TYPES[name.upper()]
+
+
+def default_gguf_type(cfg) -> str:
+    """The type a run's grid is: F16 for a full-precision model, else the legacy type of its bit width."""
+    return "F16" if cfg.full_precision else {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}.get(cfg.wbits, "Q4_0")
+
+
+def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwrite: bool = False,
+                      stream: bool = False) -> GGUFType:
+    """Refuse, before calibration, what cannot be written: a type the run's grid is not, a model with runtime
+    modules, a model not loaded from a GGUF file (its tokenizer metadata is copied from there), a target that
+    holds something else."""
+    gtype = gguf_type(type_name)
+    if gtype.bits is not None and not cfg.full_precision:
+        want = (gtype.bits, gtype.group_size, True)
+        have = (cfg.wbits, cfg.group_size, cfg.symmetric)
+        if have != want or cfg.bit_balance:
+            raise ConfigError(f"--gguf_type {gtype.name} stores symmetric {gtype.bits}-bit weights in groups of "
+                              f"{gtype.group_size}: quantize with --wbits {gtype.bits} --group_size {gtype.group_size} "
+                              f"--symmetric (got --wbits {cfg.wbits} --group_size {cfg.group_size}"
+                              f"{' --symmetric' if cfg.symmetric else ''}), or pick --gguf_type F32")
+    if cfg.abits < 16 or cfg.q_width < 16 or cfg.kv_width < 16:
+        raise ConfigError("--save_gguf writes weight-only models: llama.cpp has no per-token activation quantizers "
+                          "(drop --abits/--kv_bits, or use --save_dir)")
+    if source is None or not str(source).endswith(".gguf"):
+        raise ConfigError("--save_gguf copies the architecture and tokenizer metadata from the GGUF file the model "
+                          "was loaded from: pass --model FILE.gguf (a Hugging Face model is not supported yet)")
+    if stream:
+        raise ConfigError("--save_gguf with --stream is not supported yet: drop --stream")
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"--save_gguf {path} is a directory: give a file name ending in .gguf")
+    if target.exists() and not overwrite and not _is_gguf(target):
+        raise OutputError(f"--save_gguf {path} exists and is not a GGUF file: give a new file name, or --overwrite")
+    return gtype
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half row order -> llama.cpp's interleaved one (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _exact_blocks(w: np.ndarray, bits: int):
+    """For rows of `w` cut into blocks of 32: the fp16 scale d (n_blocks,) and signed codes (n_blocks, 32) with
+    d · q == w exactly and q in [-2^(bits-1), 2^(bits-1) - 1], the finest such d; and which blocks have none."""
+    blocks = w.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=1)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    d = np.zeros(len(blocks), np.float32)
+    found = amax == 0
+    for k in range(-low, 0, -1):        # the largest code magnitude first: the finest grid
+        cand = (amax / np.float32(k)).astype(np.float32)
+        todo = ~found & (cand == cand.astype(np.float16).astype(np.float32))
+        if not todo.any():
+            continue
+        q = blocks[todo] / cand[todo, None]
+        ok = (q == np.round(q)).all(1) & (q >= low).all(1) & (q <= high).all(1)
+        ok &= ((np.round(q) * cand[todo, None]) == blocks[todo]).all(1)
+        idx = np.flatnonzero(todo)[ok]
+        d[idx], found[idx] = cand[idx], True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[:, None] > 0, np.round(blocks / np.where(d > 0, d, 1)[:, None]), 0)
+    return d, q.astype(np.int8), ~found
+
+
+def _pack(d: np.ndarray, q: np.ndarray, type_name: str) -> np.ndarray:
+    """Blocks of (d, signed codes) in the byte layout of Q4_0, Q5_0 or Q8_0 (ggml-common.h)."""
+    dh = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if type_name == "Q8_0":
+        return np.concatenate([dh, q.view(np.uint8)], axis=1)
+    bits = 4 if type_name == "Q4_0" else 5
+    u = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)           # 0 .. 2^bits - 1
+    qs = (u[:, :16] & 0x0F) | ((u[:, 16:] & 0x0F) << 4)                   # element j and j + 16 share a byte
+    if bits == 4:
+        return np.concatenate([dh, qs], axis=1)
+    qh = np.packbits((u >> 4).astype(np.uint8), axis=1, bitorder="little")  # the fifth bits, a little-endian u32
+    return np.concatenate([dh, qh, qs], axis=1)
+
+
+def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
+    """(bytes (rows, row_bytes), blocks not on the grid): our codes where the weight lies on the type's grid
+    (`exact`), the reference quantizer's for the rest."""
+    import gguf
+    qtype = gguf.GGMLQuantizationType[type_name]
+    rows = w.shape[0]
+    if not exact:
+        return gguf.quants.quantize(w.astype(np.float32), qtype), 0
+    d, q, off = _exact_blocks(w, 8 if type_name == "Q8_0" else int(type_name[1]))
+    data = _pack(d, q, type_name)
+    if off.any():
+        data[off] = gguf.quants.quantize(w.reshape(-1, 32)[off].astype(np.float32), qtype)
+    return data.reshape(rows, -1), int(off.sum())
+
+
+def _copied_metadata(writer, reader, skip: set[str]) -> None:
+    import gguf
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def save_gguf(model, source: str, path: str, type_name: str) -> dict:
+    """Write the (weight-only, fake-quantized) `model` as a GGUF file of `type_name` at `path`, atomically; the
+    metadata from the GGUF file `source`. Returns the report: each tensor's type, the file's bits per weight, the
+    blocks that were requantized, and the largest difference between the file's dequantized decoder weights and
+    ours (0 when every block was on the grid)."""
+    import gguf
+    gtype = gguf_type(type_name)
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    cfg = model.config
+    name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    state = model.state_dict()
+    tied = ("lm_head.weight" in state and "model.embed_tokens.weight" in state
+            and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr())
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    _copied_metadata(writer, reader, {"general.architecture", "general.file_type", "general.quantization_version"})
+    writer.add_file_type(gtype.file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    report = {"type": gtype.name, "tensors": {}, "requantized_blocks": 0, "max_abs_diff": 0.0}
+    n_weights = n_bits = 0
+    for key, tensor in state.items():
+        if tied and key == "lm_head.weight":
+            continue
+        name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise OutputError(f"{key}: no GGUF name for this tensor of a {arch} model")
+        w = tensor.detach().float().cpu().numpy()
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
+            w = _llama_permute(w, heads)
+        in_block = name.startswith("blk.")
+        if w.ndim == 1 or gtype.bits is None or w.shape[-1] % 32:
+            kind = "F16" if gtype.name == "F16" and w.ndim == 2 else "F32"
+            data = w.astype(np.float16 if kind == "F16" else np.float32)
+            writer.add_tensor(name, data)
+            bits = 16 if kind == "F16" else 32
+        else:
+            kind = gtype.name if in_block else "Q8_0"
+            data, off = _quantized_tensor(w, kind, exact=in_block)
+            report["requantized_blocks"] += off
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
+            bits = data.size * 8 / w.size
+            if in_block:
+                back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).reshape(w.shape)
+                report["max_abs_diff"] = max(report["max_abs_diff"], float(np.abs(back - w).max()))
+        report["tensors"][name] = kind
+        n_weights += w.size
+        n_bits += bits * w.size
+    report["bits_per_weight"] = n_bits / n_weights
+    report["tensor_types"] = {k: sum(v == k for v in report["tensors"].values())
+                              for k in sorted(set(report["tensors"].values()))}
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    for name, kind in report["tensors"].items():
+        log.debug("gguf %s: %s", name, kind)
+    log.info("saved %s as GGUF %s: %s; %.3f bits per weight%s", target, gtype.name,
+             ", ".join(f"{n} {k}" for k, n in report["tensor_types"].items()), report["bits_per_weight"],
+             f"; {report['requantized_blocks']} blocks were not on the {gtype.name} grid and were requantized"
+             if report["requantized_blocks"] else "")
+    return report
+
+
+def dequantized_state(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file, dequantized by the gguf package's reference code (tests, bench)."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+    return out
