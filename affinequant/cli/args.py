@@ -7,6 +7,7 @@ import logging
 
 from ..config import LET_INITS, QK_INITS, ConfigError, QuantConfig
 from ..eval.data import BOS_MODES, PPL_DATASETS
+from ..formats.gguf import GGUF_TYPES
 from ..pipeline.tta import TTA_TARGETS
 
 log = logging.getLogger("affinequant")
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="also write the model as a GGUF file for llama.cpp (a model loaded from a .gguf file: its metadata and "
            "tokenizer are copied); the weights must lie on --gguf_type's grid (Q4_0: --wbits 4 --group_size 32 "
            "--symmetric) and are written exactly")
-    a("--gguf_type", default=None, choices=["F32", "F16", "Q4_0", "Q5_0", "Q8_0"],
+    a("--gguf_type", default=None, choices=list(GGUF_TYPES),
       help="with --save_gguf: the GGUF type (default: Q4_0, Q5_0 or Q8_0 from --wbits; F16 at --wbits 16)")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")

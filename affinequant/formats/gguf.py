@@ -37,13 +37,9 @@ class GGUFType:
 GGUF_TYPES = {t.name: t for t in (
     GGUFType("F32", None, None, 0), GGUFType("F16", None, None, 1),
     GGUFType("Q4_0", 4, 32, 2), GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8))}
-LATER_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q3_K_M")
 
 
 def gguf_type(name: str) -> GGUFType:
-    if name.upper() in LATER_TYPES:
-        raise ConfigError(f"--gguf_type {name}: not written yet (asymmetric and K-quant grids); use one of "
-                          f"{', '.join(GGUF_TYPES)}")
     if name.upper() not in GGUF_TYPES:
         raise ConfigError(f"--gguf_type {name} is not a GGUF type this tool writes: use one of {', '.join(GGUF_TYPES)}")
     return GGUF_TYPES[name.upper()]
@@ -107,9 +103,8 @@ def _exact_blocks(w: np.ndarray, bits: int):
         todo = ~found & (cand == cand.astype(np.float16).astype(np.float32))
         if not todo.any():
             continue
-        q = blocks[todo] / cand[todo, None]
-        ok = (q == np.round(q)).all(1) & (q >= low).all(1) & (q <= high).all(1)
-        ok &= ((np.round(q) * cand[todo, None]) == blocks[todo]).all(1)
+        q = np.round(blocks[todo] / cand[todo, None])
+        ok = (q >= low).all(1) & (q <= high).all(1) & ((q * cand[todo, None]) == blocks[todo]).all(1)
         idx = np.flatnonzero(todo)[ok]
         d[idx], found[idx] = cand[idx], True
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -220,8 +215,6 @@ def save_gguf(model, source: str, path: str, type_name: str) -> dict:
     finally:
         if tmp.exists():
             tmp.unlink()
-    for name, kind in report["tensors"].items():
-        log.debug("gguf %s: %s", name, kind)
     log.info("saved %s as GGUF %s: %s; %.3f bits per weight%s", target, gtype.name,
              ", ".join(f"{n} {k}" for k, n in report["tensor_types"].items()), report["bits_per_weight"],
              f"; {report['requantized_blocks']} blocks were not on the {gtype.name} grid and were requantized"
@@ -237,5 +230,5 @@ def dequantized_state(path: str) -> dict[str, torch.Tensor]:
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         values = gguf.quants.dequantize(t.data, t.tensor_type)
-        out[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
     return out
