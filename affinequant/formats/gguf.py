@@ -232,3 +232,13 @@ def dequantized_state(path: str) -> dict[str, torch.Tensor]:
         values = gguf.quants.dequantize(t.data, t.tensor_type)
         out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
     return out
+
+
+def file_summary(path: str) -> dict:
+    """A GGUF file's bits per weight (every tensor's bytes over its elements) and its count of each tensor type."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    types = [t.tensor_type.name for t in reader.tensors]
+    n_bits = sum(int(t.n_bytes) * 8 for t in reader.tensors)
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    return {"bits_per_weight": n_bits / n_weights, "tensor_types": {k: types.count(k) for k in sorted(set(types))}}
