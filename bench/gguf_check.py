@@ -17,40 +17,15 @@ row. Threads: 2 for llama.cpp, torch's default for ours (both stated in the reco
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-
-
-def _update(out: Path, engine: str, record: dict) -> None:
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results.setdefault(Path(record["file"]).name, {})[engine] = record
-    path.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def _ppl(window_nll: list[float]) -> float:
-    return math.exp(sum(window_nll) / len(window_nll))
-
-
-def windows(args) -> None:
-    sys.path.insert(0, str(ROOT))
-    from affinequant.eval.data import default_data_dir, eval_tokens
-    from affinequant.eval.perplexity import eval_windows
-    from affinequant.models.loading import load_model
-    _, tokenizer, _ = load_model(args.model)
-    tokens, source = eval_tokens("wikitext2", tokenizer, args.seqlen, default_data_dir(), bos="first")
-    ids = eval_windows(tokens, args.seqlen, args.limit).numpy().astype(np.int32)
-    args.out.mkdir(parents=True, exist_ok=True)
-    np.save(args.out / "windows.npy", ids)
-    print(f"{ids.shape[0]} windows of {ids.shape[1]} tokens from {source} -> {args.out / 'windows.npy'}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engines  # noqa: E402
+from engines import PROMPTS, ROOT, ppl_of, update, windows  # noqa: E402
 
 
 def llama(args) -> None:
@@ -82,40 +57,22 @@ def llama(args) -> None:
         for prompt in PROMPTS:
             model.reset()
             texts[prompt] = model(prompt, max_tokens=24, temperature=0.0)["choices"][0]["text"]
-        record = {"file": file, "ppl": _ppl(window_nll), "window_nll": window_nll, "seconds": seconds,
+        record = {"file": file, "ppl": ppl_of(window_nll), "window_nll": window_nll, "seconds": seconds,
                   "threads": args.threads, "engine": f"llama-cpp-python {llama_cpp.__version__}", "greedy": texts}
-        _update(args.out, "llama.cpp", record)
+        update(args.out, "llama.cpp", record)
         print(f"{Path(file).name}: llama.cpp ppl {record['ppl']:.4f} ({seconds:.0f} s); {texts[PROMPTS[0]]!r}")
 
 
 def ours(args) -> None:
     sys.path.insert(0, str(ROOT))
-    import torch
-    from affinequant.eval.perplexity import perplexity
     from affinequant.formats.gguf import file_summary
     from affinequant.models.loading import load_model
-    ids = torch.from_numpy(np.load(args.out / "windows.npy")).long()
     for file in args.files:
-        model, _, _ = load_model(file)
-        result = perplexity(model, ids.reshape(-1), ids.shape[1], torch.device("cpu"), desc=Path(file).name)
-        record = {"file": file, "ppl": result["ppl"], "window_nll": result["window_nll"],
-                  "seconds": result["seconds"], "threads": torch.get_num_threads(),
-                  "engine": "affinequant evaluator (weights dequantized by transformers, float32)",
-                  **file_summary(file)}
-        _update(args.out, "ours", record)
+        summary = file_summary(file)
+        record = engines.ours(args.out, file, load_model(file)[0], "ours", bits_per_weight=round(summary["bits_per_weight"], 3),
+                              tensor_types=summary["tensor_types"],
+                              engine="affinequant evaluator (weights dequantized by transformers, float32)")
         print(f"{Path(file).name}: our ppl {record['ppl']:.4f}, {record['bits_per_weight']:.3f} bpw")
-
-
-def report(args) -> None:
-    results = json.loads((args.out / "results.json").read_text())
-    print("| file | bits/weight | ours | llama.cpp | llama.cpp / ours − 1 | largest window diff |")
-    print("|---|---|---|---|---|---|")
-    for name, rec in results.items():
-        a, b = rec.get("ours"), rec.get("llama.cpp")
-        if a and b:
-            worst = max(abs(x - y) for x, y in zip(a["window_nll"], b["window_nll"]))
-            print(f"| {name} | {a['bits_per_weight']:.3f} | {a['ppl']:.4f} | {b['ppl']:.4f} | "
-                  f"{b['ppl'] / a['ppl'] - 1:+.3%} | {worst:.4f} nats |")
 
 
 if __name__ == "__main__":
@@ -129,4 +86,4 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantize", nargs=2, metavar=("TYPE", "SOURCE"))
     args = p.parse_intermixed_args()
-    {"windows": windows, "llama": llama, "ours": ours, "report": report}[args.stage](args)
+    {"windows": windows, "llama": llama, "ours": ours, "report": lambda a: engines.report(a.out, ("ours", "llama.cpp"), ("bits_per_weight",))}[args.stage](args)
