@@ -42,8 +42,8 @@ def windows(args) -> None:
     print(f"{ids.shape[0]} windows of {ids.shape[1]} tokens from {source} -> {args.out / 'windows.npy'}")
 
 
-def ours(out: Path, file: str, model, engine: str, **extra) -> dict:
-    """Our evaluator's perplexity of `model` on out/windows.npy, recorded for `file` under `engine`."""
+def ours(out: Path, file: str, model, column: str, **extra) -> dict:
+    """Our evaluator's perplexity of `model` on out/windows.npy, recorded for `file` under `column`."""
     import torch
     sys.path.insert(0, str(ROOT))
     from affinequant.eval.perplexity import perplexity
@@ -51,7 +51,7 @@ def ours(out: Path, file: str, model, engine: str, **extra) -> dict:
     result = perplexity(model, ids.reshape(-1), ids.shape[1], torch.device("cpu"), desc=Path(file).name)
     record = {"file": file, "ppl": result["ppl"], "window_nll": result["window_nll"], "seconds": result["seconds"],
               "threads": torch.get_num_threads(), **extra}
-    update(out, engine, record)
+    update(out, column, record)
     return record
 
 
