@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engines  # noqa: E402
-from engines import PROMPTS, ROOT, ppl_of, update, windows  # noqa: E402
+from engines import PROMPTS, ROOT, ours as our_ppl, ppl_of, report, update, windows  # noqa: E402
 
 
 def llama(args) -> None:
@@ -50,7 +49,8 @@ def llama(args) -> None:
             model.reset()
             model.eval(window.tolist())
             logits = np.asarray(model.scores[: len(window) - 1], dtype=np.float64)
-            logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+            top = logits.max(-1, keepdims=True)
+            logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
             window_nll.append(float(np.mean(logz - logits[np.arange(len(window) - 1), window[1:]])))
         seconds = time.time() - t0
         texts = {}
@@ -69,7 +69,7 @@ def ours(args) -> None:
     from affinequant.models.loading import load_model
     for file in args.files:
         summary = file_summary(file)
-        record = engines.ours(args.out, file, load_model(file)[0], "ours", bits_per_weight=round(summary["bits_per_weight"], 3),
+        record = our_ppl(args.out, file, load_model(file)[0], "ours", bits_per_weight=round(summary["bits_per_weight"], 3),
                               tensor_types=summary["tensor_types"],
                               engine="affinequant evaluator (weights dequantized by transformers, float32)")
         print(f"{Path(file).name}: our ppl {record['ppl']:.4f}, {record['bits_per_weight']:.3f} bpw")
@@ -86,4 +86,4 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantize", nargs=2, metavar=("TYPE", "SOURCE"))
     args = p.parse_intermixed_args()
-    {"windows": windows, "llama": llama, "ours": ours, "report": lambda a: engines.report(a.out, ("ours", "llama.cpp"), ("bits_per_weight",))}[args.stage](args)
+    {"windows": windows, "llama": llama, "ours": ours, "report": lambda a: report(a.out, ("ours", "llama.cpp"), ("bits_per_weight",))}[args.stage](args)
