@@ -7,6 +7,7 @@ import logging
 
 from ..config import LET_INITS, QK_INITS, ConfigError, QuantConfig
 from ..eval.data import BOS_MODES, PPL_DATASETS
+from ..formats.export import SAVE_FORMATS
 from ..formats.gguf import GGUF_TYPES
 from ..pipeline.tta import TTA_TARGETS
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="with --save_gguf: the GGUF type (default: Q4_0, Q5_0 or Q8_0 from --wbits; F16 at --wbits 16)")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
+    a("--save_format", default="gptq", choices=list(SAVE_FORMATS),
+      help="with --real_quant --save_dir: the packed weights' layout: gptq (GPTQModel, vLLM for symmetric 4/8 bits) or "
+           "compressed-tensors (pack-quantized, as llm-compressor writes it: vLLM, asymmetric included)")
     a("--calib_dataset", default=None,
       help="wikitext2 | c4 | ptb | generated | a .txt/.jsonl/.parquet file "
            "(default: wikitext2 if reachable, else c4, else model-generated text)")

@@ -135,7 +135,8 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
     if args.save_dir:
         results["saved"] = {"path": args.save_dir,
                             "format": save_quantized(model, tokenizer, args.save_dir, cfg, model_id, args.gptq_format,
-                                                     overwrite=args.overwrite, blocks=blocks)}
+                                                     overwrite=args.overwrite, blocks=blocks,
+                                                     save_format=args.save_format)}
     if args.save_gguf:
         from ..formats.gguf import save_gguf
         results["gguf"] = save_gguf(model, model_id, args.save_gguf, args.gguf_type)

@@ -37,6 +37,26 @@ def check_group_size(in_features_of: dict[str, tuple[int, int]], group_size: int
                  group_size, ", ".join(f"{n} ({f})" for n, f in ragged.items()), group_size)
 
 
+def check_compressed_target(args, cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """--save_format compressed-tensors: packed weight-only models in whole groups (`shapes`: {linear: (out, in)}
+    of a block)."""
+    flag = f"--save_format {args.save_format}"
+    if not (args.save_dir and cfg.real_quant):
+        raise ConfigError(f"{flag} is the layout of packed weights in --save_dir: add --real_quant and --save_dir, or "
+                          f"drop {flag}")
+    runtime = [what for what, on in (("--abits < 16", cfg.abits < 16),
+                                     ("--kv_bits/--q_bits", min(cfg.kv_width, cfg.q_width) < 16),
+                                     ("--use_ln_matrix", cfg.use_ln_matrix), ("--flatquant", cfg.flatquant)) if on]
+    if runtime:
+        raise ConfigError(f"{flag} holds weight-only models, and {runtime[0]} keeps modules at run time that it cannot "
+                          f"describe: drop {flag} (affinequant's own format is written) or {runtime[0]}")
+    ragged = {n: shape[1] for n, shape in shapes.items() if cfg.group_size and shape[1] % cfg.group_size}
+    if ragged:
+        name, width = next(iter(ragged.items()))
+        raise ConfigError(f"{flag}: --group_size {cfg.group_size} does not divide {name}'s in_features {width}, and "
+                          f"compressed-tensors (and vLLM) need whole groups: choose a group size that divides it")
+
+
 def stats_files(args, net: str) -> tuple[Path, Path, bool]:
     """The activation-statistics files: (scales, shifts, whether both exist). A file the user named must
     exist, and so must its partner (never computed and written over a user's file)."""
@@ -166,6 +186,8 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
         from ..pipeline.calibrate import check_data_parallel
         check_data_parallel(cfg)
     check_group_size(block_linear_shapes(model_config, adapter)[0], cfg.group_size)
+    if args.save_format != "gptq":
+        check_compressed_target(args, cfg, block_linear_shapes(model_config, adapter)[0])
     calib = args.calib_dataset
     if calib and (Path(calib).suffix in (".txt", ".jsonl", ".json", ".parquet", ".gz") or "/" in calib) \
             and not Path(calib).is_file():

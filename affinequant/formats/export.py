@@ -4,6 +4,9 @@ standard  weight-only, fake-quantized floats in plain nn.Linear: a stock Hugging
           that reloads exactly with AutoModelForCausalLM.from_pretrained.
 gptq      packed weights (--real_quant) in the GPTQ layout, with config.json's
           quantization_config (quant_method "gptq"): for transformers + GPTQModel, vLLM, SGLang.
+compressed-tensors  the same packed weights (--real_quant --save_format compressed-tensors) as llm-compressor
+          writes them ("pack-quantized", zero points stored for asymmetric): vLLM's preferred format
+          (compressed_tensors.py).
 runtime   anything a stock class lacks (per-token activation quantizers, AffineQuant's runtime
           inverse after a norm, FlatQuant's online transforms and clipping factors, a bias the
           architecture does not declare): such a model would
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
 
+from . import compressed_tensors
 from ..models.adapters import get_adapter
 from ..errors import OutputError
 from ..models.moe import ExpertLinears, packed_experts, unpack_experts
@@ -128,16 +133,18 @@ def _every_name(state: dict) -> dict:
 
 
 def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: int | None = None,
-                   every_name: bool = False) -> None:
+                   every_name: bool = False, convert: Callable[[dict], dict] | None = None) -> None:
     """The model's tensors as `stem`.safetensors; for a streamed model (`blocks`), as Hugging Face shards
     (`stem`-0000k-of-0000n.safetensors and `stem`.safetensors.index.json: the non-block tensors, then one shard
     per block, each block read back from the store while its shard is written), which from_pretrained,
     GPTQModel and load_quantized read. `zero_offset`: the GPTQ zero-point encoding of packed layers.
-    `every_name`: a tied tensor under each of its names, for the engines (see _every_name)."""
+    `every_name`: a tied tensor under each of its names, for the engines (see _every_name). `convert`: maps
+    each file's tensors to another format's names and layouts (compressed-tensors)."""
     from safetensors.torch import save_file
+    convert = convert or (lambda tensors: tensors)
     if blocks is None or not blocks.streamed:
-        if every_name:
-            tensors = _every_name(model.state_dict())
+        if every_name or convert:
+            tensors = convert(_every_name(model.state_dict()) if every_name else model.state_dict())
             atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         else:
             atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
@@ -149,7 +156,7 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
     def write(shard: int, tensors: dict) -> None:
         nonlocal total
         name = f"{stem}-{shard:05d}-of-{n_shards:05d}.safetensors"
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        tensors = {k: v.detach().contiguous() for k, v in convert(tensors).items()}
         atomic_write(save_dir / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         weight_map.update({k: name for k in tensors})
         total += sum(v.numel() * v.element_size() for v in tensors.values())
@@ -174,9 +181,10 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
                                                             "weight_map": weight_map})
 
 
-def _read_weights(model, path: Path, stem: str) -> None:
+def _read_weights(model, path: Path, stem: str, convert: Callable[[dict], dict] | None = None) -> None:
     """Load what _write_weights wrote (one file or shards) into `model`, strictly: every tensor the file holds is
-    the model's, and every tensor of the model is read, a tied one under any of its names."""
+    the model's, and every tensor of the model is read, a tied one under any of its names. `convert`: the
+    inverse of _write_weights' (each file's tensors back to ours)."""
     from safetensors.torch import load_file
     index = path / f"{stem}.safetensors.index.json"
     shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
@@ -184,6 +192,7 @@ def _read_weights(model, path: Path, stem: str) -> None:
     loaded = set()
     for shard in shards:
         tensors = load_file(path / shard)
+        tensors = convert(tensors) if convert else tensors
         unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
         if unexpected:
             raise RuntimeError(f"{shard} holds tensors the model lacks: {unexpected[:3]}")
@@ -239,10 +248,14 @@ def _replace_dir(target: Path, write):
             shutil.rmtree(tmp)
 
 
+SAVE_FORMATS = ("gptq", "compressed-tensors")
+
+
 def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = None,
-                   gptq_format: str = "auto", overwrite: bool = False, blocks=None) -> str:
-    """Write `model` to `save_dir`; returns the format written (standard, gptq or runtime).
-    gptq_format: auto | gptq (v1) | gptq_v2, for packed models. An existing export there is replaced
+                   gptq_format: str = "auto", overwrite: bool = False, blocks=None, save_format: str = "gptq") -> str:
+    """Write `model` to `save_dir`; returns the format written (standard, gptq, compressed-tensors or runtime).
+    gptq_format: auto | gptq (v1) | gptq_v2, for packed models; save_format: gptq or compressed-tensors, the
+    layout of packed weights (compressed-tensors holds only packed weight-only models). An existing export there is replaced
     completely; another non-empty directory only with `overwrite` (check_save_dir). `blocks`: --stream's
     StreamedModel, whose blocks are read back one at a time and written as shards."""
     check_save_dir(save_dir, overwrite)
@@ -250,15 +263,32 @@ def save_quantized(model, tokenizer, save_dir: str, cfg, model_id: str | None = 
 
     def write(tmp):
         with packed_experts(model):     # fake-quantized MoE experts back in transformers' 3-D layout
-            return _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format, blocks)
+            return _write_export(model, tokenizer, tmp, final, cfg, model_id, gptq_format, blocks, save_format)
     return _replace_dir(final, write)
 
 
+def _write_engine_config(config, save_dir: Path, quantization_config: dict) -> None:
+    """config.json with a packed format's quantization_config, and the dtype an engine runs in where the
+    config names none (the packed scales are float16)."""
+    config_dict = config.to_dict()
+    if not (config_dict.get("dtype") or config_dict.get("torch_dtype")):
+        config_dict["torch_dtype"] = "float16"
+    config_dict["quantization_config"] = quantization_config
+    (save_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+
+
 def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, gptq_format: str,
-                  blocks=None) -> str:
+                  blocks=None, save_format: str = "gptq") -> str:
     zero_offset = None
+    compressed = save_format == "compressed-tensors"
     if any(isinstance(m, PackedLinear) for m in model.modules()):
-        zero_offset = 1 if choose_gptq_format(model, cfg.symmetric, gptq_format, blocks) == "gptq" else 0
+        if compressed:          # zero points as they are (a streamed model's blocks: as each is written)
+            zero_offset = 0
+            for m in [] if blocks is not None and blocks.streamed else model.modules():
+                if isinstance(m, PackedLinear):
+                    m.set_zero_offset(0)
+        else:
+            zero_offset = 1 if choose_gptq_format(model, cfg.symmetric, gptq_format, blocks) == "gptq" else 0
     act_quant = any(isinstance(m, QuantLinear) and m.act_quantizer is not None for m in model.modules())
     attention_quant = any(isinstance(m, QKVQuantizers) for m in model.modules())
     online, keys, lac = online_transforms(model), key_transforms(model), lac_quantizers(model)
@@ -270,6 +300,15 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
     runtime_modules = act_quant or attention_quant or norms or online
     extra_keys = sorted(_as_stock_keys(model) - stock_keys) if not runtime_modules else []
     fmt = "runtime" if (runtime_modules or extra_keys) else ("gptq" if packed else "standard")
+    if compressed:
+        if fmt != "gptq":
+            raise OutputError("--save_format compressed-tensors holds packed weight-only models, and this one "
+                              + ("needs modules a stock class lacks (activation quantizers, online transforms or "
+                                 "inverse matrices after norms)" if fmt == "runtime" else "has no packed weights")
+                              + ": quantize with --real_quant and weight-only flags, or drop --save_format")
+        fmt = "compressed-tensors"
+        packed = {name: [bits, group, 0] for name, (bits, group, _) in packed.items()}
+        compressed_tensors.check_layers(packed, {name: model.get_submodule(name).in_features for name in packed})
     manifest = {"format": fmt, "config": cfg.to_dict(), "model": model_id, "setting": cfg.setting,
                 "effective_weight_bits": cfg.effective_wbits, "runtime_inverse_norms": norms,
                 "runtime_norm_biases": biases, "added_linear_biases": added_biases,
@@ -294,14 +333,19 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
             model.save_pretrained(save_dir)
             log.info("saved a standard checkpoint to %s (fake-quantized weights; loads with "
                      "AutoModelForCausalLM.from_pretrained)", final)
+        elif fmt == "compressed-tensors":
+            # every other linear (the output head) stays dense, as llm-compressor's `ignore` says
+            ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in packed)
+            qcfg = compressed_tensors.config(packed, cfg.symmetric, ignore)
+            _write_engine_config(config, save_dir, qcfg)
+            _write_weights(model, save_dir, "model", blocks, zero_offset, every_name=True,
+                           convert=lambda tensors: compressed_tensors.to_compressed(tensors, packed, cfg.symmetric))
+            log.info("saved a compressed-tensors checkpoint (pack-quantized, %d-bit, group %s, %s) to %s",
+                     packed[next(iter(packed))][0], packed[next(iter(packed))][1] or "per channel",
+                     "symmetric" if cfg.symmetric else "asymmetric with zero points", final)
         elif fmt == "gptq":
             qcfg = gptq_config(packed, cfg.symmetric)
-            config_dict = config.to_dict()
-            # the dtype an engine runs in, where the config names none
-            if not (config_dict.get("dtype") or config_dict.get("torch_dtype")):
-                config_dict["torch_dtype"] = "float16"
-            config_dict["quantization_config"] = qcfg
-            (save_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+            _write_engine_config(config, save_dir, qcfg)
             _write_weights(model, save_dir, "model", blocks, zero_offset, every_name=True)
             ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
                       and m.in_features % m.group_size]
@@ -388,8 +432,12 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, kernel: str = 
         set_submodule(model, name, PackedLinear(linear.in_features, linear.out_features, wbits, group,
                                                 linear.bias is not None, offset, dtype))
     weights = path / (RUNTIME_WEIGHTS if manifest["format"] == "runtime" else "model.safetensors")
+    convert = None
+    if manifest["format"] == "compressed-tensors":
+        (bits, group, _), *_ = manifest["packed"].values()
+        convert = lambda tensors: compressed_tensors.from_compressed(tensors, bits, group)  # noqa: E731
     try:
-        _read_weights(model, path, weights.name.removesuffix(".safetensors"))
+        _read_weights(model, path, weights.name.removesuffix(".safetensors"), convert)
     except Exception as exc:
         raise RuntimeError(f"{weights} does not match its manifest or is corrupt ({exc}); save the model again") from exc
     model.config.use_cache = False

