@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,7 @@ def vllm_row(args) -> None:
         seconds = time.time() - t0
         greedy = llm.generate(PROMPTS, engine.SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
     except Exception as exc:       # a refusal, or a failure at run time, is this row's result
+        traceback.print_exc()
         message = " ".join(str(exc).split())[:400]
         record["refused"] = f"{type(exc).__name__}: {message}"
         update(args.out, column, record)

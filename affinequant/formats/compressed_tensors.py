@@ -47,7 +47,7 @@ def config(packed: dict[str, list], symmetric: bool, ignore: list[str]) -> dict:
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": FORMAT}},
             "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
-            "global_compression_ratio": None, "version": "0.20.0", "producer": "affinequant"}
+            "global_compression_ratio": None, "version": "0.20.0"}   # no "producer": vLLM reads it as ModelOpt's dict
 
 
 def to_compressed(state: dict, packed: dict[str, list], symmetric: bool) -> dict:
