@@ -164,23 +164,25 @@ def ours(args) -> None:
 
 
 def report(args) -> None:
+    """One row per export: vLLM as it is, vLLM with the torch matmul (--reference_kernel), ours at float16 and
+    float32, and vLLM / ours − 1 at float16 (vLLM's own kernel where it ran, else the reference one's)."""
     results = json.loads((args.out / "results.json").read_text())
-    print("| export | format | vLLM (float16) | ours (float16) | ours (float32) | vLLM / ours (float16) − 1 | "
+
+    def cell(rec):
+        if rec is None:
+            return ""
+        return f"failed: {rec['refused'][:160]}" if "refused" in rec else f"{rec['ppl']:.4f}"
+    print("| export | format | vLLM | vLLM, reference matmul | ours (float16) | ours (float32) | vLLM / ours − 1 | "
           "vLLM greedy: 'The capital of France is' |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rec in results.items():
-        v, o16, o32 = rec.get("vllm"), rec.get("ours-float16"), rec.get("ours-float32")
-        if v is None:
-            continue
-        fmt = (o16 or {}).get("format", "")
-        ours16 = f"{o16['ppl']:.4f}" if o16 else ""
-        ours32 = f"{o32['ppl']:.4f}" if o32 else ""
-        if "refused" in v:
-            print(f"| {name} | {fmt} | refused: {v['refused']} | {ours16} | {ours32} | | |")
-            continue
-        ratio = f"{v['ppl'] / o16['ppl'] - 1:+.3%}" if o16 else ""
-        print(f"| {name} | {fmt} ({v['quant_method']}) | {v['ppl']:.4f} | {ours16} | {ours32} | {ratio} | "
-              f"{v['greedy'][PROMPTS[0]]!r} |")
+        native, reference = rec.get("vllm"), rec.get("vllm-reference-kernel")
+        o16, o32 = rec.get("ours-float16"), rec.get("ours-float32")
+        ran = next((r for r in (native, reference) if r and "ppl" in r), None)
+        ratio = f"{ran['ppl'] / o16['ppl'] - 1:+.3%}" if ran and o16 else ""
+        fmt = (o16 or {}).get("format", "") + (f" ({ran['quant_method']})" if ran and ran.get("quant_method") else "")
+        text = repr(ran["greedy"][PROMPTS[0]][:40]) if ran else ""
+        print(f"| {name} | {fmt} | {cell(native)} | {cell(reference)} | {cell(o16)} | {cell(o32)} | {ratio} | {text} |")
 
 
 if __name__ == "__main__":

@@ -358,8 +358,8 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
                             "with GPTQModel's BACKEND.TORCH", len(ragged), qcfg["group_size"], ragged[0])
             if qcfg["checkpoint_format"] == "gptq_v2":
                 log.warning("written as gptq_v2 (zero points stored as they are), which transformers + GPTQModel "
-                            "load; vLLM reads only v1 for asymmetric and 2/3-bit weights: for vLLM, quantize with "
-                            "--symmetric, or pass --gptq_format gptq")
+                            "load; vLLM refuses asymmetric GPTQ (v1 or v2): for vLLM, add --save_format "
+                            "compressed-tensors (zero points kept) or quantize with --symmetric")
         else:
             config.save_pretrained(save_dir)
             _write_weights(model, save_dir, RUNTIME_WEIGHTS.removesuffix(".safetensors"), blocks)
