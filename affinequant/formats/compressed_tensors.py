@@ -51,15 +51,14 @@ def config(packed: dict[str, list], symmetric: bool, ignore: list[str]) -> dict:
 
 
 def to_compressed(state: dict, packed: dict[str, list], symmetric: bool) -> dict:
-    """Our packed layers' tensors (qweight, qzeros with offset 0, scales, g_idx) in a state dict -> theirs."""
+    """Our packed layers' tensors (qweight, qzeros with offset 0, scales, g_idx) in a state dict -> theirs. The
+    caller sets the layers' zero offset to 0 first (_write_export, and _write_weights for streamed blocks)."""
     out = {}
     for key, tensor in state.items():
         name, _, leaf = key.rpartition(".")
         if name not in packed or leaf not in ("qweight", "qzeros", "scales", "g_idx"):
             out[key] = tensor
             continue
-        if packed[name][2] != 0:
-            raise ValueError(f"{name}: zero points encoded with offset {packed[name][2]}; set_zero_offset(0) first")
         if leaf == "qweight":
             out[f"{name}.weight_packed"] = tensor.T.contiguous()
             out[f"{name}.weight_shape"] = torch.tensor([tensor.shape[1], state[f"{name}.g_idx"].numel()])

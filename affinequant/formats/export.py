@@ -141,10 +141,10 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
     `every_name`: a tied tensor under each of its names, for the engines (see _every_name). `convert`: maps
     each file's tensors to another format's names and layouts (compressed-tensors)."""
     from safetensors.torch import save_file
-    convert = convert or (lambda tensors: tensors)
     if blocks is None or not blocks.streamed:
-        if every_name or convert:
-            tensors = convert(_every_name(model.state_dict()) if every_name else model.state_dict())
+        if every_name or convert:       # else save_model: it stores a tied tensor once
+            tensors = _every_name(model.state_dict()) if every_name else model.state_dict()
+            tensors = convert(tensors) if convert else tensors
             atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         else:
             atomic_write(save_dir / f"{stem}.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
@@ -156,7 +156,7 @@ def _write_weights(model, save_dir: Path, stem: str, blocks=None, zero_offset: i
     def write(shard: int, tensors: dict) -> None:
         nonlocal total
         name = f"{stem}-{shard:05d}-of-{n_shards:05d}.safetensors"
-        tensors = {k: v.detach().contiguous() for k, v in convert(tensors).items()}
+        tensors = {k: v.detach().contiguous() for k, v in (convert(tensors) if convert else tensors).items()}
         atomic_write(save_dir / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         weight_map.update({k: name for k in tensors})
         total += sum(v.numel() * v.element_size() for v in tensors.values())
