@@ -274,3 +274,20 @@ def test_stream_downloads_a_hub_id_after_every_check(setup, monkeypatch):
     assert downloads == []
     result = run(argv)
     assert downloads == ["org/tiny-llama"] and result["model"] == "org/tiny-llama" and result["ppl"]["wikitext2"]["ppl"] > 0
+
+
+def test_streamed_compressed_tensors_export_equals_in_memory(setup):
+    """--stream --save_format compressed-tensors (asymmetric: each block's zero points re-encoded as it is
+    written): sharded files whose tensors equal the in-memory export's, name for name, bit for bit."""
+    from safetensors.torch import load_file
+    tmp_path, common = setup
+    flags = ["--wbits", "4", "--group_size", "16", "--lwc", "--epochs", "1", "--nsamples", "4", "--seqlen", "32",
+             "--real_quant", "--save_format", "compressed-tensors"]
+    memory, stream = _pair(tmp_path, common, flags)
+    assert stream["saved"]["format"] == memory["saved"]["format"] == "compressed-tensors"
+    a = load_file(tmp_path / "saved-memory" / "model.safetensors")
+    saved = tmp_path / "saved-stream"
+    shards = set(json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"].values())
+    b = {k: v for shard in shards for k, v in load_file(saved / shard).items()}
+    assert a.keys() == b.keys() and any(k.endswith(".weight_zero_point") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
