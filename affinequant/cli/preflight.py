@@ -10,6 +10,7 @@ from .. import distributed
 from ..config import ConfigError, QuantConfig
 from ..errors import AffineQuantError, OutputError
 from ..eval.data import CALIB_DATASETS, PPL_DATASETS
+from ..formats import compressed_tensors
 from ..formats.export import check_save_dir
 from ..formats.gguf import check_gguf_target, default_gguf_type
 from ..models.loading import block_linear_shapes, model_name
@@ -50,11 +51,9 @@ def check_compressed_target(args, cfg: QuantConfig, shapes: dict[str, tuple[int,
     if runtime:
         raise ConfigError(f"{flag} holds weight-only models, and {runtime[0]} keeps modules at run time that it cannot "
                           f"describe: drop {flag} (affinequant's own format is written) or {runtime[0]}")
-    ragged = {n: shape[1] for n, shape in shapes.items() if cfg.group_size and shape[1] % cfg.group_size}
-    if ragged:
-        name, width = next(iter(ragged.items()))
-        raise ConfigError(f"{flag}: --group_size {cfg.group_size} does not divide {name}'s in_features {width}, and "
-                          f"compressed-tensors (and vLLM) need whole groups: choose a group size that divides it")
+    # the export's own check on the block's shapes (one scheme for all layers: every one at --wbits, --group_size)
+    compressed_tensors.check_layers({n: [cfg.wbits, cfg.group_size, 0] for n in shapes},
+                                    {n: shape[1] for n, shape in shapes.items()})
 
 
 def stats_files(args, net: str) -> tuple[Path, Path, bool]:
@@ -185,9 +184,10 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
     if distributed.active():
         from ..pipeline.calibrate import check_data_parallel
         check_data_parallel(cfg)
-    check_group_size(block_linear_shapes(model_config, adapter)[0], cfg.group_size)
+    shapes = block_linear_shapes(model_config, adapter)[0]
+    check_group_size(shapes, cfg.group_size)
     if args.save_format != "gptq":
-        check_compressed_target(args, cfg, block_linear_shapes(model_config, adapter)[0])
+        check_compressed_target(args, cfg, shapes)
     calib = args.calib_dataset
     if calib and (Path(calib).suffix in (".txt", ".jsonl", ".json", ".parquet", ".gz") or "/" in calib) \
             and not Path(calib).is_file():

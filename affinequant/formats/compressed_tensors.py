@@ -90,5 +90,5 @@ def from_compressed(tensors: dict, bits: int, group: int | None) -> dict:
         out[f"{name}.qweight"] = tensors[key].T.contiguous()
         out[f"{name}.qzeros"] = zeros.T.contiguous()
         out[f"{name}.scales"] = scale.T.to(torch.float16).contiguous()
-        out[f"{name}.g_idx"] = (torch.arange(in_f, dtype=torch.int32) // (group or in_f)).to(torch.int32)
+        out[f"{name}.g_idx"] = torch.arange(in_f, dtype=torch.int32) // (group or in_f)
     return out

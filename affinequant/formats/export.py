@@ -340,8 +340,9 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
             _write_engine_config(config, save_dir, qcfg)
             _write_weights(model, save_dir, "model", blocks, zero_offset, every_name=True,
                            convert=lambda tensors: compressed_tensors.to_compressed(tensors, packed, cfg.symmetric))
+            (bits, group, _), *_ = packed.values()
             log.info("saved a compressed-tensors checkpoint (pack-quantized, %d-bit, group %s, %s) to %s",
-                     packed[next(iter(packed))][0], packed[next(iter(packed))][1] or "per channel",
+                     bits, group or "per channel",
                      "symmetric" if cfg.symmetric else "asymmetric with zero points", final)
         elif fmt == "gptq":
             qcfg = gptq_config(packed, cfg.symmetric)
