@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
-from .recipe import learns, needs_statistics, recipe_data, resolve
+from .recipe import block_stages, learns, model_stages, needs_statistics, recipe_data, resolve
 
 __all__ = ["QuantConfig", "ConfigError", "LossSpec", "LOSS_TERMS", "LOSS_PRESETS", "effective_bits", "default_sf"]
 
@@ -108,6 +108,9 @@ class QuantConfig:
     par_batch: int = 4                 # TesseraQ: samples per step
     par_lr: float = 1e-3
     par_rounds: int = 20               # TesseraQ: rounds of the hardening schedule (of the reference's 20)
+    e2e_steps: int = 0                 # end-to-end refinement of the step sizes after the block loop (pipeline.refine)
+    e2e_lr: float = 2e-3
+    e2e_loss: str = "kl"
     reference_compat: bool = False     # reproduce the reference code's conventions (docs/reference-compat.md)
     recipe: list | None = None         # the stages as data (recipe.py); None: from the flags above
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN
@@ -184,7 +187,7 @@ class QuantConfig:
             raise ConfigError(f"--alpha must lie in [0, 1] (got {self.alpha})")
         if self.recipe is not None:
             flags = [f"--{k}" for k in ("lwc", "let", "use_ln_matrix", "use_matrix", "clip_search", "gptq",
-                                        "tesseraq", "compensation", "flatquant") if getattr(self, k)]
+                                        "tesseraq", "compensation", "flatquant", "e2e_steps") if getattr(self, k)]
             if flags:
                 raise ConfigError(f"--recipe names the stages, so {' '.join(flags)} would be ignored: drop them, or "
                                   f"put them in the recipe")
@@ -231,6 +234,14 @@ class QuantConfig:
     def stages(self) -> list:
         """The run's recipe: typed stage configs, from --recipe or from the flags (recipe.resolve)."""
         return resolve(self)
+
+    def block_stages(self) -> list:
+        """The stages the block loop runs, ending with the rounder."""
+        return block_stages(self.stages())
+
+    def model_stages(self) -> list:
+        """The stages that refine the whole model after the block loop (end-to-end refinement)."""
+        return model_stages(self.stages())
 
     def recipe_data(self) -> list[dict]:
         """The resolved recipe as data: what results.json and the checkpoint manifest record."""

@@ -33,7 +33,9 @@ class StageConfig:
     quantizes_weights: ClassVar[bool] = False     # needs weight quantizers (--wbits < 16)
     learns: ClassVar[bool] = False                # has parameters for the shared trainer
     needs_statistics: ClassVar[bool] = False      # starts from activation statistics (act_scales)
-    is_rounder: ClassVar[bool] = False            # turns the weights into integer codes: the last stage
+    is_rounder: ClassVar[bool] = False            # turns the weights into integer codes: the last block stage
+    model_level: ClassVar[bool] = False           # runs once on the whole model after the block loop, on the
+                                                  # committed integer codes (end-to-end refinement), after the rounder
 
     def to_dict(self) -> dict:
         return {"stage": self.name, **asdict(self)}
@@ -134,6 +136,8 @@ def recipe_from_flags(cfg) -> list[dict]:
         stages.append({"stage": "gptq", "percdamp": cfg.percdamp, "act_order": cfg.act_order})
     else:
         stages.append({"stage": "rtn"})
+    if cfg.e2e_steps:
+        stages.append({"stage": "e2e", "steps": cfg.e2e_steps, "lr": cfg.e2e_lr, "loss": cfg.e2e_loss})
     return stages
 
 
@@ -144,12 +148,23 @@ def resolve(cfg) -> list[StageConfig]:
     for name in set(names):
         if names.count(name) > 1:
             raise ConfigError(f"recipe: stage {name!r} appears {names.count(name)} times; each stage runs once")
-    rounders = [s.name for s in stages if s.is_rounder]
-    if len(rounders) > 1 or (rounders and not stages[-1].is_rounder):
-        raise ConfigError(f"recipe: the weights are rounded once, by the last stage (got rounders "
-                          f"{', '.join(rounders)} in {names}): keep one rounder, last")
+    first_model = next((i for i, s in enumerate(stages) if s.model_level), len(stages))
+    block, model = stages[:first_model], stages[first_model:]
+    misplaced = [s.name for s in model if not s.model_level]
+    if misplaced:
+        raise ConfigError(f"recipe: {', '.join(misplaced)} works block by block, so it comes before "
+                          f"{stages[first_model].name}, which refines the whole model after the block loop: move it up")
+    rounders = [s.name for s in block if s.is_rounder]
+    if len(rounders) > 1 or (rounders and not block[-1].is_rounder):
+        raise ConfigError(f"recipe: the weights are rounded once, by the last block stage (got rounders "
+                          f"{', '.join(rounders)} in {names}): keep one rounder, last before any whole-model stage")
     if not rounders:
-        stages.append(_entry("rtn"))
+        block.append(_entry("rtn"))
+    stages = block + model
+    if model and (cfg.abits < 16 or "flatquant" in names):
+        raise ConfigError(f"recipe: {model[0].name} refines the scales of weight-only quantized linears, and this run "
+                          f"keeps {'activation quantizers' if cfg.abits < 16 else 'FlatQuant transforms'} in front of "
+                          f"them: drop {model[0].name}, or quantize weights only (--abits 16, no flatquant)")
     if cfg.real_quant and "flatquant" in names:
         raise ConfigError("--real_quant writes the GPTQ layout, which has no place for FlatQuant's online transforms "
                           "(they run in front of the linears): drop --real_quant; the model saves in affinequant's "
@@ -160,6 +175,16 @@ def resolve(cfg) -> list[StageConfig]:
             raise ConfigError(f"--wbits 16 quantizes no weights, but {', '.join(wq)} works on quantized weights: "
                               f"lower --wbits, or drop {', '.join(wq)}")
     return stages
+
+
+def block_stages(stages: list[StageConfig]) -> list[StageConfig]:
+    """The stages the block loop runs (up to and including the rounder)."""
+    return [s for s in stages if not s.model_level]
+
+
+def model_stages(stages: list[StageConfig]) -> list[StageConfig]:
+    """The stages that refine the whole model after the block loop, in order."""
+    return [s for s in stages if s.model_level]
 
 
 def recipe_data(stages: list[StageConfig]) -> list[dict]:

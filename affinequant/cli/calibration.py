@@ -104,6 +104,8 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     results["blocks_restored"] = len(reports) - len(worked)
     results["calibration_peak_memory_mib"] = peak_memory_mb(device)
     results["blocks"] = [r.__dict__ for r in reports]
+    if reports.refinement:
+        results["refinement"] = reports.refinement
     if any(r.fell_back_to_rtn for r in reports):
         results["blocks_fell_back_to_rtn"] = [r.index for r in reports if r.fell_back_to_rtn]
     log.info("calibration done in %.1fs (%.2fs per block), %s", results["calibration_seconds"],

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.blocks import capture_block_arguments, non_block_to, run_block
+from ..models.blocks import capture_block_arguments, head_logits, non_block_to, run_block
 
 log = logging.getLogger("affinequant")
 
@@ -157,18 +157,6 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device, limit: int | No
     return scores.result(n_windows, time.time() - t0)
 
 
-class _Substitute(torch.nn.Module):
-    """Stands in for a block while the head runs on stored hidden states: the first returns them, the
-    others hand them on."""
-
-    def __init__(self, hidden: torch.Tensor | None):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        return self.hidden if self.hidden is not None else hidden_states
-
-
 @torch.no_grad()
 def _streamed_hidden(model, adapter, windows: torch.Tensor, device, load, release, dtype, desc: str) -> torch.Tensor:
     """The last block's outputs for every window (windows, L, d), walking the blocks one at a time: `load(i)`
@@ -191,20 +179,11 @@ HEAD_CHUNK = 128     # positions per head evaluation: 128 x vocab logits (78 MB 
 def _head_log_probs(model, adapter, ids: torch.Tensor, hidden: torch.Tensor, chunk: int):
     """The model's own head (final norm, output embedding, soft-capping...) on stored final hidden states, a
     chunk of positions at a time: yields the log-probabilities of the next token at positions [c, c + chunk)
-    (the window's last position predicts nothing). The model runs with its blocks replaced by stand-ins that
-    return the stored states."""
-    layers = adapter.layers(model)
-    originals = list(layers)
+    (the window's last position predicts nothing)."""
     last = ids.shape[1] - 1
     for start in range(0, last, chunk):
         stop = min(start + chunk, last)
-        for i in range(len(layers)):
-            layers[i] = _Substitute(hidden[:, start:stop] if i == 0 else None)
-        try:
-            logits = model(ids[:, start:stop], use_cache=False).logits
-        finally:        # the blocks are back before the caller resumes (a generator may never be finished)
-            for i, block in enumerate(originals):
-                layers[i] = block
+        logits = head_logits(model, adapter, ids[:, start:stop], hidden[:, start:stop])
         yield F.log_softmax(logits[0].float(), dim=-1)
 
 

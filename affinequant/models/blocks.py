@@ -114,3 +114,30 @@ def run_block(block, inputs: torch.Tensor, kwargs: dict, batch_size: int, device
             x = inputs[i:i + batch_size].to(device)
             outs[i:i + batch_size] = block_output(block(x, **kwargs)).to(outs.dtype)
     return outs
+
+
+class _Substitute(nn.Module):
+    """Stands in for a block while the head runs on given hidden states: the first returns them, the
+    others hand them on."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return self.hidden if self.hidden is not None else hidden_states
+
+
+def head_logits(model: nn.Module, adapter: Adapter, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own head (final norm, output embedding, soft-capping...) on final hidden states `hidden`
+    (B, L, d) of the tokens `ids` (B, L): the model runs with its blocks replaced by stand-ins that return
+    `hidden`, so no family's head is rebuilt by hand. Differentiable in `hidden` where autograd is on."""
+    layers = adapter.layers(model)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Substitute(hidden if i == 0 else None)
+    try:
+        return model(ids, use_cache=False).logits
+    finally:        # the blocks are back before the caller resumes (a generator may never be finished)
+        for i, block in enumerate(originals):
+            layers[i] = block

@@ -28,6 +28,7 @@ from ..quant.packing import PackedLinear, dequantize
 from ..quant.qmodules import install_quantizers, set_submodule, use_quantized_attention
 from ..quant.quantizer import WeightQuantizer, fp16_scale
 from ..stages import STAGES, BlockContext, BlockData
+from .refine import RefineContext, refine_model
 from .trainer import train_block
 from ..utils import round_to_half_
 
@@ -61,8 +62,10 @@ class BlockQuantizer:
                             balanced=cfg.bit_balance)
             if cfg.wbits < 16 else None), reference=cfg.reference_compat, q_bits=cfg.q_width, kv_bits=cfg.kv_width)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
-        self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.stages())]
+        self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.block_stages())]
         self.objective = BlockObjective.parse(cfg.loss)
+        # packed layers hold the committed codes: for --real_quant, and for a whole-model stage that refines them
+        self.keeps_codes = cfg.real_quant or bool(cfg.model_stages())
         self.round_to_nearest: set[str] = set()     # linears with no calibration data (unrouted MoE experts)
         self.train_forward = None                   # the training steps' forward (trainer.CompiledForward), or the block
         for p in block.parameters():
@@ -167,7 +170,7 @@ class BlockQuantizer:
         if missing:
             raise RuntimeError(f"rounder {rounder.config.name} left {missing} unrounded")
         for name, qlinear in self.linears.items():
-            if name in committed and self.cfg.real_quant:
+            if name in committed and self.keeps_codes:
                 codes, scale, zero, wq = committed[name]
                 bias = None if qlinear.bias is None else qlinear.bias.detach()
                 set_submodule(self.block, name, PackedLinear.from_codes(
@@ -217,7 +220,9 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         q_inps, block_kwargs = capture_block_arguments(model, adapter, samples, device, runner.cache_dtype,
                                                        cache_dir=cache_dir)
     fp_inps = q_inps.clone()
-    reports = []
+    model_stages = cfg.model_stages()
+    first_inputs = q_inps.clone() if model_stages else None
+    reports = CalibrationReports()
     log.info("recipe: %s", " -> ".join(s.name for s in runner.stages))
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block")
     for index in bar:
@@ -226,9 +231,19 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         blocks.finished(index)
         reports.append(report)
         bar.set_postfix(mse=f"{report.final_mse:.3g}")
+    if model_stages:
+        del q_inps
+        reports.refinement = refine_model(model_stages, RefineContext(
+            model, adapter, blocks, samples, first_inputs, fp_inps, block_kwargs, cfg, device, runner.ctx,
+            runner.grad_scaling, checkpoint))
     if cfg.reference_compat:
         round_to_half_(model)       # the reference's model.half() after the last block
     return reports
+
+
+class CalibrationReports(list):
+    """The blocks' reports in order, and what the whole-model stages reported (by stage name)."""
+    refinement: dict = {}
 
 
 def check_data_parallel(cfg: QuantConfig) -> None:
@@ -257,7 +272,7 @@ class BlockRunner:
         self.data_parallel, self.compile_block = data_parallel, compile_block
         self.step_batch = cfg.batch_size // distributed.world() if data_parallel else cfg.batch_size
         self.act_scales, self.act_shifts = act_scales, act_shifts
-        self.stages, self.trains, self.objective = cfg.stages(), cfg.trains, BlockObjective.parse(cfg.loss)
+        self.stages, self.trains, self.objective = cfg.block_stages(), cfg.trains, BlockObjective.parse(cfg.loss)
         self.cache_dtype = amp_dtype if amp_active(device, cfg, amp_dtype) else torch.float32
         # float16's range ends at 6e-8: its gradients need a loss scale (as the reference's NativeScalerWithGradNormCount)
         self.grad_scaling = self.cache_dtype == torch.float16

@@ -48,7 +48,10 @@ def _saved_recipe(saved: dict) -> list[dict]:
 def recipe_differences(saved: list[dict], now: list[dict], whole: bool) -> dict:
     """{what: (checkpoint, now)} between two recipes; without `whole`, only what the stored tensors depend on."""
     def kept(recipe):
-        return recipe if whole else [e for e in recipe if not STAGE_CONFIGS[e["stage"]].is_rounder]
+        # whole-model stages (end-to-end refinement) come after the block loop and store nothing in its blocks:
+        # their own state file carries their configuration (save_refinement)
+        return [e for e in recipe if not STAGE_CONFIGS[e["stage"]].model_level
+                and (whole or not STAGE_CONFIGS[e["stage"]].is_rounder)]
     saved, now = kept(saved), kept(now)
     if [e["stage"] for e in saved] != [e["stage"] for e in now]:
         return {"recipe": (" -> ".join(e["stage"] for e in saved), " -> ".join(e["stage"] for e in now))}
@@ -167,6 +170,35 @@ class CalibrationCheckpoint:
         atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp, metadata=metadata))
         self.manifest["finished"] = sorted(set(self.manifest["finished"]) | {index})
         self._write_manifest()       # after the block file: a crash between the two only loses this block
+
+    def refinement_path(self, name: str) -> Path:
+        return self.dir / f"refine_{name}.safetensors"
+
+    def save_refinement(self, name: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """A whole-model stage's progress (its parameters, optimiser moments, step and configuration), replaced
+        atomically each time: a run killed mid-refinement resumes at the last saved step."""
+        if not self.writer:
+            return
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        metadata = {"state": json.dumps(state), "digest": tensor_digest(tensors)}
+        atomic_write(self.refinement_path(name), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def load_refinement(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """What save_refinement wrote last, or None when nothing was (or the file is unreadable: logged)."""
+        path = self.refinement_path(name)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path)
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+            if metadata.get("digest") != tensor_digest(tensors):
+                raise ValueError("digest mismatch")
+            return tensors, json.loads(metadata["state"])
+        except Exception as exc:
+            log.warning("%s is unreadable (%s): the refinement starts again", path, exc)
+            return None
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
         path = self.path(index)
