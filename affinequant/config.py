@@ -108,6 +108,9 @@ class QuantConfig:
     par_batch: int = 4                 # TesseraQ: samples per step
     par_lr: float = 1e-3
     par_rounds: int = 20               # TesseraQ: rounds of the hardening schedule (of the reference's 20)
+    target_bpw: float | None = None    # mixed precision: average bits per weight (pipeline.allocate)
+    mixed_bits: tuple = (2, 3, 4)      # the bit widths a linear may get under --target_bpw
+    layer_bits: dict | None = None     # module name -> bits (the allocation; set before the block loop)
     e2e_steps: int = 0                 # end-to-end refinement of the step sizes after the block loop (pipeline.refine)
     e2e_lr: float = 2e-3
     e2e_loss: str = "kl"
@@ -197,6 +200,15 @@ class QuantConfig:
             raise ConfigError("--tesseraq and --gptq both round the weights: keep one")
         if not 0.0 <= self.percdamp < 1.0:
             raise ConfigError(f"--percdamp must lie in [0, 1) (got {self.percdamp}); GPTQ uses 0.01")
+        if self.target_bpw is not None:
+            if self.full_precision or self.abits < 16:
+                raise ConfigError("--target_bpw allocates weight bits per linear for weight-only quantization: give "
+                                  "--wbits (below 16) and --abits 16")
+            if not self.mixed_bits or any(not 2 <= b <= 8 for b in self.mixed_bits):
+                raise ConfigError(f"--mixed_bits are bit widths from 2 to 8 (got {self.mixed_bits})")
+            if self.target_bpw < min(self.mixed_bits) or self.bit_balance:
+                raise ConfigError(f"--target_bpw {self.target_bpw} lies below the fewest bits of --mixed_bits "
+                                  f"({min(self.mixed_bits)}), or comes with --bit_balance: raise it, or add lower bits")
         stages = resolve(self)
         if self.epochs > 0 and not learns(stages):
             raise ConfigError("--epochs > 0 trains nothing without --lwc or --let (no stage of the recipe learns): "
@@ -234,6 +246,10 @@ class QuantConfig:
     def stages(self) -> list:
         """The run's recipe: typed stage configs, from --recipe or from the flags (recipe.resolve)."""
         return resolve(self)
+
+    def bits_for(self, module: str) -> int:
+        """The weight bits of the block linear `module` (full name): its allocation under --target_bpw, else --wbits."""
+        return (self.layer_bits or {}).get(module, self.wbits)
 
     def block_stages(self) -> list:
         """The stages the block loop runs, ending with the rounder."""

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--par_lr", type=float, default=1e-3, help="TesseraQ: learning rate of the rounding variables")
     a("--par_rounds", type=int, default=20,
       help="TesseraQ: rounds of the hardening schedule, taken evenly from the reference's 20")
+    a("--target_bpw", type=float, default=None, metavar="BPW",
+      help="mixed precision: give each linear its bits from --mixed_bits so that the model averages BPW bits per "
+           "weight (codes, scales and zero points counted), by a per-linear sensitivity measured on the calibration "
+           "data; --wbits is then only the default of layers outside the blocks' linears")
+    a("--mixed_bits", default="2,3,4", help="--target_bpw: the bit widths a linear may get (comma-separated)")
     a("--e2e_steps", type=int, default=0,
       help="after the block loop, refine the step sizes of the whole quantized model end to end for this many Adam "
            "steps, the integer codes frozen (EfficientQAT's E2E-QP; recipe stage e2e). 0: off")
@@ -207,6 +212,13 @@ def default_epochs(args) -> int:
     return FLATQUANT_EPOCHS if args.flatquant else 0
 
 
+def _bit_list(text: str) -> tuple:
+    try:
+        return tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise ConfigError(f"--mixed_bits {text!r}: give bit widths separated by commas, e.g. 2,3,4") from None
+
+
 def config_from_args(args) -> QuantConfig:
     from ..recipe import load_recipe_file
     order_flags = [f for f, given in (("--act_order", args.act_order_flag), ("--no_act_order", args.no_act_order))
@@ -221,7 +233,7 @@ def config_from_args(args) -> QuantConfig:
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
                        clip_search=args.clip_search, compensation=args.compensation, gptq=args.gptq, percdamp=args.percdamp, act_order=not args.no_act_order,
                        tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
-                       par_rounds=args.par_rounds, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_loss=args.e2e_loss,
+                       par_rounds=args.par_rounds, target_bpw=args.target_bpw, mixed_bits=_bit_list(args.mixed_bits), e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_loss=args.e2e_loss,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        bit_balance=args.bit_balance,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_init=args.let_init, let_lr=args.let_lr, lwc_lr=args.lwc_lr,

@@ -3,6 +3,7 @@ comparison, the checkpoint, then the block loop, recorded into the results."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,12 +13,13 @@ import torch
 from .. import distributed
 from ..eval.data import adds_bos, calibration_samples
 from ..formats.reference import ReferenceResume, write_reference_params
+from ..pipeline.allocate import mixed_precision
 from ..pipeline.calibrate import quantize_blocks
 from ..pipeline.checkpoint import CalibrationCheckpoint
 from ..pipeline.stats import collect_act_stats
 from ..pipeline.trainer import compile_failure
 from ..stages.transforms import QK_OUTPUT
-from ..utils import load_tensors, memory_report, peak_memory_mb, round_to_half_, save_tensors, tensor_digest
+from ..utils import load_tensors, memory_report, peak_memory_mb, round_to_half_, save_tensors, tensor_digest, write_json
 from .evaluation import record_fp_reference
 from .preflight import check_stats, stats_files
 
@@ -44,6 +46,24 @@ def load_or_collect_stats(args, model, adapter, samples, device, net: str, block
         log.info("wrote %s and %s", scales_path, shifts_path)
     return scales, shifts
 
+def allocation_for(args, cfg, model, adapter, samples, device) -> dict:
+    """--target_bpw's allocation: measured on the calibration samples before the block loop changes the model,
+    and kept in <output_dir>/allocation.json, which a resumed run reads instead of measuring again (so that its
+    blocks get the bits the checkpoint's were quantized at)."""
+    path = Path(args.output_dir) / "allocation.json"
+    key = {"target_bpw": cfg.target_bpw, "choices": sorted(set(cfg.mixed_bits)), "group_size": cfg.group_size,
+           "symmetric": cfg.symmetric, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed}
+    if args.resume is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log.info("mixed precision: the allocation of %s (%.3f bits per weight)", path, saved["bits_per_weight"])
+            return saved
+    allocation = {**mixed_precision(model, adapter, samples, cfg, device), "key": key}
+    if distributed.is_main():
+        write_json(path, allocation)
+    return allocation
+
+
 def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net, model_id, results,
              reference_params=None, blocks=None) -> tuple[torch.nn.Module | None, tuple]:
     """Calibrate and quantize `model` in place, recording into `results`; returns the reference for KL and TTA:
@@ -59,6 +79,10 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     results["calibration_bos"] = calib_bos
     results["calibration_data_free"] = calib_source.startswith("generated")
     log.info("calibration: %d x %d tokens from %s", cfg.nsamples, cfg.seqlen, calib_source)
+
+    if cfg.target_bpw is not None:
+        results["mixed_precision"] = allocation_for(args, cfg, model, adapter, samples, device)
+        cfg.layer_bits = results["mixed_precision"]["layer_bits"]
 
     act_scales = act_shifts = None
     if cfg.needs_statistics:

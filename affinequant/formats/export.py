@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -206,11 +207,19 @@ def _read_weights(model, path: Path, stem: str, convert: Callable[[dict], dict] 
 
 
 def gptq_config(packed: dict[str, list], sym: bool) -> dict:
-    (bits, group, _), *_ = packed.values()
+    from collections import Counter
+    bits = Counter(b for b, _, _ in packed.values()).most_common(1)[0][0]
+    (_, group, _), *_ = packed.values()
     v2 = any(offset == 0 for _, _, offset in packed.values())
-    return {"quant_method": "gptq", "bits": bits, "group_size": group or -1, "sym": sym, "desc_act": False,
-            "checkpoint_format": "gptq_v2" if v2 else "gptq", "true_sequential": True,
-            "damp_percent": 0.01, "static_groups": False, "quantizer": ["affinequant"]}
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group or -1, "sym": sym, "desc_act": False,
+              "checkpoint_format": "gptq_v2" if v2 else "gptq", "true_sequential": True,
+              "damp_percent": 0.01, "static_groups": False, "quantizer": ["affinequant"]}
+    # mixed precision (--target_bpw): the modules at other bits, as GPTQModel's per-module overrides read them
+    # ("+:" a regex of module names that the override applies to)
+    other = {name: b for name, (b, _, _) in packed.items() if b != bits}
+    if other:
+        config["dynamic"] = {f"+:^{re.escape(name)}$": {"bits": b} for name, b in sorted(other.items())}
+    return config
 
 
 def check_save_dir(save_dir: str | Path, overwrite: bool = False) -> None:
@@ -410,7 +419,7 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, kernel: str = 
     if min(bits, attention_bits["q"], attention_bits["kv"]) < 16 or online:
         symmetric = manifest["config"].get("symmetric", False)
         for block in adapter.layers(model):
-            install_quantizers(block, adapter, bits, symmetric, lambda w: None,
+            install_quantizers(block, adapter, bits, symmetric, lambda name, w: None,
                                reference=manifest["config"].get("reference_compat", False),
                                q_bits=attention_bits["q"], kv_bits=attention_bits["kv"])
         use_quantized_attention(model)

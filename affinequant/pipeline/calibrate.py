@@ -57,8 +57,9 @@ class BlockQuantizer:
     def __init__(self, block: nn.Module, adapter: Adapter, model_config, cfg: QuantConfig,
                  act_scales: dict | None, act_shifts: dict | None, stages: list | None = None, index: int = 0):
         self.block, self.adapter, self.cfg = block, adapter, cfg
-        self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda w: (
-            WeightQuantizer(tuple(w.shape), cfg.wbits, cfg.group_size, cfg.symmetric, reference=cfg.reference_compat,
+        self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda name, w: (
+            WeightQuantizer(tuple(w.shape), cfg.bits_for(f"{adapter.layers_path}.{index}.{name}"), cfg.group_size,
+                            cfg.symmetric, reference=cfg.reference_compat,
                             balanced=cfg.bit_balance)
             if cfg.wbits < 16 else None), reference=cfg.reference_compat, q_bits=cfg.q_width, kv_bits=cfg.kv_width)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)

@@ -27,7 +27,7 @@ log = logging.getLogger("affinequant")
 
 # What the stored parameters mean: these and the recipe's stages (less the rounder, which stores
 # nothing) with their structural options must match for any resume.
-STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "reference_compat", "bit_balance")
+STRUCTURE = ("wbits", "abits", "group_size", "symmetric", "reference_compat", "bit_balance", "target_bpw", "mixed_bits")
 # What produced them: these and the whole recipe must match too when training continues (epochs > 0).
 TRAINING = ("wd", "epochs", "nsamples", "batch_size", "seqlen", "aug_loss", "loss", "seed")
 # Options that change what a stage stores (its tensors' meaning or shapes); other options change only
@@ -113,10 +113,11 @@ class CalibrationCheckpoint:
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"--resume: {self.manifest_path} is corrupt ({exc}); delete {self.dir} and "
                                   f"start again") from exc
+        config = json.loads(json.dumps(config))         # as the manifest holds it (tuples are lists there)
         training = config.get("epochs", 0) > 0
         keys = STRUCTURE + (TRAINING if training else ())
         # a key that a manifest predates (--loss, added later) had its default then
-        saved_config = {**QuantConfig().to_dict(), **saved["config"]}
+        saved_config = {**json.loads(json.dumps(QuantConfig().to_dict())), **saved["config"]}
         diff = {k: (saved_config.get(k), config.get(k)) for k in keys if saved_config.get(k) != config.get(k)}
         saved_recipe = _saved_recipe(saved)
         diff.update(recipe_differences(saved_recipe, recipe, whole=training))

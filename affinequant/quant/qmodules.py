@@ -300,7 +300,7 @@ def use_quantized_attention(model: nn.Module) -> None:
 def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, weight_quantizer_for,
                        reference: bool = False, q_bits: int | None = None, kv_bits: int | None = None) -> dict:
     """Replace every nn.Linear of `block` by a QuantLinear (weight quantizer from
-    `weight_quantizer_for(weight)`, per-token input quantizer when abits < 16) and give its
+    `weight_quantizer_for(name, weight)`, per-token input quantizer when abits < 16) and give its
     attention q/k/v quantizers (q at q_bits, k and v at kv_bits; both default to abits) where any is below 16.
     Used for calibration and again when a saved model is rebuilt.
     `reference`: the activation grids follow the reference code's range convention."""
@@ -308,7 +308,7 @@ def install_quantizers(block: nn.Module, adapter, abits: int, symmetric: bool, w
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear) and name not in adapter.skip:
             aq = ActQuantizer(abits, symmetric, reference) if abits < 16 else None
-            qlinear = QuantLinear(module, weight_quantizer_for(module.weight), aq).to(module.weight.device)
+            qlinear = QuantLinear(module, weight_quantizer_for(name, module.weight), aq).to(module.weight.device)
             set_submodule(block, name, qlinear)
             linears[name] = qlinear
     q_bits = abits if q_bits is None else q_bits
