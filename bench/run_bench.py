@@ -31,6 +31,10 @@ SETTINGS = {  # name: flags
     "W4A4KV4": ["--wbits", "4", "--abits", "4", "--kv_bits", "4", "--q_bits", "16"],
     # ABQ-LLM's settings: bit balance (2-bit weights on 5 levels, 2.32 bits: W2*), W6A6 and W2A8
     "W2*A16g128": ["--wbits", "2", "--abits", "16", "--group_size", "128", "--bit_balance"],
+    # mixed precision (--target_bpw): each linear at 2, 3 or 4 bits, 2.5 bits per weight on average (codes, scales
+    # and zero points counted; W2 g128 asymmetric is 2.14, W3 3.15)
+    "W2.5mixA16g128": ["--wbits", "3", "--abits", "16", "--group_size", "128", "--target_bpw", "2.5",
+                       "--mixed_bits", "2,3,4"],
     "W6A6": ["--wbits", "6", "--abits", "6"],
     "W2A8": ["--wbits", "2", "--abits", "8"],
     "W2*A8": ["--wbits", "2", "--abits", "8", "--bit_balance"],
@@ -92,6 +96,13 @@ METHODS = {
     "FlatQuant (quantized inputs)": ["--flatquant"],
     "FlatQuant (untrained)": ["--flatquant"],
     "FlatQuant@15 epochs": ["--flatquant", "--train_inputs", "fp", "--epochs", "15"],   # FlatQuant's epochs
+    # end-to-end refinement of the step sizes after the block loop (issue 33, docs/refine.md): on round-to-nearest,
+    # on the clipping search + TesseraQ, and the bench's best recipes as files (recipes/best-w{bits}g128.yaml, run_one
+    # fills in the bits), also under mixed precision at 2.5 bits per weight (setting W2.5mix)
+    "RTN+E2E@16": ["--e2e_steps", "16"],
+    "clip search+TesseraQ+E2E@32": ["--clip_search", "--tesseraq", "--e2e_steps", "32", "--e2e_lr", "5e-3"],
+    "best recipe": ["--recipe", "recipes/best-w{bits}g128.yaml"],
+    "best-w2g128 recipe": ["--recipe", "recipes/best-w2g128.yaml"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
@@ -100,7 +111,8 @@ METHODS = {
 TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET",
             "LWC+LET (MSE+NLC) +TTA fp_block": "LWC+LET (MSE+NLC)"}
 TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "GPTQ@damp0.1",
-             "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ"}
+             "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ",
+             "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "best recipe", "best-w2g128 recipe"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
@@ -150,7 +162,12 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "FlatQuant rows train on FP inputs (--train_inputs fp) with its learning rates and cosine schedule on this "
          "bench's epochs, except '@15 epochs' (its own); '(quantized inputs)' trains on the quantized trajectory; "
          "'(untrained)' is its start (random Kronecker rotations after SmoothQuant-style scales, alpha 0.3). Its KV4 "
-         "rows start the k-cache transform at the rotation or the identity by block loss (docs/flatquant.md).")
+         "rows start the k-cache transform at the rotation or the identity by block loss (docs/flatquant.md). "
+         "'+E2E@N' rows refine the step sizes of the whole model end to end after the block loop for N steps of one "
+         "sample (codes frozen, KL to the FP model; docs/refine.md); their s/block includes the refinement, spread over "
+         "the blocks. 'best recipe' rows run recipes/best-w3g128.yaml or best-w2g128.yaml as files (clip search, "
+         "TesseraQ, E2E@64). W2.5mix is mixed precision at 2.5 bits per weight (each linear at 2, 3 or 4 bits by a "
+         "Fisher-weighted sensitivity; codes, scales and zero points counted), against W2 g128's 2.14 and W3's 3.15.")
 
 
 def budget(args, model: str, setting: str) -> dict:
@@ -223,7 +240,8 @@ def run_one(args, model: str, setting: str, method: str) -> dict:
     b = budget(args, model, setting)
     epochs = ["--epochs", "0"] if method in TRAINLESS else ["--epochs", str(b["epochs"])]
     flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
-             *budget_flags(args, model, setting), *METHODS[method]]
+             *budget_flags(args, model, setting),
+             *[f.format(bits=SETTINGS[setting][SETTINGS[setting].index("--wbits") + 1]) for f in METHODS[method]]]
     if "--tesseraq" in METHODS[method]:
         flags += ["--par_rounds", str(PAR_ROUNDS), "--par_iters", str(max(1, b["par_steps"] // PAR_ROUNDS)),
                   "--par_batch", "1", "--par_lr", str(args.par_lr)]
@@ -258,6 +276,8 @@ def collect() -> list[dict]:
         w = res["ppl_tta"]["wikitext2"] if method in TTA_BASE else res["ppl"]["wikitext2"]
         # a TTA row's seconds: its adaptation per adapted block (its calibration is its base row's)
         sec = (w["tta"]["seconds"] / len(w["tta"]["blocks"]) if method in TTA_BASE else res["seconds_per_block"])
+        if res.get("refinement"):       # the whole-model stages' time too, spread over the blocks
+            sec = res["calibration_seconds"] / len(res["blocks"])
         rows.append(dict(model=model, setting=setting, method=method, ppl=w["ppl"], fp_ppl=w["fp_ppl"], kl=w["kl"],
                          top1=w["top1_agreement"], windows=w["windows"], seqlen=w["seqlen"],
                          sec_per_block=sec, eval_seconds=w["seconds"], peak_mib=res["calibration_peak_memory_mib"],
