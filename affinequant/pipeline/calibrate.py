@@ -250,6 +250,9 @@ class CalibrationReports(list):
 def check_data_parallel(cfg: QuantConfig) -> None:
     """What data-parallel calibration (distributed.py) needs: a global batch that splits over the ranks."""
     world = distributed.world()
+    if cfg.model_stages():
+        raise ConfigError(f"{cfg.model_stages()[0].name} runs on one process: drop it from the recipe for a "
+                          f"data-parallel calibration, or calibrate on one device")
     if cfg.batch_size % world:
         raise ConfigError(f"--batch_size {cfg.batch_size} does not split over {world} ranks: give a multiple of "
                           f"{world} (each rank takes batch_size / {world} samples per step)")

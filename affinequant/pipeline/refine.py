@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
 from ..config import ConfigError
 from ..models.blocks import block_output, head_logits, non_block_to
 from ..quant.packing import PackedLinear, dequantize
@@ -78,9 +77,6 @@ def register_refiner(handler: type) -> type:
 
 def refine_model(stages: list, ctx: RefineContext) -> dict:
     """Run the recipe's whole-model stages in order; returns their reports by name."""
-    if stages and distributed.active():
-        raise ConfigError(f"{stages[0].name} runs on one process: drop it from the recipe for a data-parallel "
-                          f"calibration, or calibrate on one device")
     return {config.name: REFINERS[config.name](config).run(ctx) for config in stages}
 
 
