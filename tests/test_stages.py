@@ -219,5 +219,5 @@ def test_the_shipped_recipes_parse():
     files = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
     assert files
     for path in files:
-        stages = [e["stage"] for e in load_recipe_file(path)]
+        stages = [e["stage"] for e in load_recipe_file(path) if e["stage"] != "e2e"]   # e2e: after the block loop
         assert stages[-1] in ("rtn", "gptq", "tesseraq"), path
