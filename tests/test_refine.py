@@ -179,6 +179,15 @@ def test_streamed_refinement_equals_in_memory(setup):
     assert any(k.endswith("scales") for k in a)
 
 
+def test_refinement_with_activation_caches_on_disk_equals_in_memory(setup):
+    tmp_path, common = setup
+    recipe = ["--recipe", _recipe(tmp_path, steps=2)]
+    memory = _linears(_run_keeping_model(common + recipe + ["--output_dir", str(tmp_path / "m")]))
+    disk = _linears(_run_keeping_model(common + recipe + ["--output_dir", str(tmp_path / "d"), "--cache_dir",
+                                                          str(tmp_path / "cache")]))
+    assert all(torch.equal(memory[k], disk[k]) for k in memory)
+
+
 def test_refined_packed_export_reads_back_to_the_refined_model(setup):
     from affinequant.formats.export import load_quantized
     tmp_path, common = setup

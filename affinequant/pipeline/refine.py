@@ -201,6 +201,7 @@ class E2E:
         ids = ctx.samples[idx].to(ctx.device)
         length = ids.shape[1] - (1 if self.config.loss == "ce" else 0)
         tokens = ids.shape[0] * length
+        teacher = ctx.fp_final[idx] if self.config.loss == "kl" else None     # one read (a --cache_dir file too)
         total = 0.0
         for start in range(0, length, HEAD_CHUNK):
             stop = min(start + HEAD_CHUNK, length)
@@ -212,7 +213,7 @@ class E2E:
             else:
                 with torch.no_grad(), ctx.ctx_factory():
                     ref = F.log_softmax(head_logits(ctx.model, ctx.adapter, ids[:, start:stop],
-                                                    ctx.fp_final[idx, start:stop].to(ctx.device)).float(), dim=-1)
+                                                    teacher[:, start:stop].to(ctx.device)).float(), dim=-1)
                 loss = (ref.exp() * (ref - logp)).sum()
             (loss * (loss_scale / tokens)).backward()
             total += loss.item()
