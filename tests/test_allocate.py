@@ -92,6 +92,10 @@ def test_mixed_run_quantizes_exports_and_reads_back_at_the_allocated_bits(setup)
     res = json.loads((out / "results.json").read_text())
     alloc = res["mixed_precision"]
     assert alloc["bits_per_weight"] <= 3.2 and len(set(alloc["layer_bits"].values())) > 1
+    for i in range(2):           # q/k/v and gate/up share a width (engines fuse them)
+        b = alloc["layer_bits"]
+        assert len({b[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert b[f"model.layers.{i}.mlp.gate_proj"] == b[f"model.layers.{i}.mlp.up_proj"]
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert {n: m.bits for n, m in packed.items()} == alloc["layer_bits"]
     # the file's real bits per weight: codes, zero points and float16 scales as stored

@@ -9,7 +9,8 @@ where CE is the FP model's next-token cross-entropy on one calibration sample an
 the run's grid (group size, symmetry) at b bits. It weighs a weight's rounding error by how much the loss
 reacts to that weight, across the whole model: what a block-wise error cannot compare between layers.
 
-Allocation: a multiple-choice knapsack, minimise Σ s_l(b_l) subject to Σ n_l·bpw(b_l) ≤ target·Σ n_l, solved
+Allocation, over units (the linears that read one norm share a width, as engines fuse them): a multiple-choice
+knapsack, minimise Σ s_l(b_l) subject to Σ n_l·bpw(b_l) ≤ target·Σ n_l, solved
 by its Lagrangian (each layer picks argmin s_l(b) + λ·n_l·bpw(b); λ by bisection, the smallest that meets the
 budget), then the bits left over spent greedily on the best ratio of sensitivity saved per bit. A Lagrangian
 solution is optimal among all allocations that use no more bits than it does (tests/test_allocate.py checks
@@ -135,6 +136,21 @@ def allocate(sizes: dict[str, int], cost: dict[str, dict[int, float]], sensitivi
         choice[n], spare = b, spare - extra
 
 
+def tied_units(linears: dict[str, nn.Linear], adapter) -> dict[str, list[str]]:
+    """The allocation's units: the linears that read one norm in one block (q/k/v, gate/up) share a width, since
+    engines fuse them into one matrix (vLLM's qkv_proj, gate_up_proj); every other linear is a unit of its own."""
+    units: dict[str, list[str]] = {}
+    tied = {}
+    for _, consumers in adapter.norm_groups:
+        for name in consumers:
+            tied[name] = consumers[0]
+    prefix = adapter.layers_path + "."
+    for full in linears:
+        index, _, name = full[len(prefix):].partition(".")
+        units.setdefault(f"{prefix}{index}.{tied.get(name, name)}", []).append(full)
+    return units
+
+
 def mixed_precision(model: nn.Module, adapter, samples: torch.Tensor, cfg, device: torch.device) -> dict:
     """The allocation for cfg.target_bpw over cfg.mixed_bits: {"layer_bits": {module: bits}, ...figures}."""
     linears = quantized_linears(model, adapter)
@@ -145,7 +161,13 @@ def mixed_precision(model: nn.Module, adapter, samples: torch.Tensor, cfg, devic
     cost = {n: {b: bits_per_weight(b, cfg.group_size, cfg.symmetric, m.in_features) for b in choices}
             for n, m in linears.items()}
     n_weights = sum(sizes.values())
-    layer_bits = allocate(sizes, cost, sens, cfg.target_bpw * n_weights)
+    units = tied_units(linears, adapter)
+    unit_sizes = {u: sum(sizes[n] for n in members) for u, members in units.items()}
+    unit_cost = {u: {b: sum(sizes[n] * cost[n][b] for n in members) / unit_sizes[u] for b in choices}
+                 for u, members in units.items()}
+    unit_sens = {u: {b: sum(sens[n][b] for n in members) for b in choices} for u, members in units.items()}
+    unit_bits = allocate(unit_sizes, unit_cost, unit_sens, cfg.target_bpw * n_weights)
+    layer_bits = {n: unit_bits[u] for u, members in units.items() for n in members}
     bpw = sum(sizes[n] * cost[n][layer_bits[n]] for n in sizes) / n_weights
     counts = {b: sum(1 for v in layer_bits.values() if v == b) for b in choices}
     share = {b: sum(sizes[n] for n, v in layer_bits.items() if v == b) / n_weights for b in choices}
