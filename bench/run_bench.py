@@ -101,6 +101,7 @@ METHODS = {
     # fills in the bits), also under mixed precision at 2.5 bits per weight (setting W2.5mix)
     "RTN+E2E@16": ["--e2e_steps", "16"],
     "clip search+TesseraQ+E2E@32": ["--clip_search", "--tesseraq", "--e2e_steps", "32", "--e2e_lr", "5e-3"],
+    "clip search+TesseraQ+E2E@16": ["--clip_search", "--tesseraq", "--e2e_steps", "16", "--e2e_lr", "5e-3"],
     "best recipe": ["--recipe", "recipes/best-w{bits}g128.yaml"],
     "best-w2g128 recipe": ["--recipe", "recipes/best-w2g128.yaml"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
@@ -112,7 +113,7 @@ TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+
             "LWC+LET (MSE+NLC) +TTA fp_block": "LWC+LET (MSE+NLC)"}
 TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "GPTQ@damp0.1",
              "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ",
-             "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "best recipe", "best-w2g128 recipe"}
+             "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "clip search+TesseraQ+E2E@16", "best recipe", "best-w2g128 recipe"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
