@@ -244,14 +244,18 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
 
 class CalibrationReports(list):
     """The blocks' reports in order, and what the whole-model stages reported (by stage name)."""
-    refinement: dict = {}
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.refinement: dict = {}
 
 
 def check_data_parallel(cfg: QuantConfig) -> None:
     """What data-parallel calibration (distributed.py) needs: a global batch that splits over the ranks."""
     world = distributed.world()
-    if cfg.model_stages():
-        raise ConfigError(f"{cfg.model_stages()[0].name} runs on one process: drop it from the recipe for a "
+    model_stages = cfg.model_stages()
+    if model_stages:
+        raise ConfigError(f"{model_stages[0].name} runs on one process: drop it from the recipe for a "
                           f"data-parallel calibration, or calibrate on one device")
     if cfg.batch_size % world:
         raise ConfigError(f"--batch_size {cfg.batch_size} does not split over {world} ranks: give a multiple of "
