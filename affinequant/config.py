@@ -114,6 +114,7 @@ class QuantConfig:
     e2e_steps: int = 0                 # end-to-end refinement of the step sizes after the block loop (pipeline.refine)
     e2e_lr: float = 2e-3
     e2e_loss: str = "kl"
+    e2e_norms: bool = False
     reference_compat: bool = False     # reproduce the reference code's conventions (docs/reference-compat.md)
     recipe: list | None = None         # the stages as data (recipe.py); None: from the flags above
     max_nan_retries: int = 3           # NaN/Inf loss: roll back, halve the LR, retry this often, then RTN

@@ -137,7 +137,8 @@ def recipe_from_flags(cfg) -> list[dict]:
     else:
         stages.append({"stage": "rtn"})
     if cfg.e2e_steps:
-        stages.append({"stage": "e2e", "steps": cfg.e2e_steps, "lr": cfg.e2e_lr, "loss": cfg.e2e_loss})
+        stages.append({"stage": "e2e", "steps": cfg.e2e_steps, "lr": cfg.e2e_lr, "loss": cfg.e2e_loss,
+                       "norms": cfg.e2e_norms})
     return stages
 
 

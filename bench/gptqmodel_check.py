@@ -3,8 +3,9 @@
 Two stages, because GPTQModel needs torch >= 2.14.1 (its own virtual environment):
     .venv/bin/python bench/gptqmodel_check.py export --model models/smollm2-135m.gguf --out /tmp/gq
     GPTQMODEL_CPU_WORKERS=2 /path/to/gptq-venv/bin/python bench/gptqmodel_check.py compare --out /tmp/gq
-`export` quantizes (RTN, --real_quant), saves the GPTQ checkpoint, and stores our packed model's
-logits on fixed token ids; `compare` loads the checkpoint with GPTQModel (BACKEND.TORCH: its default
+`export` quantizes (RTN, --real_quant; with --target_bpw, each linear at its own width from --mixed_bits, the
+widths other than the most common one under the config's `dynamic` overrides), saves the GPTQ checkpoint, and
+stores our packed model's logits on fixed token ids; `compare` loads the checkpoint with GPTQModel (BACKEND.TORCH: its default
 CPU kernel refuses a group size that does not divide in_features) and compares. The comparison is
 written to bench/gptqmodel_check.json.
 """
@@ -27,8 +28,13 @@ def export(args):
     from affinequant.models.loading import load_model
     model, tok, _ = load_model(args.model)
     cfg = QuantConfig(wbits=args.wbits, group_size=args.group_size, symmetric=args.symmetric, real_quant=True,
-                      nsamples=1, seqlen=64)
-    quantize_blocks(model, get_adapter(model.config), torch.randint(0, 1000, (1, 64)), cfg, torch.device("cpu"))
+                      nsamples=1, seqlen=64, target_bpw=args.target_bpw, mixed_bits=args.mixed_bits)
+    samples = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    if args.target_bpw:
+        from affinequant.pipeline.allocate import mixed_precision
+        cfg.layer_bits = mixed_precision(model, get_adapter(model.config), samples, cfg,
+                                         torch.device("cpu"))["layer_bits"]
+    quantize_blocks(model, get_adapter(model.config), samples, cfg, torch.device("cpu"))
     model.half()
     fmt = save_quantized(model, tok, args.out, cfg)
     ids = tok("The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
@@ -50,8 +56,15 @@ def compare(args):
     result = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
               "logit_scale": ref["logits"].abs().max().item(),
               "top1_agreement": (logits.argmax(-1) == ref["logits"].argmax(-1)).float().mean().item(),
-              "kernel": next(type(m).__name__ for m in model.model.modules() if hasattr(m, "qweight"))}
-    (ROOT / "bench" / "gptqmodel_check.json").write_text(json.dumps(result, indent=2) + "\n")
+              "kernel": next(type(m).__name__ for m in model.model.modules() if hasattr(m, "qweight")),
+              "bits": {name: m.bits for name, m in model.model.named_modules() if hasattr(m, "qweight")}}
+    result["bits_counts"] = {b: list(result["bits"].values()).count(b) for b in sorted(set(result["bits"].values()))}
+    expected = json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]
+    result["dynamic"] = expected.get("dynamic")
+    name = "gptqmodel_check_mixed.json" if expected.get("dynamic") else "gptqmodel_check.json"
+    if not expected.get("dynamic"):
+        result.pop("bits")
+    (ROOT / "bench" / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
@@ -63,5 +76,7 @@ if __name__ == "__main__":
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--target_bpw", type=float, default=None, help="mixed precision at this average bits per weight")
+    p.add_argument("--mixed_bits", type=lambda s: [int(b) for b in s.split(",")], default=[2, 3, 4])
     args = p.parse_args()
     export(args) if args.stage == "export" else compare(args)

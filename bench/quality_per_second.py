@@ -14,21 +14,34 @@ import argparse
 import json
 from pathlib import Path
 
-from run_bench import ROOT, collect
+from run_bench import RESUME_BASE, ROOT, TTA_BASE, collect
 
 BLOCKS = {"smollm2-135m": 30, "qwen2.5-coder-0.5b": 24}
 OURS = ("RTN", "clip search", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ", "AffineQuant+TesseraQ",
-        "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "best recipe")
+        "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "best recipe", "clip search+TesseraQ+E2E@128",
+        "clip search+TesseraQ@8x10+E2E@64", "clip search+TesseraQ+E2E@64+norms")
 
 
-def rows_for(model: str, setting: str) -> list[dict]:
+def wall_seconds(row: dict, rows: list[dict]) -> float:
+    """A row's whole calibration, s. A row resumed from another row's blocks (RESUME_BASE, not TTA) ran only
+    its own refinement: its wall time is the base row's block loop plus that refinement."""
+    base_name = RESUME_BASE.get(row["method"])
+    if base_name and row["method"] not in TTA_BASE:
+        base = next(r for r in rows if (r["model"], r["setting"], r["method"]) == (row["model"], row["setting"],
+                                                                                   base_name))
+        return wall_seconds(base, rows) - base.get("refinement_seconds", 0.0) + row.get("refinement_seconds", 0.0)
+    return row["sec_per_block"] * BLOCKS[row["model"]]
+
+
+def rows_for(model: str, setting: str, methods=OURS) -> list[dict]:
+    rows = collect()
     out = []
-    for r in collect():
+    for r in rows:
         if r["model"] != model or r["setting"] != setting:
             continue
         peer = r["method"].startswith(("AutoRound", "GPTQModel"))
-        if peer or r["method"] in OURS:
-            out.append({**r, "peer": peer, "wall": r["sec_per_block"] * BLOCKS[model]})
+        if peer or r["method"] in methods:
+            out.append({**r, "peer": peer, "wall": wall_seconds(r, rows)})
     return sorted(out, key=lambda r: r["wall"])
 
 

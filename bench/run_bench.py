@@ -104,16 +104,37 @@ METHODS = {
     "clip search+TesseraQ+E2E@16": ["--clip_search", "--tesseraq", "--e2e_steps", "16", "--e2e_lr", "5e-3"],
     "best recipe": ["--recipe", "recipes/best-w{bits}g128.yaml"],
     "best-w2g128 recipe": ["--recipe", "recipes/best-w2g128.yaml"],
+    # calibration budget curves (bench/calibration_budget.py): more samples (the method's flags override the
+    # budget's --nsamples), more E2E steps on the best recipe's blocks (its checkpoint, RESUME_BASE), more TesseraQ
+    # steps per block (its own --par_iters, which run_one then keeps)
+    "clip search+GPTQ@32 samples": ["--clip_search", "--gptq", "--act_order", "--percdamp", "0.01", "--nsamples", "32"],
+    "clip search+GPTQ@128 samples": ["--clip_search", "--gptq", "--act_order", "--percdamp", "0.01", "--nsamples",
+                                     "128"],
+    "best recipe@32 samples": ["--recipe", "recipes/best-w{bits}g128.yaml", "--nsamples", "32"],
+    "best recipe@128 samples": ["--recipe", "recipes/best-w{bits}g128.yaml", "--nsamples", "128"],
+    "clip search+TesseraQ+E2E@128": ["--clip_search", "--tesseraq", "--e2e_steps", "128", "--e2e_lr", "5e-3"],
+    "clip search+TesseraQ+E2E@64+norms": ["--clip_search", "--tesseraq", "--e2e_steps", "64", "--e2e_lr", "5e-3",
+                                          "--e2e_norms"],
+    "clip search+TesseraQ@8x10+E2E@64": ["--clip_search", "--tesseraq", "--par_iters", "10", "--e2e_steps", "64",
+                                         "--e2e_lr", "5e-3"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
     "AutoRound@48 steps": [],       # twice the steps: about the wall time of AffineQuant+TesseraQ (SmolLM2 W3)
+    "AutoRound@100 steps": [],
+    "AutoRound@200 steps": [],      # AutoRound's default steps per block
 }
 TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+LET",
             "LWC+LET (MSE+NLC) +TTA fp_block": "LWC+LET (MSE+NLC)"}
+# rows that start from another finished row's checkpoint: TTA adapts it at evaluation; a longer E2E refines its
+# blocks again (the block checkpoint ignores the whole-model stages, so its blocks are reused as they are)
+RESUME_BASE = {**TTA_BASE, "clip search+TesseraQ+E2E@128": "best recipe",
+               "clip search+TesseraQ+E2E@64+norms": "best recipe"}
 TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "GPTQ@damp0.1",
              "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ",
-             "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "clip search+TesseraQ+E2E@16", "best recipe", "best-w2g128 recipe"}
+             "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "clip search+TesseraQ+E2E@16", "best recipe", "best-w2g128 recipe", "clip search+GPTQ@32 samples",
+             "clip search+GPTQ@128 samples", "best recipe@32 samples", "best recipe@128 samples",
+             "clip search+TesseraQ+E2E@128", "clip search+TesseraQ@8x10+E2E@64", "clip search+TesseraQ+E2E@64+norms"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
@@ -243,18 +264,18 @@ def run_one(args, model: str, setting: str, method: str) -> dict:
     flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
              *budget_flags(args, model, setting),
              *[f.format(bits=SETTINGS[setting][SETTINGS[setting].index("--wbits") + 1]) for f in METHODS[method]]]
-    if "--tesseraq" in METHODS[method]:
+    if "--tesseraq" in METHODS[method] and "--par_iters" not in METHODS[method]:
         flags += ["--par_rounds", str(PAR_ROUNDS), "--par_iters", str(max(1, b["par_steps"] // PAR_ROUNDS)),
                   "--par_batch", "1", "--par_lr", str(args.par_lr)]
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
     out, label = OUT / f"{model}__{setting}__{method}", f"{model} {setting} {method}"
-    if method in TTA_BASE and not (out / "results.json").is_file():
-        base = OUT / f"{model}__{setting}__{TTA_BASE[method]}"
+    if method in RESUME_BASE and not (out / "results.json").is_file():
+        base = OUT / f"{model}__{setting}__{RESUME_BASE[method]}"
         if not (base / "checkpoint" / "manifest.json").is_file():
-            run_one(args, model, setting, TTA_BASE[method])
+            run_one(args, model, setting, RESUME_BASE[method])
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        shutil.copytree(base / "checkpoint", out / "checkpoint")     # the same calibrated model, adapted at eval
+        shutil.copytree(base / "checkpoint", out / "checkpoint")     # the same calibrated blocks
         flags += ["--resume", str(out / "checkpoint")]
     if (out / "results.json").is_file():
         reevaluate(out, flags, label, b["windows"])
@@ -283,7 +304,10 @@ def collect() -> list[dict]:
                          top1=w["top1_agreement"], windows=w["windows"], seqlen=w["seqlen"],
                          sec_per_block=sec, eval_seconds=w["seconds"], peak_mib=res["calibration_peak_memory_mib"],
                          calibration=res["calibration"], epochs=res["config"]["epochs"],
-                         nsamples=res["config"]["nsamples"], window_nll=w.get("window_nll")))
+                         nsamples=res["config"]["nsamples"], window_nll=w.get("window_nll"),
+                         calibration_seconds=res["calibration_seconds"],
+                         refinement_seconds=sum(r.get("seconds", 0.0) for r in (res.get("refinement") or {}).values()),
+                         blocks_restored=res.get("blocks_restored", 0)))
     here = {(r["model"], r["setting"], r["method"]) for r in rows}
     committed = ROOT / "bench" / "results.json"
     if committed.is_file():

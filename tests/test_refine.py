@@ -15,7 +15,7 @@ from affinequant.models.adapters import get_adapter
 from affinequant.models.blocks import capture_block_arguments, run_block
 from affinequant.pipeline import refine
 from affinequant.pipeline.calibrate import quantize_blocks
-from affinequant.pipeline.refine import E2E, E2EConfig, RefineContext, ScaledCodes
+from affinequant.pipeline.refine import E2E, E2EConfig, RefineContext, ScaledCodes, TrainedGain, is_norm
 from affinequant.pipeline.streaming import InMemoryBlocks
 from affinequant.quant.packing import PackedLinear
 from affinequant.quant.qmodules import set_submodule
@@ -45,29 +45,33 @@ def _context(model, fp, adapter, samples, cfg):
                          torch.device("cpu"), contextlib.nullcontext)
 
 
-@pytest.mark.parametrize("loss", ["kl", "ce"])
-def test_blockwise_backward_equals_autograd_through_the_whole_model(loss):
+@pytest.mark.parametrize("loss, norms", [("kl", False), ("ce", False), ("kl", True)])
+def test_blockwise_backward_equals_autograd_through_the_whole_model(loss, norms):
     model, fp, adapter, samples, cfg = _packed_model()
     ctx = _context(model, fp, adapter, samples, cfg)
-    e2e = E2E(E2EConfig(loss=loss))
+    e2e = E2E(E2EConfig(loss=loss, norms=norms))
     for index in range(len(ctx.blocks)):          # the δs, then a point away from δ = 0
         block, originals = e2e._open(ctx, index)
         e2e._close(ctx, index, block, originals, torch.float32)
+    assert bool(e2e.gains) == norms
+    trained = {**e2e.deltas, **{f"gain.{k}": g for k, g in e2e.gains.items()}}
     torch.manual_seed(3)
     with torch.no_grad():
-        for d in e2e.deltas.values():
+        for d in trained.values():
             d.normal_(0, 0.05)
     idx = torch.tensor([2, 0])
     value = e2e._step_gradients(ctx, idx, torch.float32, 1.0)
-    blockwise = {k: d.grad.clone() for k, d in e2e.deltas.items()}
+    blockwise = {k: d.grad.clone() for k, d in trained.items()}
 
-    # independent: the whole model with every packed layer in training form, one autograd graph
-    for d in e2e.deltas.values():
+    # independent: the whole model with every packed layer (and norm) in training form, one autograd graph
+    for d in trained.values():
         d.grad = None
     for i, block in enumerate(adapter.layers(model)):
         for name, m in list(block.named_modules()):
             if isinstance(m, PackedLinear):
                 set_submodule(block, name, ScaledCodes(m, m.codes(), e2e.deltas[f"{i}.{name}"]))
+            elif norms and is_norm(m):
+                set_submodule(block, name, TrainedGain(m, e2e.gains[f"{i}.{name}"], 0.0))
     ids = samples[idx]
     logp = F.log_softmax(model(ids).logits.float(), -1)
     if loss == "kl":
@@ -81,7 +85,7 @@ def test_blockwise_backward_equals_autograd_through_the_whole_model(loss):
     # the same float32 operations, grouped differently (chunked head, per-block graphs): agreement to float
     # rounding, relative to each gradient's size
     for k, g in blockwise.items():
-        ref_g = e2e.deltas[k].grad
+        ref_g = trained[k].grad
         assert ref_g.abs().max() > 0
         torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-5 * float(ref_g.abs().max()))
 
@@ -135,10 +139,16 @@ def test_refinement_lowers_its_loss_and_is_recorded(setup):
     assert res["recipe"][-1]["stage"] == "e2e"
 
 
-def test_killed_refinement_resumes_to_the_uninterrupted_model(setup, monkeypatch):
+def _norm_gains(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if is_norm(m) and ".layers." in f".{n}"}
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_killed_refinement_resumes_to_the_uninterrupted_model(setup, monkeypatch, norms):
     tmp_path, common = setup
-    recipe = ["--recipe", _recipe(tmp_path, steps=4, save_every=2)]
-    full = _linears(_run_keeping_model(common + recipe + ["--output_dir", str(tmp_path / "a")]))
+    recipe = ["--recipe", _recipe(tmp_path, steps=4, save_every=2, norms=str(norms).lower())]
+    full_model = _run_keeping_model(common + recipe + ["--output_dir", str(tmp_path / "a")])
+    full, full_gains = _linears(full_model), _norm_gains(full_model)
     real = E2E._step_gradients
     calls = []
 
@@ -159,15 +169,21 @@ def test_killed_refinement_resumes_to_the_uninterrupted_model(setup, monkeypatch
         return real(self, *a, **k)
     with monkeypatch.context() as patch:
         patch.setattr(E2E, "_step_gradients", count)
-        resumed = _linears(_run_keeping_model(common + recipe + ["--output_dir", str(tmp_path / "b"), "--resume"]))
+        resumed_model = _run_keeping_model(common + recipe + ["--output_dir", str(tmp_path / "b"), "--resume"])
+    resumed = _linears(resumed_model)
     assert len(steps) == 2                       # steps 2 and 3 only: 0 and 1 came from the saved state
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    gains = _norm_gains(resumed_model)
+    assert all(torch.equal(full_gains[k], gains[k]) for k in full_gains)
+    # the gains trained where asked, and only there
+    untouched = _norm_gains(_run_keeping_model(common + ["--output_dir", str(tmp_path / "rtn")]))
+    assert any(not torch.equal(untouched[k], gains[k]) for k in gains) == norms
 
 
 def test_streamed_refinement_equals_in_memory(setup):
     from affinequant.formats.export import load_quantized
     tmp_path, common = setup
-    recipe = ["--recipe", _recipe(tmp_path, steps=2), "--real_quant"]
+    recipe = ["--recipe", _recipe(tmp_path, steps=2, norms="true"), "--real_quant"]      # gains written back too
     states = []
     for name, extra in (("memory", []), ("stream", ["--stream"])):
         res = run(common + recipe + extra + ["--output_dir", str(tmp_path / name), "--save_dir",
@@ -234,3 +250,21 @@ def test_refinement_with_activation_quantizers_is_refused():
 
 def test_registered_as_a_whole_model_stage():
     assert refine.REFINERS["e2e"] is E2E and E2EConfig.model_level
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_trained_gain_is_the_norm_with_its_gain_scaled(offset):
+    """(offset + g0)·exp(δ) − offset: the norm itself at δ = 0, and a copy of it holding that gain elsewhere."""
+    norm = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8)
+    delta = torch.zeros(8)
+    assert torch.equal(TrainedGain(norm, delta, offset)(x), norm(x))
+    delta = torch.linspace(-0.3, 0.3, 8)
+    other = copy.deepcopy(norm)
+    with torch.no_grad():
+        other.weight.copy_((offset + norm.weight) * torch.exp(delta) - offset)
+    torch.testing.assert_close(TrainedGain(norm, delta, offset)(x), other(x), rtol=1e-6, atol=1e-6)
+    assert is_norm(norm) and not is_norm(torch.nn.Linear(2, 2))

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--e2e_lr", type=float, default=2e-3, help="e2e: learning rate of the log step sizes (a relative change)")
     a("--e2e_loss", default="kl", choices=["kl", "ce"],
       help="e2e: KL to the FP model's next-token distribution (kl), or next-token cross-entropy on the calibration text")
+    a("--e2e_norms", action="store_true",
+      help="e2e: also train the gains of the blocks' norms (a per-channel input scale; floating point in every export)")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--quant_kernels", default="auto", choices=["auto", "compiled", "eager"],
       help="the fake quantizer's element-wise kernels: compiled by torch.compile into one fused loop each (a C++ "
@@ -233,7 +235,7 @@ def config_from_args(args) -> QuantConfig:
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
                        clip_search=args.clip_search, compensation=args.compensation, gptq=args.gptq, percdamp=args.percdamp, act_order=not args.no_act_order,
                        tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
-                       par_rounds=args.par_rounds, target_bpw=args.target_bpw, mixed_bits=_bit_list(args.mixed_bits), e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_loss=args.e2e_loss,
+                       par_rounds=args.par_rounds, target_bpw=args.target_bpw, mixed_bits=_bit_list(args.mixed_bits), e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_loss=args.e2e_loss, e2e_norms=args.e2e_norms,
                        wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric,
                        bit_balance=args.bit_balance,
                        lwc=args.lwc, let=args.let, alpha=args.alpha, let_init=args.let_init, let_lr=args.let_lr, lwc_lr=args.lwc_lr,

@@ -6,7 +6,11 @@ calibration samples (KL), or against the calibration text itself (cross-entropy)
 each block's error against its own FP output; the errors they leave add up across blocks, and this is where
 they are traded against each other. Each scale is s₀·exp(δ) with δ learned per group (a relative step, so one
 learning rate fits every layer and model), rounded to float16 at the end, as every format stores it: what is
-trained is what is exported.
+trained is what is exported. With `norms`, the gains of every normalisation inside the blocks train too,
+each as (offset + g₀)·exp(δ) − offset (the adapter's offset: Gemma's norms scale by 1 + g): a per-channel scale
+of the inputs of the linears a norm feeds, which the per-group step sizes of their outputs cannot express. The
+gains stay floating point in every export; the final norm is left as it is, since the KL teacher goes through
+it.
 
 Memory stays at one block: the forward walks the blocks in order and keeps each one's input (batch x seqlen x
 hidden), the head's gradient comes back to the last block's output, and the backward walks the blocks in
@@ -92,6 +96,7 @@ class E2EConfig(StageConfig):
     loss: str = "kl"                   # "kl": to the FP model's next-token distribution; "ce": the calibration text
     schedule: str = "cosine"           # or "constant"
     save_every: int = 8                # steps between checkpoints of the refinement
+    norms: bool = False                # also train the gains of the blocks' norms (floating point, exported as such)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch < 1 or self.save_every < 1:
@@ -146,6 +151,30 @@ class ScaledCodes(nn.Module):
         return linear
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation with a per-channel gain: LayerNorm, and the families' RMSNorms (each its own class)."""
+    return (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")) and \
+        isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+class TrainedGain(nn.Module):
+    """A norm while its gain trains: the norm's own forward with gain (offset + g₀)·exp(δ) − offset, g₀ the
+    stored gain and δ held by the refiner."""
+
+    def __init__(self, norm: nn.Module, delta: torch.Tensor, offset: float):
+        super().__init__()
+        self.norm, self.delta, self.offset = norm, delta, offset
+        self.register_buffer("base", norm.weight.detach().float().clone())
+
+    def gain(self) -> torch.Tensor:
+        # g₀ + (offset + g₀)·(exp(δ) − 1): the same value, and exactly g₀ at δ = 0 for any offset
+        return self.base + (self.offset + self.base) * torch.expm1(self.delta.to(self.base.device))
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.norm, {"weight": self.gain().to(self.norm.weight.dtype)}, args,
+                                          kwargs, strict=False)
+
+
 @register_refiner
 class E2E:
     """End-to-end refinement of the step sizes (module docstring)."""
@@ -155,17 +184,27 @@ class E2E:
         self.config = config
         self.deltas: dict[str, torch.Tensor] = {}      # "block.linear" -> δ (out, groups), on the device
         self._codes: dict[str, torch.Tensor] = {}      # unpacked codes, kept for a model held in memory
+        self.gains: dict[str, torch.Tensor] = {}       # "block.norm" -> δ of its gain (config.norms)
 
     # ----- the blocks, with their packed linears in training form --------------------------------------
     def _packed(self, block: nn.Module) -> dict[str, PackedLinear]:
         return {n: m for n, m in block.named_modules() if isinstance(m, PackedLinear)}
 
+    def _norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {n: m for n, m in block.named_modules() if is_norm(m)} if self.config.norms else {}
+
     def _open(self, ctx: RefineContext, index: int) -> tuple[nn.Module, dict]:
-        """Block `index` on the device in float32, its packed linears replaced by ScaledCodes; returns it and
-        the originals (to put back)."""
+        """Block `index` on the device in float32, its packed linears replaced by ScaledCodes (and its norms by
+        TrainedGain); returns it and the originals (to put back)."""
         block = ctx.blocks.restore(index)
-        originals = self._packed(block)
-        for name, packed in originals.items():
+        originals = {**self._packed(block), **self._norms(block)}
+        offset = getattr(ctx.adapter, "norm_weight_offset", 0.0)
+        for name, norm in self._norms(block).items():
+            key = f"{index}.{name}"
+            if key not in self.gains:
+                self.gains[key] = torch.zeros(norm.weight.shape, device=ctx.device, requires_grad=True)
+            set_submodule(block, name, TrainedGain(norm, self.gains[key], offset))
+        for name, packed in self._packed(block).items():
             key = f"{index}.{name}"
             codes = self._codes.get(key)
             if codes is None:
@@ -247,6 +286,11 @@ class E2E:
         return loss
 
     # ----- checkpoint ---------------------------------------------------------------------------------
+    def _trained(self) -> list[tuple[str, str, torch.Tensor]]:
+        """(kind, key, tensor) of everything that trains, in a fixed order: the optimiser's and the file's."""
+        return [("delta", k, self.deltas[k]) for k in sorted(self.deltas)] + \
+            [("gain", k, self.gains[k]) for k in sorted(self.gains)]
+
     def _identity(self, ctx: RefineContext) -> dict:
         """What the saved state belongs to: this stage's options and the block loop that made the codes."""
         from ..recipe import recipe_data
@@ -257,13 +301,13 @@ class E2E:
     def _save(self, ctx: RefineContext, optimizer, step: int, report: dict) -> None:
         if not hasattr(ctx.checkpoint, "save_refinement"):      # no checkpoint (or a reference file's)
             return
-        keys = sorted(self.deltas)
-        tensors = {f"delta.{k}": self.deltas[k] for k in keys}
-        for j, k in enumerate(keys):
-            state = optimizer.state.get(self.deltas[k], {})
+        tensors = {}
+        for kind, key, param in self._trained():
+            tensors[f"{kind}.{key}"] = param
+            state = optimizer.state.get(param, {})
             for name in ("exp_avg", "exp_avg_sq"):
                 if name in state:
-                    tensors[f"adam.{name}.{k}"] = state[name]
+                    tensors[f"adam.{name}.{kind}.{key}"] = state[name]
         ctx.checkpoint.save_refinement(self.config.name, tensors, {**self._identity(ctx), "step": step,
                                                                    "report": report})
 
@@ -278,12 +322,12 @@ class E2E:
                         self.config.name)
             return None
         with torch.no_grad():
-            for k, delta in self.deltas.items():
-                delta.copy_(tensors[f"delta.{k}"])
-                if f"adam.exp_avg.{k}" in tensors:
-                    optimizer.state[delta] = {"step": torch.tensor(float(state["step"])),
-                                              "exp_avg": tensors[f"adam.exp_avg.{k}"].to(delta.device),
-                                              "exp_avg_sq": tensors[f"adam.exp_avg_sq.{k}"].to(delta.device)}
+            for kind, key, param in self._trained():
+                param.copy_(tensors[f"{kind}.{key}"])
+                if f"adam.exp_avg.{kind}.{key}" in tensors:
+                    optimizer.state[param] = {"step": torch.tensor(float(state["step"])),
+                                              "exp_avg": tensors[f"adam.exp_avg.{kind}.{key}"].to(param.device),
+                                              "exp_avg_sq": tensors[f"adam.exp_avg_sq.{kind}.{key}"].to(param.device)}
         log.info("%s: resumed at step %d of %d", self.config.name, state["step"], self.config.steps)
         return state["step"], state["report"]
 
@@ -298,7 +342,8 @@ class E2E:
         if not self.deltas:
             raise ConfigError(f"{config.name}: the model has no packed linears to refine (no weight was quantized)")
         keys = sorted(self.deltas)
-        optimizer = torch.optim.Adam([self.deltas[k] for k in keys], lr=config.lr)
+        trained = [param for _, _, param in self._trained()]
+        optimizer = torch.optim.Adam(trained, lr=config.lr)
         report = {"losses": [], "skipped_steps": 0, "steps": config.steps}
         start = 0
         resumed = self._resume(ctx, optimizer)
@@ -314,7 +359,7 @@ class E2E:
                     group["lr"] = scheduled_lr(config.lr, config.schedule, step, config.steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss = self._step_gradients(ctx, self._batch(ctx, step), dtype, loss_scale)
-                grads = [self.deltas[k].grad for k in keys if self.deltas[k].grad is not None]
+                grads = [param.grad for param in trained if param.grad is not None]
                 finite = math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
                 if not finite:
                     report["skipped_steps"] += 1
@@ -340,6 +385,9 @@ class E2E:
         deltas = torch.cat([d.detach().flatten().cpu() for d in self.deltas.values()])
         report.update(seconds=time.time() - t0, scale_change_mean_abs=float(deltas.abs().mean()),
                       scale_change_max_abs=float(deltas.abs().max()), linears=len(keys))
+        if self.gains:
+            gains = torch.cat([g.detach().flatten().cpu() for g in self.gains.values()])
+            report.update(gain_change_mean_abs=float(gains.abs().mean()), norms=len(self.gains))
         if report["losses"]:
             log.info("%s: %d steps in %.1fs, loss %.4g -> %.4g (mean |log scale change| %.3g)", config.name,
                      len(report["losses"]), report["seconds"], report["losses"][0], report["losses"][-1],
@@ -358,4 +406,8 @@ class E2E:
                     codes = packed.codes()
                 trained = ScaledCodes(packed, codes, self.deltas[key].detach())
                 set_submodule(block, name, trained.final(ctx.cfg.real_quant, dtype))
+            offset = getattr(ctx.adapter, "norm_weight_offset", 0.0)
+            for name, norm in self._norms(block).items():
+                gain = TrainedGain(norm, self.gains[f"{index}.{name}"].detach(), offset).gain()
+                norm.weight.data.copy_(gain.to(norm.weight.device, norm.weight.dtype))
             ctx.blocks.finished(index)
