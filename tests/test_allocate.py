@@ -122,6 +122,34 @@ def test_resumed_mixed_run_keeps_its_allocation(setup, monkeypatch):
     assert second["mixed_precision"]["layer_bits"] == first["mixed_precision"]["layer_bits"]
 
 
+def test_mixed_gguf_writes_each_linear_in_the_type_of_its_width_exactly(setup):
+    gguf = pytest.importorskip("gguf")
+    from affinequant.formats.gguf import TYPE_OF_BITS, check_gguf_target, dequantized_state, save_gguf
+    from test_gguf import _source
+    tmp_path, common = setup
+    common = [c for c in common]
+    common[common.index("--group_size") + 1] = "32"
+    flags = ["--target_bpw", "5.6", "--mixed_bits", "4,5,8", "--symmetric", "--wbits", "4"]
+    model = _run_keeping_model(common + flags + ["--output_dir", str(tmp_path / "o")])
+    layer_bits = json.loads((tmp_path / "o" / "results.json").read_text())["mixed_precision"]["layer_bits"]
+    assert len(set(layer_bits.values())) > 1
+    report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), "Q4_0", layer_bits)
+    assert report["requantized_blocks"] == 0 and report["max_abs_diff"] == 0.0
+    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"}
+    back = dequantized_state(str(tmp_path / "m.gguf"))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for module, bits in layer_bits.items():
+        block, _, rest = module.removeprefix("model.layers.").partition(".")
+        if rest in names:           # (q and k are written in llama.cpp's rotary row order: test_gguf checks them)
+            name = f"blk.{block}.{names[rest]}.weight"
+            assert types[name] == TYPE_OF_BITS[bits]
+            assert torch.equal(back[name], model.get_submodule(module).weight.float())
+    cfg = QuantConfig(wbits=3, group_size=32, symmetric=True, target_bpw=3.0, mixed_bits=(2, 3, 4))
+    with pytest.raises(ConfigError, match="--mixed_bits among 4,5,8"):
+        check_gguf_target(str(tmp_path / "x.gguf"), "Q4_0", cfg, "model.gguf")
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--target_bpw", "1.5"], "below the fewest bits"),
     (["--target_bpw", "3", "--abits", "8"], "weight-only"),

@@ -139,7 +139,7 @@ def _run(parser, args, cfg: QuantConfig) -> dict:
                                                      save_format=args.save_format)}
     if args.save_gguf:
         from ..formats.gguf import save_gguf
-        results["gguf"] = save_gguf(model, model_id, args.save_gguf, args.gguf_type)
+        results["gguf"] = save_gguf(model, model_id, args.save_gguf, args.gguf_type, cfg.layer_bits)
         results["gguf"]["path"] = args.save_gguf
     if blocks is not None:
         blocks.store.remove()

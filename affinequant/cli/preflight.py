@@ -148,14 +148,13 @@ def check_output_paths(args) -> None:
 def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data_dir) -> None:
     """Every check that needs no weights, so a mistake costs seconds, not a model load and a calibration."""
     if cfg.target_bpw is not None:
-        refused = [flag for flag, given in (("--stream", args.stream), ("--save_gguf", args.save_gguf),
-                                            ("--save_format compressed-tensors",
+        refused = [flag for flag, given in (("--stream", args.stream), ("--save_format compressed-tensors",
                                              getattr(args, "save_format", None) == "compressed-tensors"))
                    if given]
         if refused:
             raise ConfigError(f"--target_bpw (mixed precision) does not work with {refused[0]} yet: the sensitivity "
-                              f"pass holds the whole model, and GGUF and compressed-tensors exports take one bit "
-                              f"width; export GPTQ (--real_quant --save_dir) or drop {refused[0]}")
+                              f"pass holds the whole model, and compressed-tensors exports take one bit width; export "
+                              f"GPTQ (--real_quant --save_dir) or GGUF (--save_gguf), or drop {refused[0]}")
     if args.save_gguf:
         args.gguf_type = args.gguf_type or default_gguf_type(cfg)
         check_gguf_target(args.save_gguf, args.gguf_type, cfg, model_id, args.overwrite, args.stream)

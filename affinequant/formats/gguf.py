@@ -8,6 +8,8 @@ file checked against the `gguf` package's reference dequantization, which must g
 A block that lies on no such grid (a model quantized at another setting) is quantized by that reference code
 instead and counted in the report. The token embedding (and an untied output head), which calibration leaves in
 full precision, are written in Q8_0 by the reference code; norms in F32. F16 and F32 write every weight as is.
+Under mixed precision (--target_bpw with --mixed_bits among 4, 5 and 8) each decoder linear is written in the type
+of its own width (TYPE_OF_BITS), as llama.cpp's mixed files are: one type per tensor.
 
 The metadata (architecture, tokenizer, chat template) is copied from the GGUF file the model was loaded from;
 llama-architecture q/k rows are permuted back to llama.cpp's rotary layout, as its converter does.
@@ -39,6 +41,9 @@ GGUF_TYPES = {t.name: t for t in (
     GGUFType("Q4_0", 4, 32, 2), GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8))}
 
 
+TYPE_OF_BITS = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}      # the legacy symmetric type of each width, groups of 32
+
+
 def gguf_type(name: str) -> GGUFType:
     if name.upper() not in GGUF_TYPES:
         raise ConfigError(f"--gguf_type {name} is not a GGUF type this tool writes: use one of {', '.join(GGUF_TYPES)}")
@@ -56,7 +61,16 @@ def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwr
     modules, a model not loaded from a GGUF file (its tokenizer metadata is copied from there), a target that
     holds something else."""
     gtype = gguf_type(type_name)
-    if gtype.bits is not None and not cfg.full_precision:
+    if cfg.target_bpw is not None:
+        widths = sorted(set(cfg.mixed_bits))
+        if not set(widths) <= set(TYPE_OF_BITS) or cfg.group_size != 32 or not cfg.symmetric or cfg.bit_balance \
+                or gtype.bits is None:
+            raise ConfigError(f"--save_gguf under --target_bpw writes each linear in the legacy type of its width "
+                              f"({', '.join(f'{b}: {t}' for b, t in TYPE_OF_BITS.items())}, symmetric, groups of 32): "
+                              f"give --mixed_bits among 4,5,8 --group_size 32 --symmetric and a quantized "
+                              f"--gguf_type (got --mixed_bits {','.join(map(str, widths))} --group_size "
+                              f"{cfg.group_size}{' --symmetric' if cfg.symmetric else ''}, --gguf_type {gtype.name})")
+    elif gtype.bits is not None and not cfg.full_precision:
         want = (gtype.bits, gtype.group_size, True)
         have = (cfg.wbits, cfg.group_size, cfg.symmetric)
         if have != want or cfg.bit_balance:
@@ -151,9 +165,10 @@ def _copied_metadata(writer, reader, skip: set[str]) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def save_gguf(model, source: str, path: str, type_name: str) -> dict:
+def save_gguf(model, source: str, path: str, type_name: str, layer_bits: dict | None = None) -> dict:
     """Write the (weight-only, fake-quantized) `model` as a GGUF file of `type_name` at `path`, atomically; the
-    metadata from the GGUF file `source`. Returns the report: each tensor's type, the file's bits per weight, the
+    metadata from the GGUF file `source`. `layer_bits` (module name -> bits, mixed precision): those linears in
+    the type of their width instead. Returns the report: each tensor's type, the file's bits per weight, the
     blocks that were requantized, and the largest difference between the file's dequantized decoder weights and
     ours (0 when every block was on the grid)."""
     import gguf
@@ -192,7 +207,9 @@ def save_gguf(model, source: str, path: str, type_name: str) -> dict:
             writer.add_tensor(name, data)
             bits = 16 if kind == "F16" else 32
         else:
-            kind = gtype.name if in_block else "Q8_0"
+            module = key.rsplit(".", 1)[0]
+            kind = (TYPE_OF_BITS[layer_bits[module]] if layer_bits and module in layer_bits else gtype.name) \
+                if in_block else "Q8_0"
             data, off = _quantized_tensor(w, kind, exact=in_block)
             report["requantized_blocks"] += off
             writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
