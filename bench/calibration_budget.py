@@ -28,8 +28,6 @@ CURVES = [
       (128, "clip search+TesseraQ+E2E@128")]),
     ("best recipe + norm gains, E2E steps", "end-to-end steps (one sample each)",
      [(0, "clip search+TesseraQ"), (64, "clip search+TesseraQ+E2E@64+norms")]),
-    ("best recipe, TesseraQ steps per block", "TesseraQ steps per block (8 rounds, one sample each)",
-     [(24, "best recipe"), (80, "clip search+TesseraQ@8x10+E2E@64")]),
 ]
 
 
@@ -52,8 +50,8 @@ def main():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    ax_of = {"samples": axes[0], "E2E": axes[1], "TesseraQ": axes[2]}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    ax_of = {"samples": axes[0], "E2E": axes[1]}
     for curve, xlabel, points in CURVES:
         have = [(x, rows[m]) for x, m in points if m in rows]
         for x, r in have:

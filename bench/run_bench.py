@@ -105,8 +105,8 @@ METHODS = {
     "best recipe": ["--recipe", "recipes/best-w{bits}g128.yaml"],
     "best-w2g128 recipe": ["--recipe", "recipes/best-w2g128.yaml"],
     # calibration budget curves (bench/calibration_budget.py): more samples (the method's flags override the
-    # budget's --nsamples), more E2E steps on the best recipe's blocks (its checkpoint, RESUME_BASE), more TesseraQ
-    # steps per block (its own --par_iters, which run_one then keeps)
+    # budget's --nsamples), more E2E steps on the best recipe's blocks (its checkpoint, RESUME_BASE), and E2E with
+    # the norms' gains trained too
     "clip search+GPTQ@32 samples": ["--clip_search", "--gptq", "--act_order", "--percdamp", "0.01", "--nsamples", "32"],
     "clip search+GPTQ@128 samples": ["--clip_search", "--gptq", "--act_order", "--percdamp", "0.01", "--nsamples",
                                      "128"],
@@ -115,8 +115,6 @@ METHODS = {
     "clip search+TesseraQ+E2E@128": ["--clip_search", "--tesseraq", "--e2e_steps", "128", "--e2e_lr", "5e-3"],
     "clip search+TesseraQ+E2E@64+norms": ["--clip_search", "--tesseraq", "--e2e_steps", "64", "--e2e_lr", "5e-3",
                                           "--e2e_norms"],
-    "clip search+TesseraQ@8x10+E2E@64": ["--clip_search", "--tesseraq", "--par_iters", "10", "--e2e_steps", "64",
-                                         "--e2e_lr", "5e-3"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
@@ -134,7 +132,7 @@ TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.
              "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ",
              "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "clip search+TesseraQ+E2E@16", "best recipe", "best-w2g128 recipe", "clip search+GPTQ@32 samples",
              "clip search+GPTQ@128 samples", "best recipe@32 samples", "best recipe@128 samples",
-             "clip search+TesseraQ+E2E@128", "clip search+TesseraQ@8x10+E2E@64", "clip search+TesseraQ+E2E@64+norms"}
+             "clip search+TesseraQ+E2E@128", "clip search+TesseraQ+E2E@64+norms"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
@@ -189,7 +187,11 @@ NOTES = ("Qwen W4A4 is evaluated on 40 windows: on 10, the spread between window
          "sample (codes frozen, KL to the FP model; docs/refine.md); their s/block includes the refinement, spread over "
          "the blocks. 'best recipe' rows run recipes/best-w3g128.yaml or best-w2g128.yaml as files (clip search, "
          "TesseraQ, E2E@64). W2.5mix is mixed precision at 2.5 bits per weight (each linear at 2, 3 or 4 bits by a "
-         "Fisher-weighted sensitivity; codes, scales and zero points counted), against W2 g128's 2.14 and W3's 3.15.")
+         "Fisher-weighted sensitivity; codes, scales and zero points counted), against W2 g128's 2.14 and W3's 3.15. "
+         "'E2E@128' and '+norms' rows refine the best recipe's blocks again (its checkpoint): their s/block is their "
+         "refinement alone, spread over the blocks. The SmolLM2 W3 best-recipe row is its rerun of 2026-12-07 (61.82; the "
+         "row before it, 63.49, had its blocks from a --resume of another run). '@N samples' rows calibrate on N samples "
+         "of 512 from the same C4 file and seed.")
 
 
 def budget(args, model: str, setting: str) -> dict:
@@ -264,7 +266,7 @@ def run_one(args, model: str, setting: str, method: str) -> dict:
     flags = ["--model", str(Path(args.model_dir) / f"{model}.gguf"), *SETTINGS[setting], *epochs,
              *budget_flags(args, model, setting),
              *[f.format(bits=SETTINGS[setting][SETTINGS[setting].index("--wbits") + 1]) for f in METHODS[method]]]
-    if "--tesseraq" in METHODS[method] and "--par_iters" not in METHODS[method]:
+    if "--tesseraq" in METHODS[method]:
         flags += ["--par_rounds", str(PAR_ROUNDS), "--par_iters", str(max(1, b["par_steps"] // PAR_ROUNDS)),
                   "--par_batch", "1", "--par_lr", str(args.par_lr)]
     if args.data_dir:
