@@ -64,6 +64,13 @@ def section() -> str:
                   f"SmolLM2-135M, W4 g128 asymmetric (gptq_v2), kernel {g['kernel']}: logits against our packed "
                   f"model's: max |diff| {g['max_abs_diff']:.3f} (logit scale {g['logit_scale']:.1f}), mean "
                   f"{g['mean_abs_diff']:.4f}, top-1 agreement {g['top1_agreement']:.3f} (fp16 arithmetic on its side)."]
+    if (bench / "gptqmodel_check_mixed.json").is_file():
+        g = json.loads((bench / "gptqmodel_check_mixed.json").read_text())
+        counts = ", ".join(f"{n} at {b} bits" for b, n in sorted(g["bits_counts"].items()))
+        parts += ["", f"Mixed precision (`gptqmodel_check.py export --wbits 3 --target_bpw 3.0 --mixed_bits 2,3,4`, "
+                  f"RTN, W3 g128 asymmetric, the other widths under `dynamic`): GPTQModel builds {counts}, each "
+                  f"module at the width our config gives it; logits max |diff| {g['max_abs_diff']:.3f} (logit scale "
+                  f"{g['logit_scale']:.1f}), mean {g['mean_abs_diff']:.4f}, top-1 agreement {g['top1_agreement']:.3f}."]
     return "\n".join(parts)
 
 
