@@ -133,7 +133,10 @@ def test_mixed_gguf_writes_each_linear_in_the_type_of_its_width_exactly(setup):
     model = _run_keeping_model(common + flags + ["--output_dir", str(tmp_path / "o")])
     layer_bits = json.loads((tmp_path / "o" / "results.json").read_text())["mixed_precision"]["layer_bits"]
     assert len(set(layer_bits.values())) > 1
-    report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), "Q4_0", layer_bits)
+    widths = list(layer_bits.values())
+    most = TYPE_OF_BITS[max(set(widths), key=widths.count)]
+    other = next(t for t in TYPE_OF_BITS.values() if t != most)        # the file is named by its linears, not this
+    report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), other, layer_bits)
     assert report["requantized_blocks"] == 0 and report["max_abs_diff"] == 0.0
     names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"}
@@ -145,6 +148,8 @@ def test_mixed_gguf_writes_each_linear_in_the_type_of_its_width_exactly(setup):
             name = f"blk.{block}.{names[rest]}.weight"
             assert types[name] == TYPE_OF_BITS[bits]
             assert torch.equal(back[name], model.get_submodule(module).weight.float())
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == \
+        {"Q4_0": 2, "Q5_0": 8, "Q8_0": 7}[most]
     cfg = QuantConfig(wbits=3, group_size=32, symmetric=True, target_bpw=3.0, mixed_bits=(2, 3, 4))
     with pytest.raises(ConfigError, match="--mixed_bits among 4,5,8"):
         check_gguf_target(str(tmp_path / "x.gguf"), "Q4_0", cfg, "model.gguf")

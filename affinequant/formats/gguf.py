@@ -186,7 +186,11 @@ def save_gguf(model, source: str, path: str, type_name: str, layer_bits: dict | 
     tmp = target.with_name(f".{target.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
     _copied_metadata(writer, reader, {"general.architecture", "general.file_type", "general.quantization_version"})
-    writer.add_file_type(gtype.file_type)
+    if layer_bits:      # llama.cpp names a mixed file by its most common type ("mostly Q4_0")
+        widths = list(layer_bits.values())
+        writer.add_file_type(GGUF_TYPES[TYPE_OF_BITS[max(set(widths), key=widths.count)]].file_type)
+    else:
+        writer.add_file_type(gtype.file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     report = {"type": gtype.name, "tensors": {}, "requantized_blocks": 0, "max_abs_diff": 0.0}
     n_weights = n_bits = 0
