@@ -19,7 +19,7 @@ from run_bench import RESUME_BASE, ROOT, TTA_BASE, collect
 BLOCKS = {"smollm2-135m": 30, "qwen2.5-coder-0.5b": 24}
 OURS = ("RTN", "clip search", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ", "AffineQuant+TesseraQ",
         "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "best recipe", "clip search+TesseraQ+E2E@128",
-        "clip search+TesseraQ+E2E@64+norms")
+        "clip search+TesseraQ+E2E@64+norms", "best recipe@32 samples")
 
 
 def wall_seconds(row: dict, rows: list[dict]) -> float:
