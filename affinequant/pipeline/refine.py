@@ -197,9 +197,10 @@ class E2E:
         """Block `index` on the device in float32, its packed linears replaced by ScaledCodes (and its norms by
         TrainedGain); returns it and the originals (to put back)."""
         block = ctx.blocks.restore(index)
-        originals = {**self._packed(block), **self._norms(block)}
+        norms = self._norms(block)
+        originals = {**self._packed(block), **norms}
         offset = getattr(ctx.adapter, "norm_weight_offset", 0.0)
-        for name, norm in self._norms(block).items():
+        for name, norm in norms.items():
             key = f"{index}.{name}"
             if key not in self.gains:
                 self.gains[key] = torch.zeros(norm.weight.shape, device=ctx.device, requires_grad=True)
