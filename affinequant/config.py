@@ -78,6 +78,7 @@ class QuantConfig:
     group_size: int | None = None      # None: one group per output channel
     symmetric: bool = False
     bit_balance: bool = False          # ABQ-LLM: 2-bit asymmetric weights on 5 levels (about 2.32 bits; "W2*")
+    scale_bits: int = 11               # significant bits of each stored scale: 11 is float16; GGUF Q4_1 7, Q5_1 6
     lwc: bool = False
     let: bool = False
     alpha: float = 0.5                 # SmoothQuant migration strength for the LET init
@@ -150,6 +151,8 @@ class QuantConfig:
                               f"(FlatQuant)")
         if not self.flat_lr > 0:
             raise ConfigError(f"--flat_lr {self.flat_lr} must be positive: FlatQuant uses 5e-3")
+        if not 1 <= self.scale_bits <= 11:
+            raise ConfigError(f"scale_bits {self.scale_bits}: scales are float16 values with 1 to 11 significant bits")
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"--group_size {self.group_size} is not a group size: give a positive number of input "
                               f"columns per group (128 is usual), or omit --group_size for one grid per output channel")

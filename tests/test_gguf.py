@@ -1,11 +1,12 @@
-"""GGUF export: decoder weights on the legacy symmetric grid are written with their own codes, so the file,
-dequantized by the gguf package's reference code, holds our weights bit for bit; metadata comes from the source."""
+"""GGUF export: decoder weights on a legacy type's grid (symmetric Q4_0/Q5_0/Q8_0, and Q4_1/Q5_1 with a minimum
+per block) are written with their own codes, so the file, dequantized by the gguf package's reference code, holds
+our weights bit for bit; metadata comes from the source."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from affinequant.config import ConfigError, QuantConfig
-from affinequant.formats.gguf import check_gguf_target, dequantized_state, save_gguf
+from affinequant.formats.gguf import GGUF_TYPES, check_gguf_target, dequantized_state, save_gguf
 from affinequant.quant.packing import dequantize
 from affinequant.quant.quantizer import WeightQuantizer, fp16_scale
 
@@ -24,16 +25,16 @@ def _source(path):
     return str(path)
 
 
-def _model(bits):
+def _model(bits, symmetric=True, scale_bits=11):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     for name, mod in model.model.layers.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            wq = WeightQuantizer(tuple(mod.weight.shape), bits, 32, symmetric=True)
+        if bits < 16 and isinstance(mod, torch.nn.Linear):
+            wq = WeightQuantizer(tuple(mod.weight.shape), bits, 32, symmetric=symmetric)
             codes, scale, zero = wq.integer_codes(mod.weight.data)
-            mod.weight.data.copy_(dequantize(codes, fp16_scale(scale), zero, 32, torch.float32))
+            mod.weight.data.copy_(dequantize(codes, fp16_scale(scale, scale_bits), zero, 32, torch.float32))
     return model
 
 
@@ -45,9 +46,10 @@ def _interleaved(w, heads):
     return w[order]
 
 
-@pytest.mark.parametrize("type_name,bits", [("Q4_0", 4), ("Q5_0", 5), ("Q8_0", 8)])
-def test_decoder_weights_written_exactly(tmp_path, type_name, bits):
-    model = _model(bits)
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"])
+def test_decoder_weights_written_exactly(tmp_path, type_name):
+    gtype = GGUF_TYPES[type_name]
+    model = _model(gtype.bits, gtype.symmetric, gtype.scale_bits)
     report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), type_name)
     assert report["requantized_blocks"] == 0 and report["max_abs_diff"] == 0.0
     back = dequantized_state(str(tmp_path / "m.gguf"))
@@ -59,7 +61,9 @@ def test_decoder_weights_written_exactly(tmp_path, type_name, bits):
     assert "output.weight" not in back          # tied: llama.cpp reuses token_embd
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     assert reader.fields["tokenizer.chat_template"].contents() == "{{ messages }}"
-    assert reader.fields["general.file_type"].contents() == {"Q4_0": 2, "Q5_0": 8, "Q8_0": 7}[type_name]
+    # llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
+    assert reader.fields["general.file_type"].contents() == {"Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
+                                                             "Q8_0": 7}[type_name]
     assert gguf.GGMLQuantizationType[type_name] in {t.tensor_type for t in reader.tensors}
 
 
@@ -78,3 +82,62 @@ def test_wrong_grid_refused_before_calibration(tmp_path):
     with pytest.raises(ConfigError, match="loaded from"):
         check_gguf_target(str(tmp_path / "m.gguf"), "Q4_0", QuantConfig(wbits=4, group_size=32, symmetric=True),
                           "some/hf-dir")
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1"])
+def test_full_fp16_scales_are_off_the_offset_grid(tmp_path, type_name):
+    """Why scale_bits exists: with float16's 11 significant bits, many blocks' minima s·z are no float16 values,
+    so those blocks could not be written exactly."""
+    gtype = GGUF_TYPES[type_name]
+    model = _model(gtype.bits, symmetric=False, scale_bits=11)
+    report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), type_name)
+    assert report["requantized_blocks"] > 0
+
+
+@pytest.mark.parametrize("significant_bits", [6, 7])
+def test_fp16_scale_keeps_the_significant_bits_asked(significant_bits):
+    scale = torch.rand(4096) * 0.1 + 1e-3
+    stored = fp16_scale(scale, significant_bits)
+    mantissa, _ = torch.frexp(stored)
+    assert torch.equal(mantissa * 2 ** significant_bits, (mantissa * 2 ** significant_bits).round())
+    assert torch.equal(stored, stored.half().float())
+    assert float(((stored - scale).abs() / scale).max()) <= 2.0 ** -significant_bits + 2.0 ** -11
+    assert torch.equal(fp16_scale(stored, significant_bits), stored)        # idempotent
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1"])
+@pytest.mark.parametrize("rounder", ["gptq", "tesseraq"])
+@pytest.mark.parametrize("e2e_steps", [0, 2])
+def test_asymmetric_run_writes_the_offset_type_exactly(tmp_path, type_name, rounder, e2e_steps):
+    """The calibration path: with the type's scale_bits, the rounder and E2E's refined scales commit a grid the
+    offset type holds, so the file has our calibrated weights bit for bit."""
+    from affinequant.models.adapters import get_adapter
+    from affinequant.pipeline.calibrate import quantize_blocks
+    gtype = GGUF_TYPES[type_name]
+    model = _model(16)          # full precision
+    samples = torch.randint(0, 96, (2, 16))
+    cfg = QuantConfig(wbits=gtype.bits, group_size=32, nsamples=2, seqlen=16, scale_bits=gtype.scale_bits,
+                      e2e_steps=e2e_steps, e2e_lr=0.05, par_iters=2, par_rounds=2, par_batch=1, **{rounder: True})
+    quantize_blocks(model, get_adapter(model.config), samples, cfg, torch.device("cpu"))
+    report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), type_name)
+    assert report["requantized_blocks"] == 0 and report["max_abs_diff"] == 0.0
+    back = dequantized_state(str(tmp_path / "m.gguf"))
+    assert torch.equal(back["blk.1.ffn_down.weight"], model.model.layers[1].mlp.down_proj.weight.float())
+
+
+@pytest.mark.parametrize("flags, scale_bits", [(["--gguf_type", "Q4_1"], 7), (["--gguf_type", "Q5_1", "--wbits", "5"], 6),
+                                               ([], 7), (["--wbits", "5"], 6), (["--symmetric"], 11)])
+def test_the_gguf_type_sets_the_scales_precision(flags, scale_bits):
+    from affinequant.cli.args import build_parser, config_from_args
+    args = build_parser().parse_args(["--model", "m.gguf", "--wbits", "4", "--group_size", "32",
+                                      "--save_gguf", "o.gguf", *flags])
+    assert config_from_args(args).scale_bits == scale_bits
+    assert args.gguf_type == {7: "Q4_1", 6: "Q5_1", 11: "Q4_0"}[scale_bits]
+
+
+def test_asymmetric_q4_0_is_refused_with_the_type_that_fits(tmp_path):
+    with pytest.raises(ConfigError, match="pick --gguf_type Q4_1"):
+        check_gguf_target(str(tmp_path / "m.gguf"), "Q4_0", QuantConfig(wbits=4, group_size=32, scale_bits=7),
+                          "model.gguf")
+    with pytest.raises(ConfigError, match="at most 7 significant bits"):
+        check_gguf_target(str(tmp_path / "m.gguf"), "Q4_1", QuantConfig(wbits=4, group_size=32), "model.gguf")

@@ -8,7 +8,7 @@ import logging
 from ..config import LET_INITS, QK_INITS, ConfigError, QuantConfig
 from ..eval.data import BOS_MODES, PPL_DATASETS
 from ..formats.export import SAVE_FORMATS
-from ..formats.gguf import GGUF_TYPES
+from ..formats.gguf import GGUF_TYPES, default_gguf_type, scale_bits_of
 from ..pipeline.tta import TTA_TARGETS
 
 log = logging.getLogger("affinequant")
@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_gguf", default=None, metavar="FILE.gguf",
       help="also write the model as a GGUF file for llama.cpp (a model loaded from a .gguf file: its metadata and "
            "tokenizer are copied); the weights must lie on --gguf_type's grid (Q4_0: --wbits 4 --group_size 32 "
-           "--symmetric) and are written exactly")
+           "--symmetric; Q4_1: the same without --symmetric) and are written exactly")
     a("--gguf_type", default=None, choices=list(GGUF_TYPES),
-      help="with --save_gguf: the GGUF type (default: Q4_0, Q5_0 or Q8_0 from --wbits; F16 at --wbits 16)")
+      help="with --save_gguf: the GGUF type (default: from --wbits and --symmetric, Q4_0, Q5_0 or Q8_0 symmetric, "
+           "Q4_1 or Q5_1 asymmetric; F16 at --wbits 16)")
     a("--gptq_format", default="auto", choices=["auto", "gptq", "gptq_v2"],
       help="with --real_quant --save_dir: GPTQ checkpoint_format (auto: v1 for symmetric, v2 for asymmetric)")
     a("--save_format", default="gptq", choices=list(SAVE_FORMATS),
@@ -232,7 +233,10 @@ def config_from_args(args) -> QuantConfig:
                           f"act_order in the recipe's gptq stage")
     if order_flags and not args.gptq:
         raise ConfigError(f"{order_flags[0]} orders GPTQ's columns: add --gptq, or drop {order_flags[0]}")
+    if args.save_gguf and not args.gguf_type:
+        args.gguf_type = default_gguf_type(args.wbits, args.abits, args.symmetric)
     return QuantConfig(recipe=load_recipe_file(args.recipe) if args.recipe else None,
+                       scale_bits=scale_bits_of(args.gguf_type if args.save_gguf else None),
                        clip_search=args.clip_search, compensation=args.compensation, gptq=args.gptq, percdamp=args.percdamp, act_order=not args.no_act_order,
                        tesseraq=args.tesseraq, par_iters=args.par_iters, par_batch=args.par_batch, par_lr=args.par_lr,
                        par_rounds=args.par_rounds, target_bpw=args.target_bpw, mixed_bits=_bit_list(args.mixed_bits), e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_loss=args.e2e_loss, e2e_norms=args.e2e_norms,

@@ -156,7 +156,7 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
                               f"pass holds the whole model, and compressed-tensors exports take one bit width; export "
                               f"GPTQ (--real_quant --save_dir) or GGUF (--save_gguf), or drop {refused[0]}")
     if args.save_gguf:
-        args.gguf_type = args.gguf_type or default_gguf_type(cfg)
+        args.gguf_type = args.gguf_type or default_gguf_type(cfg.wbits, cfg.abits, cfg.symmetric)
         check_gguf_target(args.save_gguf, args.gguf_type, cfg, model_id, args.overwrite, args.stream)
     if cfg.full_precision and (not (args.eval_ppl or args.tasks or args.save_gguf) or args.save_dir
                                or args.save_params):

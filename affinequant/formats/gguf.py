@@ -2,6 +2,9 @@
 
 The legacy symmetric types Q4_0, Q5_0 and Q8_0 store w = d · q per block of 32 weights, with d in fp16 and q a
 signed (bits)-bit integer: exactly our symmetric grid at --group_size 32 (zero point 2^(bits-1), fp16 scales).
+Q4_1 and Q5_1 store w = d · q + m with q unsigned and d, m in fp16: our asymmetric grid s · (q - z) at group 32,
+with m the block's smallest weight, once s has at most 7 (Q4_1) or 6 (Q5_1) significant bits so that every
+s · (code - z) is an fp16 value too (QuantConfig.scale_bits, set from the type; quantizer.fp16_scale).
 So the decoder blocks are not quantized again here: each block's scale is recovered from the calibrated weights
 (`_exact_blocks`: the finest fp16 d on which every weight is an integer in range), its codes written, and the
 file checked against the `gguf` package's reference dequantization, which must give our weights bit for bit.
@@ -34,11 +37,14 @@ class GGUFType:
     bits: int | None            # None: a float type
     group_size: int | None
     file_type: int              # llama.cpp's LLAMA_FTYPE_* for general.file_type
+    symmetric: bool = True      # w = d·q (signed q); False: w = d·q + m (unsigned q, a minimum per block)
+    scale_bits: int = 11        # significant bits a scale may have for the grid to be written exactly
 
 
 GGUF_TYPES = {t.name: t for t in (
     GGUFType("F32", None, None, 0), GGUFType("F16", None, None, 1),
-    GGUFType("Q4_0", 4, 32, 2), GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8))}
+    GGUFType("Q4_0", 4, 32, 2), GGUFType("Q4_1", 4, 32, 3, symmetric=False, scale_bits=7),
+    GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8), GGUFType("Q5_1", 5, 32, 9, symmetric=False, scale_bits=6))}
 
 
 TYPE_OF_BITS = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}      # the legacy symmetric type of each width, groups of 32
@@ -50,9 +56,18 @@ def gguf_type(name: str) -> GGUFType:
     return GGUF_TYPES[name.upper()]
 
 
-def default_gguf_type(cfg) -> str:
-    """The type a run's grid is: F16 for a full-precision model, else the legacy type of its bit width."""
-    return "F16" if cfg.full_precision else {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}.get(cfg.wbits, "Q4_0")
+def default_gguf_type(wbits: int, abits: int, symmetric: bool) -> str:
+    """The type a run's grid is: F16 for a full-precision model, else the legacy type of its bit width and
+    symmetry (check_gguf_target refuses a grid that has none)."""
+    if wbits >= 16 and abits >= 16:
+        return "F16"
+    matching = [t.name for t in GGUF_TYPES.values() if t.bits == wbits and t.symmetric == symmetric]
+    return matching[0] if matching else "Q4_0"
+
+
+def scale_bits_of(type_name: str | None) -> int:
+    """The significant bits of the scales a run must store to be written exactly as `type_name`."""
+    return gguf_type(type_name).scale_bits if type_name else GGUFType("", None, None, 0).scale_bits
 
 
 def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwrite: bool = False,
@@ -71,13 +86,21 @@ def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwr
                               f"--gguf_type (got --mixed_bits {','.join(map(str, widths))} --group_size "
                               f"{cfg.group_size}{' --symmetric' if cfg.symmetric else ''}, --gguf_type {gtype.name})")
     elif gtype.bits is not None and not cfg.full_precision:
-        want = (gtype.bits, gtype.group_size, True)
+        want = (gtype.bits, gtype.group_size, gtype.symmetric)
         have = (cfg.wbits, cfg.group_size, cfg.symmetric)
         if have != want or cfg.bit_balance:
-            raise ConfigError(f"--gguf_type {gtype.name} stores symmetric {gtype.bits}-bit weights in groups of "
-                              f"{gtype.group_size}: quantize with --wbits {gtype.bits} --group_size {gtype.group_size} "
-                              f"--symmetric (got --wbits {cfg.wbits} --group_size {cfg.group_size}"
-                              f"{' --symmetric' if cfg.symmetric else ''}), or pick --gguf_type F32")
+            kind = "symmetric" if gtype.symmetric else "asymmetric"
+            others = [t.name for t in GGUF_TYPES.values() if (t.bits, t.group_size, t.symmetric) == (cfg.wbits, cfg.group_size, cfg.symmetric)]
+            raise ConfigError(f"--gguf_type {gtype.name} stores {kind} {gtype.bits}-bit weights in groups of "
+                              f"{gtype.group_size}: quantize with --wbits {gtype.bits} --group_size {gtype.group_size}"
+                              f"{' --symmetric' if gtype.symmetric else ' (no --symmetric)'} (got --wbits {cfg.wbits} "
+                              f"--group_size {cfg.group_size}{' --symmetric' if cfg.symmetric else ''}"
+                              f"{' --bit_balance' if cfg.bit_balance else ''}), "
+                              f"{f'or pick --gguf_type {others[0]}' if others else 'or pick --gguf_type F32'}")
+        if cfg.scale_bits > gtype.scale_bits:
+            raise ConfigError(f"--gguf_type {gtype.name} is exact for scales of at most {gtype.scale_bits} significant "
+                              f"bits and this run stores {cfg.scale_bits}: build the configuration with scale_bits="
+                              f"{gtype.scale_bits} (main.py does so from --gguf_type)")
     if cfg.abits < 16 or cfg.q_width < 16 or cfg.kv_width < 16:
         raise ConfigError("--save_gguf writes weight-only models: llama.cpp has no per-token activation quantizers "
                           "(drop --abits/--kv_bits, or use --save_dir)")
@@ -104,40 +127,55 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _exact_blocks(w: np.ndarray, bits: int):
-    """For rows of `w` cut into blocks of 32: the fp16 scale d (n_blocks,) and signed codes (n_blocks, 32) with
-    d · q == w exactly and q in [-2^(bits-1), 2^(bits-1) - 1], the finest such d; and which blocks have none."""
+def _is_fp16(x: np.ndarray) -> np.ndarray:
+    return x == x.astype(np.float16).astype(np.float32)
+
+
+def _exact_blocks(w: np.ndarray, gtype: GGUFType):
+    """For rows of `w` cut into blocks of 32, the finest grid of the type that holds each block exactly: the fp16
+    step d (n_blocks,), the fp16 minimum m (n_blocks,; 0 for a symmetric type) and the codes (n_blocks, 32), with
+    d · q + m == w in float32 as the reference dequantizes, q signed in [-2^(bits-1), 2^(bits-1) - 1] for a
+    symmetric type and in [0, 2^bits - 1] for one with a minimum; and which blocks lie on no such grid."""
     blocks = w.reshape(-1, 32).astype(np.float32)
-    amax = np.abs(blocks).max(axis=1)
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if gtype.symmetric:
+        low, high = -(2 ** (gtype.bits - 1)), 2 ** (gtype.bits - 1) - 1
+        m = np.zeros(len(blocks), np.float32)
+        span, spans = np.abs(blocks).max(axis=1), range(-low, 0, -1)
+    else:
+        low, high = 0, 2 ** gtype.bits - 1
+        m = blocks.min(axis=1)
+        span, spans = blocks.max(axis=1) - m, range(high, 0, -1)
     d = np.zeros(len(blocks), np.float32)
-    found = amax == 0
-    for k in range(-low, 0, -1):        # the largest code magnitude first: the finest grid
-        cand = (amax / np.float32(k)).astype(np.float32)
-        todo = ~found & (cand == cand.astype(np.float16).astype(np.float32))
+    found = (span == 0) & _is_fp16(m)
+    shifted = blocks - m[:, None]
+    for k in spans:                     # the largest code span first: the finest grid
+        cand = (span / np.float32(k)).astype(np.float32)
+        todo = ~found & _is_fp16(cand) & _is_fp16(m)
         if not todo.any():
             continue
-        q = np.round(blocks[todo] / cand[todo, None])
-        ok = (q >= low).all(1) & (q <= high).all(1) & ((q * cand[todo, None]) == blocks[todo]).all(1)
+        q = np.round(shifted[todo] / cand[todo, None])
+        ok = (q >= low).all(1) & (q <= high).all(1) & ((q * cand[todo, None] + m[todo, None]) == blocks[todo]).all(1)
         idx = np.flatnonzero(todo)[ok]
         d[idx], found[idx] = cand[idx], True
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d[:, None] > 0, np.round(blocks / np.where(d > 0, d, 1)[:, None]), 0)
-    return d, q.astype(np.int8), ~found
+        q = np.where(d[:, None] > 0, np.round(shifted / np.where(d > 0, d, 1)[:, None]), 0)
+    return d, m, q.astype(np.int16), ~found
 
 
-def _pack(d: np.ndarray, q: np.ndarray, type_name: str) -> np.ndarray:
-    """Blocks of (d, signed codes) in the byte layout of Q4_0, Q5_0 or Q8_0 (ggml-common.h)."""
-    dh = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    if type_name == "Q8_0":
-        return np.concatenate([dh, q.view(np.uint8)], axis=1)
-    bits = 4 if type_name == "Q4_0" else 5
-    u = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)           # 0 .. 2^bits - 1
-    qs = (u[:, :16] & 0x0F) | ((u[:, 16:] & 0x0F) << 4)                   # element j and j + 16 share a byte
-    if bits == 4:
-        return np.concatenate([dh, qs], axis=1)
-    qh = np.packbits((u >> 4).astype(np.uint8), axis=1, bitorder="little")  # the fifth bits, a little-endian u32
-    return np.concatenate([dh, qh, qs], axis=1)
+def _pack(d: np.ndarray, m: np.ndarray, q: np.ndarray, gtype: GGUFType) -> np.ndarray:
+    """Blocks of (d, m, codes) in the byte layout of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 (ggml-common.h): d, then m for
+    the types with a minimum, then for 5 bits the fifth bits, then the low nibbles (element j and j + 16 share a
+    byte)."""
+    head = [d.astype(np.float16).view(np.uint8).reshape(-1, 2)]
+    if not gtype.symmetric:
+        head.append(m.astype(np.float16).view(np.uint8).reshape(-1, 2))
+    if gtype.bits == 8:
+        return np.concatenate(head + [q.astype(np.int8).view(np.uint8)], axis=1)
+    u = (q + (2 ** (gtype.bits - 1) if gtype.symmetric else 0)).astype(np.uint8)     # 0 .. 2^bits - 1
+    qs = (u[:, :16] & 0x0F) | ((u[:, 16:] & 0x0F) << 4)
+    if gtype.bits == 5:
+        head.append(np.packbits((u >> 4).astype(np.uint8), axis=1, bitorder="little"))  # a little-endian u32
+    return np.concatenate(head + [qs], axis=1)
 
 
 def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
@@ -148,8 +186,8 @@ def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
     rows = w.shape[0]
     if not exact:
         return gguf.quants.quantize(w.astype(np.float32), qtype), 0
-    d, q, off = _exact_blocks(w, 8 if type_name == "Q8_0" else int(type_name[1]))
-    data = _pack(d, q, type_name)
+    d, m, q, off = _exact_blocks(w, GGUF_TYPES[type_name])
+    data = _pack(d, m, q, GGUF_TYPES[type_name])
     if off.any():
         data[off] = gguf.quants.quantize(w.reshape(-1, 32)[off].astype(np.float32), qtype)
     return data.reshape(rows, -1), int(off.sum())

@@ -26,7 +26,7 @@ from ..stages.losses import BlockObjective, objective_on
 from ..models.moe import expert_report, reset_expert_counts, unpack_experts
 from ..quant.packing import PackedLinear, dequantize
 from ..quant.qmodules import install_quantizers, set_submodule, use_quantized_attention
-from ..quant.quantizer import WeightQuantizer, fp16_scale
+from ..quant.quantizer import WeightQuantizer
 from ..stages import STAGES, BlockContext, BlockData
 from .refine import RefineContext, refine_model
 from .trainer import train_block
@@ -60,7 +60,7 @@ class BlockQuantizer:
         self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda name, w: (
             WeightQuantizer(tuple(w.shape), cfg.bits_for(f"{adapter.layers_path}.{index}.{name}"), cfg.group_size,
                             cfg.symmetric, reference=cfg.reference_compat,
-                            balanced=cfg.bit_balance)
+                            balanced=cfg.bit_balance, scale_bits=cfg.scale_bits)
             if cfg.wbits < 16 else None), reference=cfg.reference_compat, q_bits=cfg.q_width, kv_bits=cfg.kv_width)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.block_stages())]
@@ -162,9 +162,9 @@ class BlockQuantizer:
             wq = self.linears[name].weight_quantizer
             if wq is not None:
                 plain = WeightQuantizer(wq.shape, wq.bits, wq.group_size, wq.symmetric, reference=wq.reference,
-                                        balanced=wq.balanced)
+                                        balanced=wq.balanced, scale_bits=wq.scale_bits)
                 codes, scale, zero = plain.integer_codes(self.linears[name].weight.float())
-                commit(name, codes, fp16_scale(scale), zero)
+                commit(name, codes, plain.stored_scale(scale), zero)
         rounder = self.stages[-1]
         rounder.round(self, data, commit)
         missing = [n for n, q in self.linears.items() if q.weight_quantizer is not None]

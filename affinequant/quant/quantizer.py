@@ -211,9 +211,20 @@ def fake_quant(x, scale, zero, qmax: int):
     return KERNELS.grid(x, scale, zero, qmax)
 
 
-def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """A scale as every deployment format stores it: rounded to float16 (kept in float32)."""
-    return scale.half().float()
+FP16_SIGNIFICANT_BITS = 11
+
+
+def fp16_scale(scale: torch.Tensor, significant_bits: int = FP16_SIGNIFICANT_BITS) -> torch.Tensor:
+    """A scale as every deployment format stores it: a float16 value (kept in float32), its significand rounded
+    to `significant_bits` bits (11: float16's own). GGUF's Q4_1 and Q5_1 store the block minimum -scale·zero as a
+    float16 too; with 7 (Q4_1) or 6 (Q5_1) bits, scale times a zero point of 4 or 5 bits has at most 11, so the
+    minimum is exact and the file holds our grid bit for bit."""
+    scale = scale.half().float()
+    if significant_bits < FP16_SIGNIFICANT_BITS:
+        mantissa, exponent = torch.frexp(scale)              # mantissa in [0.5, 1)
+        step = 2.0 ** significant_bits
+        scale = torch.ldexp(torch.round(mantissa * step) / step, exponent).half().float()
+    return scale
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
@@ -240,9 +251,11 @@ class WeightQuantizer(nn.Module):
     stored in the next wider container (`storage_bits`)."""
 
     def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None,
-                 symmetric: bool = False, lwc: bool = False, reference: bool = False, balanced: bool = False):
+                 symmetric: bool = False, lwc: bool = False, reference: bool = False, balanced: bool = False,
+                 scale_bits: int = FP16_SIGNIFICANT_BITS):
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.scale_bits = scale_bits        # significant bits of each stored scale (fp16_scale)
         self.balanced = balanced
         self.qmax = 2**bits - (0 if balanced else 1)
         self.storage_bits = math.ceil(math.log2(self.qmax + 1))
@@ -293,6 +306,10 @@ class WeightQuantizer(nn.Module):
         scale, zero = self._grouped_scale_zero(w)
         w_hat = fake_quant(w, scale, zero, self.qmax).reshape(weight.shape[0], -1)
         return w_hat[:, : weight.shape[1]] if pad else w_hat
+
+    def stored_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` as the export stores it, and as every rounder commits it (fp16_scale)."""
+        return fp16_scale(scale, self.scale_bits)
 
     @torch.no_grad()
     def integer_codes(self, weight: torch.Tensor):

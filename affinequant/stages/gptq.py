@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..quant.quantizer import fp16_scale, grid_codes
+from ..quant.quantizer import grid_codes
 
 
 class Hessian:
@@ -63,7 +63,7 @@ class GPTQ:
         zero = torch.zeros(rows, n_groups, device=W.device)
         if self.static_groups:
             s, z = quantizer.scale_zero(W)                        # from the weights before any update
-            scale, zero = fp16_scale(s[..., 0]), z[..., 0]
+            scale, zero = quantizer.stored_scale(s[..., 0]), z[..., 0]
         if self.act_order:
             perm = torch.argsort(torch.diag(H), descending=True)
             W, H = W[:, perm], H[perm][:, perm]
@@ -89,7 +89,7 @@ class GPTQ:
                     else:
                         cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)   # per channel: at column 0, no update yet
                     s, z = quantizer.group_scale_zero(cols, g)
-                    scale[:, g], zero[:, g] = fp16_scale(s), z
+                    scale[:, g], zero[:, g] = quantizer.stored_scale(s), z
                 w = W1[:, i]
                 q = grid_codes(w, scale[:, g], zero[:, g], quantizer.qmax)
                 codes[:, col] = q.to(torch.int32)

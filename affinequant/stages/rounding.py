@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..quant.quantizer import fp16_scale
 from .gptq import GPTQ
 from .base import Rounder, StageConfig, linear_hessians, quantized_linears, register
 
@@ -30,7 +29,7 @@ class RTN(Rounder):
         exact_scale = self.ctx.cfg.reference_compat and not self.ctx.cfg.real_quant
         for name, qlinear in quantized_linears(self.ctx).items():
             codes, scale, zero = qlinear.weight_quantizer.integer_codes(qlinear.weight.float())
-            commit(name, codes, scale if exact_scale else fp16_scale(scale), zero)
+            commit(name, codes, scale if exact_scale else qlinear.weight_quantizer.stored_scale(scale), zero)
 
 
 @dataclass(frozen=True)

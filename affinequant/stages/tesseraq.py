@@ -25,7 +25,6 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError
-from ..quant.quantizer import fp16_scale
 from .losses import BlockObjective, objective_on
 from .base import Rounder, StageConfig, quantized_linears, register
 
@@ -166,7 +165,8 @@ class TesseraQ(Rounder):
             codes, factor = self.learned[name]
             scale, zero = qlinear.weight_quantizer.scale_zero(qlinear.weight.float())
             codes = codes.to(qlinear.weight.device)
-            commit(name, codes, fp16_scale(scale[..., 0] * factor.to(scale.device)), zero[..., 0])
+            commit(name, codes, qlinear.weight_quantizer.stored_scale(scale[..., 0] * factor.to(scale.device)),
+                   zero[..., 0])
 
     def learn(self, linears: dict, data) -> dict:
         cfg, t0 = self.config, time.time()
