@@ -3,7 +3,7 @@ the best recipe's trained stages, from the bench's rows (bench/results.json and 
 choose what to spend.
 
     python bench/run_bench.py --models smollm2-135m --threads 2 --only "W3A16g128:best recipe@32 samples,..."
-    .venv/bin/python bench/calibration_budget.py --model smollm2-135m --setting W3A16g128
+    .venv/bin/python bench/calibration_budget.py --model smollm2-135m --settings W3A16g128,W2A16g128
 
 Writes bench/CALIBRATION_BUDGET.md and bench/plots/calibration_budget__<model>__<setting>.png. Every row
 evaluates on the same WikiText-2 windows; the 8-sample rows draw the bench's samples, the larger ones more from
@@ -31,20 +31,14 @@ CURVES = [
 ]
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--setting", default="W3A16g128")
-    args = p.parse_args()
+def budget_section(model: str, setting: str) -> list[str]:
+    """The table of one setting's curves, and its plot (bench/plots/calibration_budget__<model>__<setting>.png)."""
     methods = {m for _, _, pts in CURVES for _, m in pts}
-    rows = {r["method"]: r for r in rows_for(args.model, args.setting, methods) if not r["peer"]}
+    rows = {r["method"]: r for r in rows_for(model, setting, methods) if not r["peer"]}
     fp = next(iter(rows.values()))["fp_ppl"] if rows else float("nan")
-    lines = ["# Calibration budget", "",
-             "Perplexity against what calibration spends (bench/calibration_budget.py), "
-             f"{args.model} {args.setting}, WikiText-2 first 20 windows of 512 (FP {fp:.2f}; the model is dequantized "
-             "from GGUF, so its weights already lie on a coarse grid). The best recipe is recipes/best-w3g128.yaml: "
-             "clip search, TesseraQ 8 rounds x 3 steps, E2E 64 steps. Wall time on the 2-core machine; rows run "
-             "side by side are said below the table.", "",
+    bits = setting[1]
+    lines = [f"## {model} {setting}", "",
+             f"FP {fp:.2f}. The best recipe is recipes/best-w{bits}g128.yaml.", "",
              "| curve | budget | method | wikitext2 ppl | x FP | KL vs FP | top-1 | calibration wall s |",
              "|---|---|---|---|---|---|---|---|"]
     import matplotlib
@@ -67,16 +61,33 @@ def main():
     axes[0].set_ylabel("WikiText-2 perplexity")
     for ax in axes:
         ax.axhline(fp, color="gray", linestyle="--", linewidth=0.8)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{args.model} {args.setting}: calibration budget (labels: calibration wall s)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{model} {setting}: calibration budget (labels: calibration wall s)")
     fig.tight_layout()
-    plot = ROOT / "bench" / "plots" / f"calibration_budget__{args.model}__{args.setting}.png"
+    plot = ROOT / "bench" / "plots" / f"calibration_budget__{model}__{setting}.png"
     fig.savefig(plot, dpi=110)
-    lines += ["", f"![plot](plots/{plot.name})"]
+    plt.close(fig)
+    return lines + ["", f"![plot](plots/{plot.name})", ""]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--settings", default="W3A16g128,W2A16g128")
+    args = p.parse_args()
+    lines = ["# Calibration budget", "",
+             "Perplexity against what calibration spends (bench/calibration_budget.py), "
+             f"{args.model}, WikiText-2 first 20 windows of 512 (the model is dequantized from GGUF, so its weights "
+             "already lie on a coarse grid). The best recipes are recipes/best-w3g128.yaml and best-w2g128.yaml: "
+             "clip search, TesseraQ 8 rounds x 3 steps, E2E 64 steps. Wall time on the 2-core machine; rows run "
+             "side by side are said below the tables.", ""]
+    for setting in args.settings.split(","):
+        lines += budget_section(args.model, setting)
     page = ROOT / "bench" / "CALIBRATION_BUDGET.md"
     notes = page.read_text().split("<!-- notes -->", 1)[1] if page.is_file() and "<!-- notes -->" in \
         page.read_text() else "\n"
-    page.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
+    page.write_text("\n".join(lines) + "\n<!-- notes -->" + notes)
     print("\n".join(lines))
 
 
