@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,7 +208,6 @@ def _read_weights(model, path: Path, stem: str, convert: Callable[[dict], dict] 
 
 
 def gptq_config(packed: dict[str, list], sym: bool) -> dict:
-    from collections import Counter
     bits = Counter(b for b, _, _ in packed.values()).most_common(1)[0][0]
     (_, group, _), *_ = packed.values()
     v2 = any(offset == 0 for _, _, offset in packed.values())
@@ -359,8 +359,10 @@ def _write_export(model, tokenizer, save_dir: Path, final: Path, cfg, model_id, 
             _write_weights(model, save_dir, "model", blocks, zero_offset, every_name=True)
             ragged = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.group_size
                       and m.in_features % m.group_size]
-            log.info("saved a GPTQ checkpoint (%d-bit, group %s, sym %s, %s) to %s", qcfg["bits"],
-                     qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"], final)
+            widths = Counter(b for b, _, _ in packed.values())
+            log.info("saved a GPTQ checkpoint (%s, group %s, sym %s, %s) to %s",
+                     ", ".join(f"{n} modules at {b} bits" for b, n in sorted(widths.items())) if len(widths) > 1
+                     else f"{qcfg['bits']}-bit", qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"], final)
             if ragged:
                 log.warning("%d layers have in_features not divisible by the group size %s (e.g. %s): their last "
                             "group is shorter. g_idx describes it exactly and torch kernels run it, but fast "

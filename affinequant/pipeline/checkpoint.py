@@ -66,6 +66,14 @@ def recipe_differences(saved: list[dict], now: list[dict], whole: bool) -> dict:
     return diff
 
 
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint file's tensors and its metadata (empty when it has none)."""
+    from safetensors import safe_open
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        return tensors, f.metadata() or {}
+
 class CheckpointError(AffineQuantError):
     """A checkpoint that does not belong to this run, or is corrupt."""
 
@@ -190,10 +198,7 @@ class CalibrationCheckpoint:
         if not path.is_file():
             return None
         try:
-            tensors = load_file(path)
-            from safetensors import safe_open
-            with safe_open(path, "pt") as f:
-                metadata = f.metadata() or {}
+            tensors, metadata = _read_safetensors(path)
             if metadata.get("digest") != tensor_digest(tensors):
                 raise ValueError("digest mismatch")
             return tensors, json.loads(metadata["state"])
@@ -204,10 +209,7 @@ class CalibrationCheckpoint:
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
         path = self.path(index)
         try:
-            tensors = load_file(path)
-            from safetensors import safe_open
-            with safe_open(path, "pt") as f:
-                metadata = f.metadata() or {}
+            tensors, metadata = _read_safetensors(path)
             report = json.loads(metadata.get("report", "{}"))
         except Exception as exc:
             raise CheckpointError(f"--resume: {path} is corrupt or unreadable ({exc}); delete it (and its index "
