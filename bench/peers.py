@@ -5,6 +5,7 @@ on the same windows: GPTQModel's GPTQ and Intel's AutoRound. Each runs in its ow
     .venv/bin/python bench/peers.py prepare --model models/smollm2-135m.gguf --work /tmp/peers
     GPTQMODEL_CPU_WORKERS=1 <gptqmodel-venv>/bin/python bench/peers.py gptqmodel --work /tmp/peers --wbits 3
     <autoround-venv>/bin/python bench/peers.py autoround --work /tmp/peers --wbits 3 --iters 24
+    <autoround-venv>/bin/python bench/peers.py autoround --work /tmp/peers --format gguf:q4_1 --iters 200
     .venv/bin/python bench/peers.py evaluate --model models/smollm2-135m.gguf --work /tmp/peers \
         --run gptqmodel-w3g128 --setting W3A16g128 --method "GPTQModel GPTQ"
 
@@ -92,11 +93,13 @@ def autoround(args):
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
     work = Path(args.work)
-    run = f"autoround-w{args.wbits}g{args.group_size}-i{args.iters}"
     model = AutoModelForCausalLM.from_pretrained(work / "fp", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(work / "fp")
     ids = _ids(work)
     calib = [torch.tensor([x]) for x in ids]
+    if args.format.startswith("gguf:"):
+        return _autoround_gguf(args, work, model, tok, ids, calib)
+    run = f"autoround-w{args.wbits}g{args.group_size}-i{args.iters}"
     fake = work / run / "fake"
     if not fake.exists():
         t0 = time.time()
@@ -111,6 +114,24 @@ def autoround(args):
     _write(work, run, dense, {"tool": "auto-round", "calibration_seconds": seconds, "iters": args.iters,
                               "peak_rss_mib": _peak_mib(), "config": {"bits": args.wbits, "group_size": args.group_size,
                                                                       "sym": False, "batch_size": 1}})
+
+
+def _autoround_gguf(args, work, model, tok, ids, calib):
+    """AutoRound's own GGUF export (its scheme sets bits, group and symmetry; llama.cpp's layout for the embedding
+    and output head): the file goes to bench/gguf_check.py like ours."""
+    from auto_round import AutoRound
+    kind = args.format.split(":", 1)[1]
+    run = work / f"autoround-{kind}-i{args.iters}"
+    t0 = time.time()
+    ar = AutoRound(model, tok, scheme=args.format, iters=args.iters, nsamples=len(ids), seqlen=len(ids[0]),
+                   batch_size=1, dataset=calib, device_map="cpu", amp=False, enable_torch_compile=False)
+    ar.quantize_and_save(str(run / "gguf"), format=args.format)
+    seconds = time.time() - t0
+    files = sorted((run / "gguf").rglob("*.gguf"))
+    (run / "info.json").write_text(json.dumps({"tool": "auto-round", "format": args.format, "iters": args.iters,
+                                               "calibration_seconds": seconds, "files": [str(f) for f in files],
+                                               "nsamples": len(ids), "peak_rss_mib": _peak_mib()}, indent=2))
+    print(f"AutoRound {args.format} in {seconds:.0f} s: {', '.join(map(str, files))}")
 
 
 def evaluate(args):
@@ -152,6 +173,8 @@ def main():
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--iters", type=int, default=24, help="AutoRound steps per block (batch 1)")
     p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--format", default="fake", help="autoround: fake (dense weights, evaluated here) or a GGUF "
+                   "scheme such as gguf:q4_1 (the file is checked by bench/gguf_check.py)")
     p.add_argument("--run", help="evaluate: the folder under --work (gptqmodel-w3g128, autoround-w3g128-i24)")
     p.add_argument("--setting", default="W3A16g128")
     p.add_argument("--method", default="GPTQModel GPTQ")
