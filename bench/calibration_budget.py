@@ -26,6 +26,8 @@ CURVES = [
     ("best recipe, E2E steps", "end-to-end steps (one sample each)",
      [(0, "clip search+TesseraQ"), (32, "clip search+TesseraQ+E2E@32"), (64, "best recipe"),
       (128, "clip search+TesseraQ+E2E@128")]),
+    ("best recipe at 32 samples, E2E steps", "end-to-end steps (one sample each)",
+     [(64, "best recipe@32 samples"), (128, "best recipe@32 samples+E2E@128")]),
     ("best recipe + norm gains, E2E steps", "end-to-end steps (one sample each)",
      [(0, "clip search+TesseraQ"), (64, "clip search+TesseraQ+E2E@64+norms")]),
 ]

@@ -115,6 +115,8 @@ METHODS = {
     "clip search+TesseraQ+E2E@128": ["--clip_search", "--tesseraq", "--e2e_steps", "128", "--e2e_lr", "5e-3"],
     "clip search+TesseraQ+E2E@64+norms": ["--clip_search", "--tesseraq", "--e2e_steps", "64", "--e2e_lr", "5e-3",
                                           "--e2e_norms"],
+    "best recipe@32 samples+E2E@128": ["--clip_search", "--tesseraq", "--e2e_steps", "128", "--e2e_lr", "5e-3",
+                                       "--nsamples", "32"],
     # the tools users would pick instead (bench/peers.py, each in its own environment)
     "GPTQModel GPTQ": [],
     "AutoRound": [],
@@ -127,12 +129,13 @@ TTA_BASE = {"LWC+LET (MSE+NLC) +TTA": "LWC+LET (MSE+NLC)", "LWC+LET +TTA": "LWC+
 # rows that start from another finished row's checkpoint: TTA adapts it at evaluation; a longer E2E refines its
 # blocks again (the block checkpoint ignores the whole-model stages, so its blocks are reused as they are)
 RESUME_BASE = {**TTA_BASE, "clip search+TesseraQ+E2E@128": "best recipe",
-               "clip search+TesseraQ+E2E@64+norms": "best recipe"}
+               "clip search+TesseraQ+E2E@64+norms": "best recipe",
+               "best recipe@32 samples+E2E@128": "best recipe@32 samples"}
 TRAINLESS = {"RTN", "FlatQuant (untrained)", "clip search", "GPTQ", "GPTQ@damp0.05", "GPTQ@damp0.1",
              "GPTQ (GPTQ's defaults)", "GPTQ (defaults)", "clip search+GPTQ", "TesseraQ", "clip search+TesseraQ",
              "RTN+E2E@16", "clip search+TesseraQ+E2E@32", "clip search+TesseraQ+E2E@16", "best recipe", "best-w2g128 recipe", "clip search+GPTQ@32 samples",
              "clip search+GPTQ@128 samples", "best recipe@32 samples", "best recipe@128 samples",
-             "clip search+TesseraQ+E2E@128", "clip search+TesseraQ+E2E@64+norms"}
+             "clip search+TesseraQ+E2E@128", "clip search+TesseraQ+E2E@64+norms", "best recipe@32 samples+E2E@128"}
 PAR_ROUNDS = 8
 # The acceptance comparisons first (OmniQuant's, then AffineQuant's), so a cut-short bench still answers them.
 OMNI_ACCEPTANCE = [("W3A16g128", "RTN"), ("W3A16g128", "LWC"), ("W4A4", "RTN"), ("W4A4", "LWC+LET"),
