@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, OutputError
+from ..quant.quantizer import FP16_SIGNIFICANT_BITS
 
 log = logging.getLogger("affinequant")
 
@@ -38,7 +39,7 @@ class GGUFType:
     group_size: int | None
     file_type: int              # llama.cpp's LLAMA_FTYPE_* for general.file_type
     symmetric: bool = True      # w = d·q (signed q); False: w = d·q + m (unsigned q, a minimum per block)
-    scale_bits: int = 11        # significant bits a scale may have for the grid to be written exactly
+    scale_bits: int = FP16_SIGNIFICANT_BITS     # the most significant bits a scale may have to be written exactly
 
 
 GGUF_TYPES = {t.name: t for t in (
@@ -67,7 +68,7 @@ def default_gguf_type(wbits: int, abits: int, symmetric: bool) -> str:
 
 def scale_bits_of(type_name: str | None) -> int:
     """The significant bits of the scales a run must store to be written exactly as `type_name`."""
-    return gguf_type(type_name).scale_bits if type_name else GGUFType("", None, None, 0).scale_bits
+    return gguf_type(type_name).scale_bits if type_name else FP16_SIGNIFICANT_BITS
 
 
 def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwrite: bool = False,
