@@ -67,6 +67,25 @@ def test_decoder_weights_written_exactly(tmp_path, type_name):
     assert gguf.GGMLQuantizationType[type_name] in {t.tensor_type for t in reader.tensors}
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_head_get_llama_cpp_types(tmp_path, tied):
+    """As llama.cpp's quantizer: the head (or the embedding tied to it) in Q8_0, an untied embedding in the file's
+    type, each quantized from the full-precision weights by the reference code."""
+    model = _model(4)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.02)
+    save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), "Q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["token_embd.weight"] == ("Q8_0" if tied else "Q4_0")
+    assert types.get("output.weight") == (None if tied else "Q8_0")
+    back = dequantized_state(str(tmp_path / "m.gguf"))
+    embedding = model.model.embed_tokens.weight.detach()
+    expected = gguf.quants.dequantize(gguf.quants.quantize(embedding.numpy(), gguf.GGMLQuantizationType[types[
+        "token_embd.weight"]]), gguf.GGMLQuantizationType[types["token_embd.weight"]])
+    assert torch.equal(back["token_embd.weight"], torch.from_numpy(expected))
+
+
 def test_off_grid_blocks_are_requantized_and_counted(tmp_path):
     model = _model(4)
     with torch.no_grad():

@@ -9,8 +9,9 @@ So the decoder blocks are not quantized again here: each block's scale is recove
 (`_exact_blocks`: the finest fp16 d on which every weight is an integer in range), its codes written, and the
 file checked against the `gguf` package's reference dequantization, which must give our weights bit for bit.
 A block that lies on no such grid (a model quantized at another setting) is quantized by that reference code
-instead and counted in the report. The token embedding (and an untied output head), which calibration leaves in
-full precision, are written in Q8_0 by the reference code; norms in F32. F16 and F32 write every weight as is.
+instead and counted in the report. The token embedding and the output head, which calibration leaves in full
+precision, are quantized by the reference code in the types llama.cpp gives them (`_outer_type`): the head (or a
+tied embedding) in Q8_0, an untied embedding in the file's type; norms in F32. F16 and F32 write every weight as is.
 Under mixed precision (--target_bpw with --mixed_bits among 4, 5 and 8) each decoder linear is written in the type
 of its own width (TYPE_OF_BITS), as llama.cpp's mixed files are: one type per tensor.
 
@@ -194,6 +195,17 @@ def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
     return data.reshape(rows, -1), int(off.sum())
 
 
+def _outer_type(name: str, tied: bool, gtype: GGUFType) -> str:
+    """The type of a matrix outside the decoder blocks, as llama.cpp's quantizer picks it (llama_tensor_get_type):
+    the output head (or the token embedding when it is tied to the head) gets more bits, Q6_K where its rows
+    allow and Q8_0 otherwise, here Q8_0 always, as this module writes no K-quants; an untied token embedding, a
+    table of rows looked up, gets the file's own type. Calibration leaves both in full precision, so they are
+    quantized by the gguf package's reference code, as llama.cpp would."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "Q8_0"
+    return gtype.name
+
+
 def _copied_metadata(writer, reader, skip: set[str]) -> None:
     import gguf
     for key, field in reader.fields.items():
@@ -251,8 +263,10 @@ def save_gguf(model, source: str, path: str, type_name: str, layer_bits: dict | 
             bits = 16 if kind == "F16" else 32
         else:
             module = key.rsplit(".", 1)[0]
-            kind = (TYPE_OF_BITS[layer_bits[module]] if layer_bits and module in layer_bits else gtype.name) \
-                if in_block else "Q8_0"
+            if in_block:
+                kind = TYPE_OF_BITS[layer_bits[module]] if layer_bits and module in layer_bits else gtype.name
+            else:
+                kind = _outer_type(name, tied, gtype)
             data, off = _quantized_tensor(w, kind, exact=in_block)
             report["requantized_blocks"] += off
             writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
