@@ -112,6 +112,9 @@ class QuantConfig:
     target_bpw: float | None = None    # mixed precision: average bits per weight (pipeline.allocate)
     mixed_bits: tuple = (2, 3, 4)      # the bit widths a linear may get under --target_bpw
     layer_bits: dict | None = None     # module name -> bits (the allocation; set before the block loop)
+    # module name -> a grid of its own, WeightQuantizer's arguments (bits, group_size, super_groups, sub_max, ...):
+    # GGUF K-quants and llama.cpp's fallbacks for rows they cannot hold (set before the block loop)
+    layer_grids: dict | None = None
     e2e_steps: int = 0                 # end-to-end refinement of the step sizes after the block loop (pipeline.refine)
     e2e_lr: float = 2e-3
     e2e_loss: str = "kl"
@@ -254,6 +257,13 @@ class QuantConfig:
     def bits_for(self, module: str) -> int:
         """The weight bits of the block linear `module` (full name): its allocation under --target_bpw, else --wbits."""
         return (self.layer_bits or {}).get(module, self.wbits)
+
+    def grid_for(self, module: str) -> dict:
+        """WeightQuantizer's grid arguments for the block linear `module` (full name): the run's grid at
+        bits_for's width, with what layer_grids sets for it instead."""
+        grid = {"bits": self.bits_for(module), "group_size": self.group_size, "symmetric": self.symmetric,
+                "scale_bits": self.scale_bits}
+        return {**grid, **(self.layer_grids or {}).get(module, {})}
 
     def block_stages(self) -> list:
         """The stages the block loop runs, ending with the rounder."""

@@ -160,3 +160,61 @@ def test_asymmetric_q4_0_is_refused_with_the_type_that_fits(tmp_path):
                           "model.gguf")
     with pytest.raises(ConfigError, match="at most 7 significant bits"):
         check_gguf_target(str(tmp_path / "m.gguf"), "Q4_1", QuantConfig(wbits=4, group_size=32), "model.gguf")
+
+
+def _k_model():
+    """Rows of 256 (q/k/v/o/gate/up: whole super-blocks) and of 320 (down: llama.cpp's fallback type)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("type_name", ["Q3_K", "Q6_K"])
+@pytest.mark.parametrize("rounder, e2e_steps", [("rtn", 0), ("gptq", 0), ("tesseraq", 0), ("gptq", 2)])
+def test_k_quant_run_writes_its_file_exactly(tmp_path, type_name, rounder, e2e_steps):
+    """Calibrated on the K-quant's own grid (double-quantized scales included) where rows are whole super-blocks
+    and on the fallback's elsewhere, the file holds the calibrated weights bit for bit, in those types."""
+    from affinequant.models.adapters import get_adapter
+    from affinequant.formats.gguf import gguf_layer_grids
+    from affinequant.pipeline.allocate import quantized_linears
+    from affinequant.pipeline.calibrate import quantize_blocks
+    gtype = GGUF_TYPES[type_name]
+    model = _k_model()
+    adapter = get_adapter(model.config)
+    cfg = QuantConfig(wbits=gtype.bits, group_size=16, symmetric=True, nsamples=2, seqlen=16, e2e_steps=e2e_steps,
+                      e2e_lr=0.05, par_iters=2, par_rounds=2, par_batch=1,
+                      **({rounder: True} if rounder != "rtn" else {}))
+    cfg.layer_grids = gguf_layer_grids(type_name, {n: m.in_features for n, m in quantized_linears(model, adapter).items()})
+    quantize_blocks(model, adapter, torch.randint(0, 96, (2, 16)), cfg, torch.device("cpu"))
+    report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), type_name)
+    assert report["requantized_blocks"] == 0 and report["max_abs_diff"] == 0.0
+    fallback = gtype.fallback
+    assert report["tensor_types"] == {"F32": 5, type_name: 12, fallback: 2, "Q6_K": 1} if type_name == "Q3_K" else \
+        {"F32": 5, "Q6_K": 13, "Q8_0": 2}     # token_embd (the tied head): Q6_K, rounded to nearest
+    back = dequantized_state(str(tmp_path / "m.gguf"))
+    layer = model.model.layers[1]
+    assert torch.equal(back["blk.1.ffn_up.weight"], layer.mlp.up_proj.weight.float())
+    assert torch.equal(back["blk.1.ffn_down.weight"], layer.mlp.down_proj.weight.float())
+    assert torch.equal(back["blk.1.attn_q.weight"], _interleaved(layer.self_attn.q_proj.weight.float(), 4))
+
+
+@pytest.mark.parametrize("sub_max", [31, 127])
+def test_superblock_scales_are_a_float16_step_times_small_integers(sub_max):
+    from affinequant.quant.quantizer import superblock_scale
+    scale = torch.rand(8, 32) * 0.01 + 1e-4
+    stored = superblock_scale(scale, 16, sub_max).reshape(8, 2, 16)
+    runs = scale.reshape(8, 2, 16)
+    d = (runs.amax(-1, keepdim=True) / sub_max).half().float()
+    k = stored / d
+    assert torch.equal(k, k.round()) and k.min() >= 1 and k.max() <= sub_max
+    # a scale of at least d moves to the nearest multiple of d: by at most d/2 (to float32 rounding)
+    free = runs >= d
+    assert float(((stored - runs).abs() - (d / 2 + runs * 2.0 ** -20))[free].max()) <= 0
+    assert torch.equal(stored[~free], d.expand_as(stored)[~free])          # a smaller one is d (k = 1)
+
+
+def test_k_quant_refuses_real_quant(tmp_path):
+    cfg = QuantConfig(wbits=6, group_size=16, symmetric=True, real_quant=True)
+    with pytest.raises(ConfigError, match="drop --real_quant"):
+        check_gguf_target(str(tmp_path / "m.gguf"), "Q6_K", cfg, "model.gguf")

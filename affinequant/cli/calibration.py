@@ -13,7 +13,8 @@ import torch
 from .. import distributed
 from ..eval.data import adds_bos, calibration_samples
 from ..formats.reference import ReferenceResume, write_reference_params
-from ..pipeline.allocate import mixed_precision
+from ..formats.gguf import gguf_layer_grids
+from ..pipeline.allocate import mixed_precision, quantized_linears
 from ..pipeline.calibrate import quantize_blocks
 from ..pipeline.checkpoint import CalibrationCheckpoint
 from ..pipeline.stats import collect_act_stats
@@ -83,6 +84,9 @@ def quantize(args, cfg, model, adapter, tokenizer, device, dtype, data_dir, net,
     if cfg.target_bpw is not None:
         results["mixed_precision"] = allocation_for(args, cfg, model, adapter, samples, device)
         cfg.layer_bits = results["mixed_precision"]["layer_bits"]
+    if args.save_gguf and blocks is None:
+        cfg.layer_grids = gguf_layer_grids(args.gguf_type, {n: m.in_features for n, m in
+                                                            quantized_linears(model, adapter).items()})
 
     act_scales = act_shifts = None
     if cfg.needs_statistics:

@@ -8,10 +8,17 @@ s · (code - z) is an fp16 value too (QuantConfig.scale_bits, set from the type;
 So the decoder blocks are not quantized again here: each block's scale is recovered from the calibrated weights
 (`_exact_blocks`: the finest fp16 d on which every weight is an integer in range), its codes written, and the
 file checked against the `gguf` package's reference dequantization, which must give our weights bit for bit.
+The K-quants Q3_K and Q6_K store w = d · k · q per super-block of 256 weights: d in fp16, one small integer k
+per group of 16 (6 bits for Q3_K, 8 for Q6_K), q signed: our symmetric grid at --group_size 16 once each
+group's scale is d · k (quantizer.superblock_scale, which every rounder commits through when the run is
+calibrated for the type: QuantConfig.layer_grids, from gguf_layer_grids). A linear whose rows are no whole
+number of super-blocks is calibrated and written in the type's fallback (Q4_0 for Q3_K, Q8_0 for Q6_K), as
+llama.cpp's own quantizer falls back. `_exact_superblocks` recovers d, k and the codes from the weights.
 A block that lies on no such grid (a model quantized at another setting) is quantized by that reference code
-instead and counted in the report. The token embedding and the output head, which calibration leaves in full
-precision, are quantized by the reference code in the types llama.cpp gives them (`_outer_type`): the head (or a
-tied embedding) in Q8_0, an untied embedding in the file's type; norms in F32. F16 and F32 write every weight as is.
+(for a K-quant, our grid's nearest codes) instead and counted in the report. The token embedding and the output
+head, which calibration leaves in full precision, are rounded to nearest in the types llama.cpp gives them
+(`_outer_type`): the head (or a tied embedding) in Q6_K or Q8_0, an untied embedding in the file's type; norms
+in F32. F16 and F32 write every weight as is.
 Under mixed precision (--target_bpw with --mixed_bits among 4, 5 and 8) each decoder linear is written in the type
 of its own width (TYPE_OF_BITS), as llama.cpp's mixed files are: one type per tensor.
 
@@ -41,12 +48,34 @@ class GGUFType:
     file_type: int              # llama.cpp's LLAMA_FTYPE_* for general.file_type
     symmetric: bool = True      # w = d·q (signed q); False: w = d·q + m (unsigned q, a minimum per block)
     scale_bits: int = FP16_SIGNIFICANT_BITS     # the most significant bits a scale may have to be written exactly
+    # K-quants: super-blocks of `super_groups` groups whose scales are d·k, k an integer in [1, sub_max]; a row
+    # that is no whole number of super-blocks is written in `fallback` instead, as llama.cpp's quantizer does
+    super_groups: int = 0
+    sub_max: int = 0
+    fallback: str | None = None
+
+    @property
+    def block(self) -> int:
+        """Weights per block of the file: 32 for the legacy types, 256 (a super-block) for the K-quants."""
+        return self.group_size * (self.super_groups or 1)
+
+    def grid(self) -> dict:
+        """The grid a linear written in this type is calibrated on (WeightQuantizer's arguments)."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "scale_bits": self.scale_bits, "super_groups": self.super_groups, "sub_max": self.sub_max}
+
+    def for_row(self, in_features: int) -> "GGUFType":
+        """The type a matrix with rows of `in_features` is written in: this one, or its fallback."""
+        return GGUF_TYPES[self.fallback] if self.fallback and in_features % self.block else self
 
 
 GGUF_TYPES = {t.name: t for t in (
     GGUFType("F32", None, None, 0), GGUFType("F16", None, None, 1),
     GGUFType("Q4_0", 4, 32, 2), GGUFType("Q4_1", 4, 32, 3, symmetric=False, scale_bits=7),
-    GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8), GGUFType("Q5_1", 5, 32, 9, symmetric=False, scale_bits=6))}
+    GGUFType("Q8_0", 8, 32, 7), GGUFType("Q5_0", 5, 32, 8), GGUFType("Q5_1", 5, 32, 9, symmetric=False, scale_bits=6),
+    # a file of Q3_K is llama.cpp's "Q3_K - Small" (file type 11); the fallbacks are llama.cpp's (llama-quant.cpp)
+    GGUFType("Q3_K", 3, 16, 11, super_groups=16, sub_max=31, fallback="Q4_0"),
+    GGUFType("Q6_K", 6, 16, 18, super_groups=16, sub_max=127, fallback="Q8_0"))}
 
 
 TYPE_OF_BITS = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}      # the legacy symmetric type of each width, groups of 32
@@ -72,6 +101,16 @@ def scale_bits_of(type_name: str | None) -> int:
     return gguf_type(type_name).scale_bits if type_name else FP16_SIGNIFICANT_BITS
 
 
+def gguf_layer_grids(type_name: str, in_features: dict[str, int]) -> dict | None:
+    """The grid each block linear (name -> row length) is calibrated on for a K-quant file: the type's own where
+    its rows are whole super-blocks, else its fallback's (GGUFType.for_row), as the file will hold them; None
+    for the legacy types, whose grid is the run's."""
+    gtype = gguf_type(type_name)
+    if not gtype.super_groups:
+        return None
+    return {name: gtype.for_row(n).grid() for name, n in in_features.items()}
+
+
 def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwrite: bool = False,
                       stream: bool = False) -> GGUFType:
     """Refuse, before calibration, what cannot be written: a type the run's grid is not, a model with runtime
@@ -81,7 +120,7 @@ def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwr
     if cfg.target_bpw is not None:
         widths = sorted(set(cfg.mixed_bits))
         if not set(widths) <= set(TYPE_OF_BITS) or cfg.group_size != 32 or not cfg.symmetric or cfg.bit_balance \
-                or gtype.bits is None:
+                or gtype.bits is None or gtype.super_groups:
             raise ConfigError(f"--save_gguf under --target_bpw writes each linear in the legacy type of its width "
                               f"({', '.join(f'{b}: {t}' for b, t in TYPE_OF_BITS.items())}, symmetric, groups of 32): "
                               f"give --mixed_bits among 4,5,8 --group_size 32 --symmetric and a quantized "
@@ -103,6 +142,9 @@ def check_gguf_target(path: str, type_name: str, cfg, source: str | None, overwr
             raise ConfigError(f"--gguf_type {gtype.name} is exact for scales of at most {gtype.scale_bits} significant "
                               f"bits and this run stores {cfg.scale_bits}: build the configuration with scale_bits="
                               f"{gtype.scale_bits} (main.py does so from --gguf_type)")
+    if gtype.super_groups and cfg.real_quant:
+        raise ConfigError(f"--gguf_type {gtype.name} stores its scales quantized again per super-block, which the "
+                          f"GPTQ layout of --real_quant cannot hold: drop --real_quant")
     if cfg.abits < 16 or cfg.q_width < 16 or cfg.kv_width < 16:
         raise ConfigError("--save_gguf writes weight-only models: llama.cpp has no per-token activation quantizers "
                           "(drop --abits/--kv_bits, or use --save_dir)")
@@ -164,6 +206,118 @@ def _exact_blocks(w: np.ndarray, gtype: GGUFType):
     return d, m, q.astype(np.int16), ~found
 
 
+def _finest_steps(blocks: np.ndarray, low: int, high: int):
+    """Each row's finest step t (float32) with every weight t·q, q an integer in [low, high], and whether it has
+    one (an all-zero row has t = 0)."""
+    span = np.abs(blocks).max(axis=1)
+    t = np.zeros(len(blocks), np.float32)
+    found = span == 0
+    for k in range(max(-low, high), 0, -1):     # the largest code magnitude first: the finest step
+        todo = np.flatnonzero(~found)
+        if not len(todo):
+            break
+        cand = (span[todo] / np.float32(k)).astype(np.float32)
+        q = np.round(blocks[todo] / cand[:, None])
+        ok = (q >= low).all(1) & (q <= high).all(1) & ((q * cand[:, None]) == blocks[todo]).all(1)
+        t[todo[ok]], found[todo[ok]] = cand[ok], True
+    return t, found
+
+
+def _exact_superblocks(w: np.ndarray, gtype: GGUFType):
+    """For rows of `w` cut into super-blocks, the K-quant encoding that holds each exactly: the fp16 step d
+    (n,), the group scales k (n, super_groups) in [1, sub_max] and the codes (n, block), with (d·k)·q == w in
+    float32 as the reference dequantizes; and which super-blocks have none. Each group's finest step t comes
+    first; d is then the largest t over an integer n, the largest n first, such that every t is d times an
+    integer in range (a group whose codes share a factor has t a multiple of its step: its k is divided).
+    Any (d, k, q) found is verified to give the weights exactly, so a wrong guess cannot pass."""
+    G, gs = gtype.super_groups, gtype.group_size
+    low, high = -(2 ** (gtype.bits - 1)), 2 ** (gtype.bits - 1) - 1
+    groups = w.reshape(-1, gs).astype(np.float32)
+    t, found = _finest_steps(groups, low, high)
+    t, found = t.reshape(-1, G), found.reshape(-1, G).all(1)
+    n_super = len(t)
+    d = np.zeros(n_super, np.float32)
+    k = np.ones((n_super, G), np.float32)
+    done = ~found
+    top = t.max(axis=1)
+    done |= top == 0                                       # an all-zero super-block: d = 0, codes 0
+    factors = np.arange(2, -low + 1, dtype=np.float32)
+    multiples = np.arange(1, -low + 1, dtype=np.float32)
+    blocks = groups.reshape(n_super, G, gs)
+    # n = sub_max first (our quantizer's largest group has k = sub_max or one less); n up to sub_max times the
+    # largest code after, for a largest group whose own codes share a factor
+    for n in [*range(gtype.sub_max, 0, -1), *range(gtype.sub_max * -low, gtype.sub_max, -1)]:
+        todo = np.flatnonzero(~done)
+        if not len(todo):
+            break
+        cand = (top[todo] / np.float32(n)).astype(np.float32)
+        ratio = t[todo] / cand[:, None]
+        # a group whose codes all lie in half the range (or a third...) is also exact on a finer grid, so its
+        # finest step may be the step over m: its scale is then ratio * m
+        odd = np.abs(ratio - np.round(ratio)) >= 1e-3
+        if odd.any():
+            scaled = ratio[odd][:, None] * multiples
+            ratio[odd] = scaled[np.arange(len(scaled)), (np.abs(scaled - np.round(scaled)) < 1e-3).argmax(-1)]
+        ratio = np.round(ratio)
+        big = ratio > gtype.sub_max          # a group whose codes share a factor m: its scale is ratio / m
+        if big.any():
+            r = ratio[big][:, None]
+            fits = (r % factors == 0) & (r / factors <= gtype.sub_max)
+            ratio[big] = np.where(fits.any(1), r[:, 0] / factors[fits.argmax(1)], r[:, 0])
+        ratio = np.where(t[todo] == 0, 1, ratio)                      # an all-zero group: any scale, codes 0
+        valid = (_is_fp16(cand) & ((cand * np.float32(n)) == top[todo])
+                 & ((ratio >= 1) & (ratio <= gtype.sub_max)).all(1))
+        sel, cand, ratio = todo[valid], cand[valid], ratio[valid]
+        steps = (cand[:, None] * ratio).astype(np.float32)[:, :, None]
+        q = np.round(blocks[sel] / steps)
+        ok = (q >= low).all((1, 2)) & (q <= high).all((1, 2)) & ((steps * q) == blocks[sel]).all((1, 2))
+        d[sel[ok]], k[sel[ok]], done[sel[ok]] = cand[ok], ratio[ok], True
+    steps = (d[:, None] * k).astype(np.float32)                               # (n, G)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(steps[:, :, None] > 0, np.round(blocks / steps[:, :, None]), 0)
+    exact = found & (q >= low).all((1, 2)) & (q <= high).all((1, 2)) & ((steps[:, :, None] * q) == blocks).all((1, 2))
+    return d, k.astype(np.int16), q.reshape(n_super, -1).astype(np.int16), ~exact
+
+
+def _k_rtn(w: np.ndarray, gtype: GGUFType):
+    """Round to nearest on the K-quant's grid, the codes rounded with the stored scales (superblock_steps): what
+    a tensor outside calibration (the output head), or a super-block off the grid, is written with. Returns
+    (d, k, q) as _exact_superblocks."""
+    from ..quant.quantizer import WeightQuantizer, grid_codes, superblock_steps
+    rows = torch.from_numpy(w.reshape(-1, gtype.block).astype(np.float32))
+    quantizer = WeightQuantizer(tuple(rows.shape), **gtype.grid())
+    scale, zero = quantizer.scale_zero(rows)                                   # (n, G, 1)
+    d, k = superblock_steps(scale[..., 0], gtype.super_groups, gtype.sub_max)  # (n, 1), (n, 1, G)
+    grouped = rows.reshape(len(rows), gtype.super_groups, gtype.group_size)
+    q = grid_codes(grouped, (d[..., None] * k).reshape(-1, gtype.super_groups, 1), zero, quantizer.qmax) - zero
+    return d[:, 0].numpy(), k[:, 0].numpy().astype(np.int16), q.reshape(len(rows), -1).numpy().astype(np.int16)
+
+
+def _pack_k(d: np.ndarray, k: np.ndarray, q: np.ndarray, gtype: GGUFType) -> np.ndarray:
+    """Super-blocks of (d, group scales k, codes q) in the byte layout of Q3_K or Q6_K (ggml-common.h)."""
+    n = len(d)
+    dbytes = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+    if gtype.name == "Q6_K":
+        u = (q + 32).astype(np.uint8).reshape(n, 2, 4, 32)       # (half, quarter, l)
+        low, high = u & 0x0F, u >> 4
+        ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+        qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+        return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), k.astype(np.int8).view(np.uint8), dbytes], axis=1)
+    u = (q + 4).astype(np.uint8).reshape(n, 2, 4, 32)             # Q3_K: (half, shift, l)
+    low, hbit = u & 3, u >> 2
+    qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
+    hmask = np.zeros((n, 32), np.uint8)
+    for half in range(2):
+        for j in range(4):
+            hmask |= hbit[:, half, j] << (4 * half + j)
+    s6 = (k + 32).astype(np.uint8)                                 # 6-bit, -32 .. 31 stored as 0 .. 63
+    scales = np.concatenate([(s6[:, 0:4] & 0x0F) | ((s6[:, 8:12] & 0x0F) << 4),
+                             (s6[:, 4:8] & 0x0F) | ((s6[:, 12:16] & 0x0F) << 4),
+                             (s6[:, 0:4] >> 4) | ((s6[:, 4:8] >> 4) << 2) | ((s6[:, 8:12] >> 4) << 4)
+                             | ((s6[:, 12:16] >> 4) << 6)], axis=1)
+    return np.concatenate([hmask, qs.reshape(n, 64), scales, dbytes], axis=1)
+
+
 def _pack(d: np.ndarray, m: np.ndarray, q: np.ndarray, gtype: GGUFType) -> np.ndarray:
     """Blocks of (d, m, codes) in the byte layout of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 (ggml-common.h): d, then m for
     the types with a minimum, then for 5 bits the fifth bits, then the low nibbles (element j and j + 16 share a
@@ -186,6 +340,14 @@ def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
     import gguf
     qtype = gguf.GGMLQuantizationType[type_name]
     rows = w.shape[0]
+    gtype = GGUF_TYPES[type_name]
+    if gtype.super_groups:          # the gguf package does not quantize K-quants: our grid's nearest codes
+        d, k, q = _k_rtn(w, gtype)
+        off = np.zeros(len(d), bool)
+        if exact:
+            ed, ek, eq, off = _exact_superblocks(w, gtype)
+            d, k, q = np.where(off, d, ed), np.where(off[:, None], k, ek), np.where(off[:, None], q, eq)
+        return _pack_k(d, k, q, gtype).reshape(rows, -1), int(off.sum())
     if not exact:
         return gguf.quants.quantize(w.astype(np.float32), qtype), 0
     d, m, q, off = _exact_blocks(w, GGUF_TYPES[type_name])
@@ -195,15 +357,15 @@ def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
     return data.reshape(rows, -1), int(off.sum())
 
 
-def _outer_type(name: str, tied: bool, gtype: GGUFType) -> str:
-    """The type of a matrix outside the decoder blocks, as llama.cpp's quantizer picks it (llama_tensor_get_type):
-    the output head (or the token embedding when it is tied to the head) gets more bits, Q6_K where its rows
-    allow and Q8_0 otherwise, here Q8_0 always, as this module writes no K-quants; an untied token embedding, a
-    table of rows looked up, gets the file's own type. Calibration leaves both in full precision, so they are
-    quantized by the gguf package's reference code, as llama.cpp would."""
+def _outer_type(name: str, tied: bool, gtype: GGUFType, in_features: int) -> str:
+    """The type of a matrix (rows of `in_features`) outside the decoder blocks, as llama.cpp's quantizer picks it
+    (llama_tensor_get_type): the output head (or the token embedding when it is tied to the head) gets more
+    bits, Q6_K where its rows are whole super-blocks and Q8_0 otherwise (Q8_0 in a Q8_0 file); an untied token
+    embedding, a table of rows looked up, gets the file's own type. Calibration leaves both in full precision,
+    so they are rounded to nearest: by the gguf package's reference code, or on our K-quant grid (_k_rtn)."""
     if name == "output.weight" or (tied and name == "token_embd.weight"):
-        return "Q8_0"
-    return gtype.name
+        return "Q8_0" if gtype.name == "Q8_0" else GGUF_TYPES["Q6_K"].for_row(in_features).name
+    return gtype.for_row(in_features).name
 
 
 def _copied_metadata(writer, reader, skip: set[str]) -> None:
@@ -264,9 +426,10 @@ def save_gguf(model, source: str, path: str, type_name: str, layer_bits: dict | 
         else:
             module = key.rsplit(".", 1)[0]
             if in_block:
-                kind = TYPE_OF_BITS[layer_bits[module]] if layer_bits and module in layer_bits else gtype.name
+                kind = TYPE_OF_BITS[layer_bits[module]] if layer_bits and module in layer_bits \
+                    else gtype.for_row(w.shape[-1]).name
             else:
-                kind = _outer_type(name, tied, gtype)
+                kind = _outer_type(name, tied, gtype, w.shape[-1])
             data, off = _quantized_tensor(w, kind, exact=in_block)
             report["requantized_blocks"] += off
             writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])

@@ -58,9 +58,8 @@ class BlockQuantizer:
                  act_scales: dict | None, act_shifts: dict | None, stages: list | None = None, index: int = 0):
         self.block, self.adapter, self.cfg = block, adapter, cfg
         self.linears = install_quantizers(block, adapter, cfg.abits, cfg.symmetric, lambda name, w: (
-            WeightQuantizer(tuple(w.shape), cfg.bits_for(f"{adapter.layers_path}.{index}.{name}"), cfg.group_size,
-                            cfg.symmetric, reference=cfg.reference_compat,
-                            balanced=cfg.bit_balance, scale_bits=cfg.scale_bits)
+            WeightQuantizer(tuple(w.shape), **cfg.grid_for(f"{adapter.layers_path}.{index}.{name}"),
+                            reference=cfg.reference_compat, balanced=cfg.bit_balance)
             if cfg.wbits < 16 else None), reference=cfg.reference_compat, q_bits=cfg.q_width, kv_bits=cfg.kv_width)
         ctx = BlockContext(block, adapter, model_config, cfg, self.linears, act_scales, act_shifts, index)
         self.stages = [STAGES[c.name](c, ctx) for c in (stages if stages is not None else cfg.block_stages())]
@@ -162,9 +161,8 @@ class BlockQuantizer:
             wq = self.linears[name].weight_quantizer
             if wq is not None:
                 plain = WeightQuantizer(wq.shape, wq.bits, wq.group_size, wq.symmetric, reference=wq.reference,
-                                        balanced=wq.balanced, scale_bits=wq.scale_bits)
-                codes, scale, zero = plain.integer_codes(self.linears[name].weight.float())
-                commit(name, codes, plain.stored_scale(scale), zero)
+                                        balanced=wq.balanced, **wq.scale_format)
+                commit(name, *plain.integer_codes(self.linears[name].weight.float(), stored=True))
         rounder = self.stages[-1]
         rounder.round(self, data, commit)
         missing = [n for n, q in self.linears.items() if q.weight_quantizer is not None]

@@ -37,7 +37,7 @@ from ..config import ConfigError
 from ..models.blocks import block_output, head_logits, non_block_to
 from ..quant.packing import PackedLinear, dequantize
 from ..quant.qmodules import set_submodule
-from ..quant.quantizer import FP16_SIGNIFICANT_BITS, fp16_scale
+from ..quant.quantizer import stored_scale
 from ..recipe import StageConfig, register_config
 from .trainer import scheduled_lr
 
@@ -134,10 +134,11 @@ class ScaledCodes(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
-    def final(self, real_quant: bool, dtype: torch.dtype, scale_bits: int = FP16_SIGNIFICANT_BITS) -> nn.Module:
-        """What the linear becomes: a PackedLinear with the refined float16 scales (--real_quant), else an
-        nn.Linear whose weight is their dequantized codes."""
-        scale = fp16_scale(self.scale().detach().cpu(), scale_bits)
+    def final(self, real_quant: bool, dtype: torch.dtype, scale_format: dict | None = None) -> nn.Module:
+        """What the linear becomes: a PackedLinear with the refined scales as the format stores them
+        (`scale_format`: quantizer.stored_scale's arguments; default float16) (--real_quant), else an nn.Linear
+        whose weight is their dequantized codes."""
+        scale = stored_scale(self.scale().detach().cpu(), **(scale_format or {}))
         codes, zero = self.codes.cpu(), self.zero.cpu()
         bias = None if self.bias is None else self.bias.cpu()
         if real_quant:
@@ -406,7 +407,9 @@ class E2E:
                 if codes is None:
                     codes = packed.codes()
                 trained = ScaledCodes(packed, codes, self.deltas[key].detach())
-                set_submodule(block, name, trained.final(ctx.cfg.real_quant, dtype, ctx.cfg.scale_bits))
+                grid = ctx.cfg.grid_for(f"{ctx.adapter.layers_path}.{index}.{name}")
+                scale_format = {k: grid[k] for k in ("scale_bits", "super_groups", "sub_max") if k in grid}
+                set_submodule(block, name, trained.final(ctx.cfg.real_quant, dtype, scale_format))
             offset = getattr(ctx.adapter, "norm_weight_offset", 0.0)
             for name, norm in self._norms(block).items():
                 gain = TrainedGain(norm, self.gains[f"{index}.{name}"].detach(), offset).gain()

@@ -227,6 +227,37 @@ def fp16_scale(scale: torch.Tensor, significant_bits: int = FP16_SIGNIFICANT_BIT
     return scale
 
 
+FP16_MIN_NORMAL = 2.0 ** -14
+
+
+def superblock_scale(scale: torch.Tensor, groups: int, sub_max: int,
+                     significant_bits: int = FP16_SIGNIFICANT_BITS) -> torch.Tensor:
+    """Scales (out, n_groups) as GGUF's K-quants store them, quantized again: each run of `groups` groups of a
+    row (a super-block, 256 weights) shares one float16 step d, the largest scale over `sub_max`, and each group's
+    scale becomes d·k with k an integer in [1, sub_max] (Q6_K's int8 scales: 127; Q3_K's 6-bit: 31). d·k is
+    exact in float32 (11 + 7 significant bits), and so is d·k times a code, as llama.cpp dequantizes."""
+    d, k = superblock_steps(scale, groups, sub_max, significant_bits)
+    return (d[..., None] * k).reshape(scale.shape)
+
+
+def superblock_steps(scale: torch.Tensor, groups: int, sub_max: int,
+                     significant_bits: int = FP16_SIGNIFICANT_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """superblock_scale's parts: the steps d (out, n_super) and the integers k (out, n_super, groups)."""
+    out, n = scale.shape
+    runs = scale.reshape(out, n // groups, groups)
+    d = fp16_scale((runs.amax(-1) / sub_max).clamp(min=FP16_MIN_NORMAL), significant_bits)
+    return d, (runs / d[..., None]).round().clamp(1, sub_max)
+
+
+def stored_scale(scale: torch.Tensor, scale_bits: int = FP16_SIGNIFICANT_BITS, super_groups: int = 0,
+                 sub_max: int = 0) -> torch.Tensor:
+    """Scales (out, n_groups) as a deployment format stores them: float16 values of `scale_bits` significant bits
+    (fp16_scale), or, with `super_groups`, a K-quant's super-block steps times small integers (superblock_scale)."""
+    if super_groups:
+        return superblock_scale(scale, super_groups, sub_max, scale_bits)
+    return fp16_scale(scale, scale_bits)
+
+
 def group_view(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
     """(out, in) -> (out, n_groups, group_size). Column i belongs to group i // group_size (GPTQ).
 
@@ -252,15 +283,20 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None,
                  symmetric: bool = False, lwc: bool = False, reference: bool = False, balanced: bool = False,
-                 scale_bits: int = FP16_SIGNIFICANT_BITS):
+                 scale_bits: int = FP16_SIGNIFICANT_BITS, super_groups: int = 0, sub_max: int = 0):
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.scale_bits = scale_bits        # significant bits of each stored scale (fp16_scale)
+        # K-quants: scales quantized again per `super_groups` groups, on integers up to `sub_max` (superblock_scale)
+        self.super_groups, self.sub_max = super_groups, sub_max
         self.balanced = balanced
         self.qmax = 2**bits - (0 if balanced else 1)
         self.storage_bits = math.ceil(math.log2(self.qmax + 1))
         self.reference = reference          # the reference code's range convention (minmax_scale_zero)
         self.shape = tuple(shape)
+        if super_groups and self.n_groups % super_groups:
+            raise ValueError(f"rows of {shape[1]} are {self.n_groups} groups of {group_size}: no whole number of "
+                             f"super-blocks of {super_groups} groups")
         self.upbound_factor = self.lowbound_factor = None
         self.clip_ratio: torch.Tensor | None = None       # (out, n_groups, 1), set by the clipping search
         if lwc:
@@ -307,15 +343,24 @@ class WeightQuantizer(nn.Module):
         w_hat = fake_quant(w, scale, zero, self.qmax).reshape(weight.shape[0], -1)
         return w_hat[:, : weight.shape[1]] if pad else w_hat
 
+    @property
+    def scale_format(self) -> dict:
+        """How the scales are stored (stored_scale's arguments): for a quantizer of the same grid, E2E's."""
+        return {"scale_bits": self.scale_bits, "super_groups": self.super_groups, "sub_max": self.sub_max}
+
     def stored_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        """`scale` as the export stores it, and as every rounder commits it (fp16_scale)."""
-        return fp16_scale(scale, self.scale_bits)
+        """`scale` (out, n_groups) as the export stores it, and as every rounder commits it."""
+        return stored_scale(scale, **self.scale_format)
 
     @torch.no_grad()
-    def integer_codes(self, weight: torch.Tensor):
-        """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer."""
+    def integer_codes(self, weight: torch.Tensor, stored: bool = False):
+        """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer; `stored`: on
+        the scales as stored (stored_scale), so that the codes are the nearest ones on the grid the file holds
+        (a K-quant's scales move by up to half a step of its sub-scales, 1/62 for Q3_K)."""
         w, _ = group_view(weight, self.group_size)
         scale, zero = self._grouped_scale_zero(w)
+        if stored:
+            scale = self.stored_scale(scale[..., 0])[..., None]
         q = grid_codes(w, scale, zero, self.qmax)
         return q.reshape(weight.shape[0], -1)[:, : weight.shape[1]].to(torch.int32), scale[..., 0], zero[..., 0]
 

@@ -61,7 +61,9 @@ class GPTQ:
         W[:, dead] = 0
         scale = torch.zeros(rows, n_groups, device=W.device)
         zero = torch.zeros(rows, n_groups, device=W.device)
-        if self.static_groups:
+        # a K-quant's scales share a step per super-block, so they are set together, before any update
+        static_groups = self.static_groups or bool(quantizer.super_groups)
+        if static_groups:
             s, z = quantizer.scale_zero(W)                        # from the weights before any update
             scale, zero = quantizer.stored_scale(s[..., 0]), z[..., 0]
         if self.act_order:
@@ -83,7 +85,7 @@ class GPTQ:
             for i in range(i2 - i1):
                 col = i1 + i
                 g = int(perm[col]) // gs
-                if not self.static_groups and col % gs == 0:
+                if not static_groups and col % gs == 0:
                     if gs < columns:
                         cols = W1[:, i:i + gs]                   # a whole group lies inside the block
                     else:

@@ -28,8 +28,8 @@ class RTN(Rounder):
         # dequantizes with its float32 scale and rounds the weight to float16 afterwards (--reference_compat).
         exact_scale = self.ctx.cfg.reference_compat and not self.ctx.cfg.real_quant
         for name, qlinear in quantized_linears(self.ctx).items():
-            codes, scale, zero = qlinear.weight_quantizer.integer_codes(qlinear.weight.float())
-            commit(name, codes, scale if exact_scale else qlinear.weight_quantizer.stored_scale(scale), zero)
+            codes, scale, zero = qlinear.weight_quantizer.integer_codes(qlinear.weight.float(), stored=not exact_scale)
+            commit(name, codes, scale, zero)
 
 
 @dataclass(frozen=True)
