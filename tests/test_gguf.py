@@ -190,8 +190,9 @@ def test_k_quant_run_writes_its_file_exactly(tmp_path, type_name, rounder, e2e_s
     report = save_gguf(model, _source(tmp_path / "src.gguf"), str(tmp_path / "m.gguf"), type_name)
     assert report["requantized_blocks"] == 0 and report["max_abs_diff"] == 0.0
     fallback = gtype.fallback
-    assert report["tensor_types"] == {"F32": 5, type_name: 12, fallback: 2, "Q6_K": 1} if type_name == "Q3_K" else \
-        {"F32": 5, "Q6_K": 13, "Q8_0": 2}     # token_embd (the tied head): Q6_K, rounded to nearest
+    # token_embd (the tied head): Q6_K, rounded to nearest
+    assert report["tensor_types"] == ({"F32": 5, type_name: 12, fallback: 2, "Q6_K": 1} if type_name == "Q3_K"
+                                      else {"F32": 5, "Q6_K": 13, "Q8_0": 2})
     back = dequantized_state(str(tmp_path / "m.gguf"))
     layer = model.model.layers[1]
     assert torch.equal(back["blk.1.ffn_up.weight"], layer.mlp.up_proj.weight.float())

@@ -248,8 +248,8 @@ def _exact_superblocks(w: np.ndarray, gtype: GGUFType):
     # largest code after, for a largest group whose own codes share a factor
     for n in [*range(gtype.sub_max, 0, -1), *range(gtype.sub_max * -low, gtype.sub_max, -1)]:
         todo = np.flatnonzero(~done)
-        if not len(todo):
-            break
+        if not len(todo) or (n > gtype.sub_max and len(todo) > n_super // 100):
+            break       # (a tensor off the grid, not a few odd super-blocks: not worth the long search)
         cand = (top[todo] / np.float32(n)).astype(np.float32)
         ratio = t[todo] / cand[:, None]
         # a group whose codes all lie in half the range (or a third...) is also exact on a finer grid, so its
