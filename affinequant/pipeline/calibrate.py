@@ -162,7 +162,8 @@ class BlockQuantizer:
             if wq is not None:
                 plain = WeightQuantizer(wq.shape, wq.bits, wq.group_size, wq.symmetric, reference=wq.reference,
                                         balanced=wq.balanced, **wq.scale_format)
-                commit(name, *plain.integer_codes(self.linears[name].weight.float(), stored=True))
+                codes, scale, zero = plain.integer_codes(self.linears[name].weight.float(), stored=bool(wq.super_groups))
+                commit(name, codes, scale if wq.super_groups else plain.stored_scale(scale), zero)
         rounder = self.stages[-1]
         rounder.round(self, data, commit)
         missing = [n for n, q in self.linears.items() if q.weight_quantizer is not None]
