@@ -342,11 +342,12 @@ def _quantized_tensor(w: np.ndarray, type_name: str, exact: bool):
     rows = w.shape[0]
     gtype = GGUF_TYPES[type_name]
     if gtype.super_groups:          # the gguf package does not quantize K-quants: our grid's nearest codes
-        d, k, q = _k_rtn(w, gtype)
-        off = np.zeros(len(d), bool)
         if exact:
-            ed, ek, eq, off = _exact_superblocks(w, gtype)
-            d, k, q = np.where(off, d, ed), np.where(off[:, None], k, ek), np.where(off[:, None], q, eq)
+            d, k, q, off = _exact_superblocks(w, gtype)
+            if off.any():
+                d[off], k[off], q[off] = _k_rtn(w.reshape(-1, gtype.block)[off], gtype)
+        else:
+            (d, k, q), off = _k_rtn(w, gtype), np.zeros(0, bool)
         return _pack_k(d, k, q, gtype).reshape(rows, -1), int(off.sum())
     if not exact:
         return gguf.quants.quantize(w.astype(np.float32), qtype), 0

@@ -162,8 +162,7 @@ class BlockQuantizer:
             if wq is not None:
                 plain = WeightQuantizer(wq.shape, wq.bits, wq.group_size, wq.symmetric, reference=wq.reference,
                                         balanced=wq.balanced, **wq.scale_format)
-                codes, scale, zero = plain.integer_codes(self.linears[name].weight.float(), stored=bool(wq.super_groups))
-                commit(name, codes, scale if wq.super_groups else plain.stored_scale(scale), zero)
+                commit(name, *plain.rounded_to_nearest(self.linears[name].weight.float()))
         rounder = self.stages[-1]
         rounder.round(self, data, commit)
         missing = [n for n, q in self.linears.items() if q.weight_quantizer is not None]

@@ -353,6 +353,14 @@ class WeightQuantizer(nn.Module):
         return stored_scale(scale, **self.scale_format)
 
     @torch.no_grad()
+    def rounded_to_nearest(self, weight: torch.Tensor):
+        """What round to nearest commits: codes, the stored scales (stored_scale) and zero points. On a K-quant's
+        grid the codes are rounded on the stored scales, which move by up to 1/62; on float16 scales on the
+        calibrated ones (a code differs only within 2^-11 of a tie)."""
+        codes, scale, zero = self.integer_codes(weight, stored=bool(self.super_groups))
+        return codes, (scale if self.super_groups else self.stored_scale(scale)), zero
+
+    @torch.no_grad()
     def integer_codes(self, weight: torch.Tensor, stored: bool = False):
         """The integer codes (out, in), and scale/zero (out, n_groups), of the calibrated quantizer; `stored`: on
         the scales as stored (stored_scale), so that the codes are the nearest ones on the grid the file holds

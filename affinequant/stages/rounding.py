@@ -28,10 +28,8 @@ class RTN(Rounder):
         # dequantizes with its float32 scale and rounds the weight to float16 afterwards (--reference_compat).
         exact_scale = self.ctx.cfg.reference_compat and not self.ctx.cfg.real_quant
         for name, qlinear in quantized_linears(self.ctx).items():
-            wq = qlinear.weight_quantizer
-            # codes on the stored scales for a K-quant grid, whose scales move by up to 1/62 (fp16 scales: as before)
-            codes, scale, zero = wq.integer_codes(qlinear.weight.float(), stored=bool(wq.super_groups))
-            commit(name, codes, scale if exact_scale or wq.super_groups else wq.stored_scale(scale), zero)
+            wq, weight = qlinear.weight_quantizer, qlinear.weight.float()
+            commit(name, *(wq.integer_codes(weight) if exact_scale else wq.rounded_to_nearest(weight)))
 
 
 @dataclass(frozen=True)
