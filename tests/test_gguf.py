@@ -1,6 +1,7 @@
 """GGUF export: decoder weights on a legacy type's grid (symmetric Q4_0/Q5_0/Q8_0, and Q4_1/Q5_1 with a minimum
 per block) are written with their own codes, so the file, dequantized by the gguf package's reference code, holds
 our weights bit for bit; metadata comes from the source."""
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -201,18 +202,52 @@ def test_k_quant_run_writes_its_file_exactly(tmp_path, type_name, rounder, e2e_s
 
 
 @pytest.mark.parametrize("sub_max", [31, 127])
-def test_superblock_scales_are_a_float16_step_times_small_integers(sub_max):
-    from affinequant.quant.quantizer import superblock_scale
-    scale = torch.rand(8, 32) * 0.01 + 1e-4
-    stored = superblock_scale(scale, 16, sub_max).reshape(8, 2, 16)
+@pytest.mark.parametrize("magnitude", [1e-2, 1e-4])
+def test_superblock_scales_are_a_float16_step_times_small_integers(sub_max, magnitude):
+    """At 1e-4 the step d = largest scale / sub_max is a float16 subnormal (as in Qwen's down_proj): it must stay
+    one, not be raised to the smallest normal, which leaves the largest group only a few of sub_max's steps."""
+    from affinequant.quant.quantizer import superblock_steps
+    torch.manual_seed(0)
+    scale = torch.rand(8, 32) * magnitude + magnitude / 100
+    d, k = superblock_steps(scale, 16, sub_max)
     runs = scale.reshape(8, 2, 16)
-    d = (runs.amax(-1, keepdim=True) / sub_max).half().float()
-    k = stored / d
-    assert torch.equal(k, k.round()) and k.min() >= 1 and k.max() <= sub_max
-    # a scale of at least d moves to the nearest multiple of d: by at most d/2 (to float32 rounding)
-    free = runs >= d
-    assert float(((stored - runs).abs() - (d / 2 + runs * 2.0 ** -20))[free].max()) <= 0
-    assert torch.equal(stored[~free], d.expand_as(stored)[~free])          # a smaller one is d (k = 1)
+    top = runs.amax(-1)
+    assert torch.equal(d, d.half().float()) and torch.equal(k, k.round()) and k.min() >= 1 and k.max() <= sub_max
+    # d is float16's nearest to top / sub_max, or the next one up where the nearest would put top past
+    # sub_max + 1/2: the largest scale then moves by at most d/2, as every scale of at least d does
+    nearest = (top / sub_max).half().float()
+    up = (nearest.half().view(torch.int16) + 1).view(torch.float16).float()
+    assert torch.equal(d, torch.where(top > nearest * (sub_max + 0.5), up, nearest))
+    stored = d[..., None] * k
+    free = runs >= d[..., None]
+    assert float(((stored - runs).abs() - (d[..., None] / 2 + runs * 2.0 ** -20))[free].max()) <= 0
+    assert torch.equal(stored[~free], d[..., None].expand_as(stored)[~free])     # a smaller one is d (k = 1)
+
+
+@pytest.mark.parametrize("type_name", ["Q3_K", "Q6_K"])
+def test_superblock_encoding_is_recovered_from_the_weights(type_name):
+    """(d, k, q) drawn at random, with what made the recovery fail on Qwen's down_proj: steps d that are float16
+    subnormals, and groups (the largest one included) whose codes share a factor or stop short of the range, so
+    that the group's finest step is not its own. The weights (d·k)·q must be found exact, as the file holds them."""
+    from affinequant.formats.gguf import _exact_superblocks
+    gtype = GGUF_TYPES[type_name]
+    G, gs, low = gtype.super_groups, gtype.group_size, -(2 ** (gtype.bits - 1))
+    rng = np.random.default_rng(0)
+    n = 400
+    d = (10.0 ** rng.uniform(-7, -2, n)).astype(np.float16).astype(np.float32)       # normal and subnormal
+    k = rng.integers(1, gtype.sub_max + 1, (n, G))
+    k[np.arange(n), rng.integers(0, G, n)] = rng.integers(gtype.sub_max - 3, gtype.sub_max + 1, n)
+    q = rng.integers(low, -low, (n, G, gs))
+    factor = rng.choice([1, 1, 2, 3], (n, G))                     # codes that are all multiples of 2 or 3
+    q = np.clip(q // factor[..., None] * factor[..., None], low, -low - 1)
+    q[rng.random((n, G)) < 0.2] //= 2                              # codes in half the range
+    q[:5, 3] = 0                                                   # an all-zero group
+    w = ((d[:, None] * k.astype(np.float32))[:, :, None] * q).astype(np.float32).reshape(n // 4, 4 * G * gs)
+    d2, k2, q2, off = _exact_superblocks(w, gtype)
+    assert not off.any()
+    back = (d2[:, None] * k2.astype(np.float32))[:, :, None] * q2.reshape(n, G, gs)
+    assert np.array_equal(back.reshape(w.shape), w)
+    assert k2.min() >= 1 and k2.max() <= gtype.sub_max and q2.min() >= low and q2.max() <= -low - 1
 
 
 def test_k_quant_refuses_real_quant(tmp_path):

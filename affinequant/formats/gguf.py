@@ -206,77 +206,70 @@ def _exact_blocks(w: np.ndarray, gtype: GGUFType):
     return d, m, q.astype(np.int16), ~found
 
 
-def _finest_steps(blocks: np.ndarray, low: int, high: int):
-    """Each row's finest step t (float32) with every weight t·q, q an integer in [low, high], and whether it has
-    one (an all-zero row has t = 0)."""
-    span = np.abs(blocks).max(axis=1)
-    t = np.zeros(len(blocks), np.float32)
-    found = span == 0
-    for k in range(max(-low, high), 0, -1):     # the largest code magnitude first: the finest step
-        todo = np.flatnonzero(~found)
-        if not len(todo):
-            break
-        cand = (span[todo] / np.float32(k)).astype(np.float32)
-        q = np.round(blocks[todo] / cand[:, None])
-        ok = (q >= low).all(1) & (q <= high).all(1) & ((q * cand[:, None]) == blocks[todo]).all(1)
-        t[todo[ok]], found[todo[ok]] = cand[ok], True
-    return t, found
+def _superblock_multiples(gtype: GGUFType) -> list[int]:
+    """The integers N = k·c (k in [1, sub_max], c a code magnitude) a super-block's largest weight can be of its
+    step d, the likeliest first: k = sub_max is the group with the largest scale (superblock_steps sets d from
+    it), which usually holds the largest weight, at the largest code magnitude."""
+    seen, order = set(), []
+    for k in range(gtype.sub_max, 0, -1):
+        for c in range(2 ** (gtype.bits - 1), 0, -1):
+            if k * c not in seen:
+                seen.add(k * c)
+                order.append(k * c)
+    return order
 
 
 def _exact_superblocks(w: np.ndarray, gtype: GGUFType):
     """For rows of `w` cut into super-blocks, the K-quant encoding that holds each exactly: the fp16 step d
     (n,), the group scales k (n, super_groups) in [1, sub_max] and the codes (n, block), with (d·k)·q == w in
-    float32 as the reference dequantizes; and which super-blocks have none. Each group's finest step t comes
-    first; d is then the largest t over an integer n, the largest n first, such that every t is d times an
-    integer in range (a group whose codes share a factor has t a multiple of its step: its k is divided).
-    Any (d, k, q) found is verified to give the weights exactly, so a wrong guess cannot pass."""
-    G, gs = gtype.super_groups, gtype.group_size
+    float32 as the reference dequantizes; and which super-blocks have none.
+    Every weight of such a super-block is d times an integer n = k·q (exact in float32: d has 11 significant bits, n
+    at most 12), so d is
+    the super-block's largest magnitude over some N = k·c (_superblock_multiples), an fp16 value on which every
+    weight is an integer multiple. Given the multiples n of a group, its k must divide them all and bring them
+    into the code range; the largest such k is their gcd (or its largest divisor at most sub_max), which gives
+    the smallest codes, so if it does not fit no k does. Any (d, k, q) found is verified to give the weights
+    exactly, so a wrong guess cannot pass."""
+    G, gs, kmax = gtype.super_groups, gtype.group_size, gtype.sub_max
     low, high = -(2 ** (gtype.bits - 1)), 2 ** (gtype.bits - 1) - 1
-    groups = w.reshape(-1, gs).astype(np.float32)
-    t, found = _finest_steps(groups, low, high)
-    t, found = t.reshape(-1, G), found.reshape(-1, G).all(1)
-    n_super = len(t)
+    blocks = w.reshape(-1, G, gs).astype(np.float32)
+    n_super = len(blocks)
+    top = np.abs(blocks).max(axis=(1, 2))
     d = np.zeros(n_super, np.float32)
-    k = np.ones((n_super, G), np.float32)
-    done = ~found
-    top = t.max(axis=1)
-    done |= top == 0                                       # an all-zero super-block: d = 0, codes 0
-    factors = np.arange(2, -low + 1, dtype=np.float32)
-    multiples = np.arange(1, -low + 1, dtype=np.float32)
-    blocks = groups.reshape(n_super, G, gs)
-    # n = sub_max first (our quantizer's largest group has k = sub_max or one less); n up to sub_max times the
-    # largest code after, for a largest group whose own codes share a factor
-    for n in [*range(gtype.sub_max, 0, -1), *range(gtype.sub_max * -low, gtype.sub_max, -1)]:
+    k = np.ones((n_super, G), np.int64)
+    q = np.zeros((n_super, G, gs), np.int16)
+    done = top == 0                                            # an all-zero super-block: d = 0, codes 0
+    # the group holding the largest weight, a quick first test of each candidate d before all 256 weights
+    first = blocks[np.arange(n_super), np.abs(blocks).max(axis=2).argmax(axis=1)]          # (n, gs)
+    # the candidates with k near sub_max: d comes from the largest group scale (superblock_steps), within one
+    # float16 step, which for a subnormal d is up to 1/32 of it
+    likely = 8 * (-low)
+    for i, N in enumerate(_superblock_multiples(gtype)):
         todo = np.flatnonzero(~done)
-        if not len(todo) or (n > gtype.sub_max and len(todo) > n_super // 100):
+        if not len(todo) or (i == likely and len(todo) > n_super // 2):
             break       # (a tensor off the grid, not a few odd super-blocks: not worth the long search)
-        cand = (top[todo] / np.float32(n)).astype(np.float32)
-        ratio = t[todo] / cand[:, None]
-        # a group whose codes all lie in half the range (or a third...) is also exact on a finer grid, so its
-        # finest step may be the step over m: its scale is then ratio * m
-        odd = np.abs(ratio - np.round(ratio)) >= 1e-3
-        if odd.any():
-            scaled = ratio[odd][:, None] * multiples
-            ratio[odd] = scaled[np.arange(len(scaled)), (np.abs(scaled - np.round(scaled)) < 1e-3).argmax(-1)]
-        ratio = np.round(ratio)
-        big = ratio > gtype.sub_max          # a group whose codes share a factor m: its scale is ratio / m
-        if big.any():
-            r = ratio[big][:, None]
-            fits = (r % factors == 0) & (r / factors <= gtype.sub_max)
-            ratio[big] = np.where(fits.any(1), r[:, 0] / factors[fits.argmax(1)], r[:, 0])
-        ratio = np.where(t[todo] == 0, 1, ratio)                      # an all-zero group: any scale, codes 0
-        valid = (_is_fp16(cand) & ((cand * np.float32(n)) == top[todo])
-                 & ((ratio >= 1) & (ratio <= gtype.sub_max)).all(1))
-        sel, cand, ratio = todo[valid], cand[valid], ratio[valid]
-        steps = (cand[:, None] * ratio).astype(np.float32)[:, :, None]
-        q = np.round(blocks[sel] / steps)
-        ok = (q >= low).all((1, 2)) & (q <= high).all((1, 2)) & ((steps * q) == blocks[sel]).all((1, 2))
-        d[sel[ok]], k[sel[ok]], done[sel[ok]] = cand[ok], ratio[ok], True
-    steps = (d[:, None] * k).astype(np.float32)                               # (n, G)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(steps[:, :, None] > 0, np.round(blocks / steps[:, :, None]), 0)
-    exact = found & (q >= low).all((1, 2)) & (q <= high).all((1, 2)) & ((steps[:, :, None] * q) == blocks).all((1, 2))
-    return d, k.astype(np.int16), q.reshape(n_super, -1).astype(np.int16), ~exact
+        cand = (top[todo] / np.float32(N)).astype(np.float32)
+        keep = _is_fp16(cand) & (cand > 0)
+        todo, cand = todo[keep], cand[keep]
+        keep = ((np.round(first[todo] / cand[:, None]) * cand[:, None]) == first[todo]).all(1)
+        todo, cand = todo[keep], cand[keep]
+        n = np.round(blocks[todo] / cand[:, None, None])
+        keep = ((n * cand[:, None, None]) == blocks[todo]).all((1, 2))
+        todo, cand, n = todo[keep], cand[keep], n[keep].astype(np.int32)
+        g = np.gcd.reduce(np.abs(n), axis=2)                                        # (m, G)
+        kk = np.where(g == 0, 1, g)
+        for div in range(2, kmax + 1):              # gcd above sub_max: its largest divisor that is at most it
+            big = kk > kmax
+            if not big.any():
+                break
+            kk = np.where(big & (g % div == 0) & (g // div <= kmax), g // div, kk)
+        codes = n // kk[:, :, None].astype(np.int32)
+        ok = (kk <= kmax).all(1) & (codes >= low).all((1, 2)) & (codes <= high).all((1, 2))
+        sel = todo[ok]
+        d[sel], k[sel], q[sel], done[sel] = cand[ok], kk[ok], codes[ok].astype(np.int16), True
+    steps = (d[:, None] * k.astype(np.float32)).astype(np.float32)[:, :, None]
+    exact = done & (q >= low).all((1, 2)) & (q <= high).all((1, 2)) & ((steps * q) == blocks).all((1, 2))
+    return d, k.astype(np.int16), q.reshape(n_super, -1), ~exact
 
 
 def _k_rtn(w: np.ndarray, gtype: GGUFType):

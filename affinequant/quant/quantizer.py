@@ -227,7 +227,7 @@ def fp16_scale(scale: torch.Tensor, significant_bits: int = FP16_SIGNIFICANT_BIT
     return scale
 
 
-FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MIN_SUBNORMAL = 2.0 ** -24
 
 
 def superblock_scale(scale: torch.Tensor, groups: int, sub_max: int,
@@ -242,10 +242,17 @@ def superblock_scale(scale: torch.Tensor, groups: int, sub_max: int,
 
 def superblock_steps(scale: torch.Tensor, groups: int, sub_max: int,
                      significant_bits: int = FP16_SIGNIFICANT_BITS) -> tuple[torch.Tensor, torch.Tensor]:
-    """superblock_scale's parts: the steps d (out, n_super) and the integers k (out, n_super, groups)."""
+    """superblock_scale's parts: the steps d (out, n_super) and the integers k (out, n_super, groups).
+    d may be a float16 subnormal (a model of small weights: Qwen's down_proj has scales near 4e-4, so Q6_K's d is
+    near 3e-6), as llama.cpp stores it; clamping it to the smallest normal would leave the largest group k = 6 of
+    127. A subnormal has fewer significant bits, so d is taken one float16 step up where rounding to nearest
+    would push the largest scale past sub_max + 1/2: the largest group keeps its scale within d/2."""
     out, n = scale.shape
     runs = scale.reshape(out, n // groups, groups)
-    d = fp16_scale((runs.amax(-1) / sub_max).clamp(min=FP16_MIN_NORMAL), significant_bits)
+    top = runs.amax(-1)
+    d = fp16_scale((top / sub_max).clamp(min=FP16_MIN_SUBNORMAL), significant_bits)
+    up = fp16_scale((d.half().view(torch.int16) + 1).view(torch.float16).float(), significant_bits)
+    d = torch.where(top > d * (sub_max + 0.5), up, d)
     return d, (runs / d[..., None]).round().clamp(1, sub_max)
 
 
