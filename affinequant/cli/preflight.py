@@ -12,7 +12,7 @@ from ..errors import AffineQuantError, OutputError
 from ..eval.data import CALIB_DATASETS, PPL_DATASETS
 from ..formats import compressed_tensors
 from ..formats.export import check_save_dir
-from ..formats.gguf import check_gguf_target, default_gguf_type
+from ..formats.gguf import check_gguf_target
 from ..models.loading import block_linear_shapes, model_name
 from ..pipeline.checkpoint import CalibrationCheckpoint
 from ..pipeline.tta import TTAConfig
@@ -156,7 +156,6 @@ def preflight(args, cfg: QuantConfig, model_config, adapter, model_id: str, data
                               f"pass holds the whole model, and compressed-tensors exports take one bit width; export "
                               f"GPTQ (--real_quant --save_dir) or GGUF (--save_gguf), or drop {refused[0]}")
     if args.save_gguf:
-        args.gguf_type = args.gguf_type or default_gguf_type(cfg.wbits, cfg.abits, cfg.symmetric)
         check_gguf_target(args.save_gguf, args.gguf_type, cfg, model_id, args.overwrite, args.stream)
     if cfg.full_precision and (not (args.eval_ppl or args.tasks or args.save_gguf) or args.save_dir
                                or args.save_params):

@@ -446,7 +446,8 @@ def save_gguf(model, source: str, path: str, type_name: str, layer_bits: dict | 
     finally:
         if tmp.exists():
             tmp.unlink()
-    log.info("saved %s as GGUF %s: %s; %.3f bits per weight%s", target, gtype.name,
+    log.info("saved %s as GGUF %s: %s; %.3f bits per weight%s", target,
+             f"mixed ({', '.join(sorted({TYPE_OF_BITS[b] for b in layer_bits.values()}))})" if layer_bits else gtype.name,
              ", ".join(f"{n} {k}" for k, n in report["tensor_types"].items()), report["bits_per_weight"],
              f"; {report['requantized_blocks']} blocks were not on the {gtype.name} grid and were requantized"
              if report["requantized_blocks"] else "")
