@@ -37,7 +37,7 @@ from ..config import ConfigError
 from ..models.blocks import block_output, head_logits, non_block_to
 from ..quant.packing import PackedLinear, dequantize
 from ..quant.qmodules import set_submodule
-from ..quant.quantizer import stored_scale
+from ..quant.quantizer import SCALE_FORMAT_KEYS, stored_scale
 from ..recipe import StageConfig, register_config
 from .trainer import scheduled_lr
 
@@ -408,7 +408,7 @@ class E2E:
                     codes = packed.codes()
                 trained = ScaledCodes(packed, codes, self.deltas[key].detach())
                 grid = ctx.cfg.grid_for(f"{ctx.adapter.layers_path}.{index}.{name}")
-                scale_format = {k: grid[k] for k in ("scale_bits", "super_groups", "sub_max") if k in grid}
+                scale_format = {k: grid[k] for k in SCALE_FORMAT_KEYS if k in grid}
                 set_submodule(block, name, trained.final(ctx.cfg.real_quant, dtype, scale_format))
             offset = getattr(ctx.adapter, "norm_weight_offset", 0.0)
             for name, norm in self._norms(block).items():

@@ -256,6 +256,10 @@ def superblock_steps(scale: torch.Tensor, groups: int, sub_max: int,
     return d, (runs / d[..., None]).round().clamp(1, sub_max)
 
 
+# the grid arguments that say how scales are stored: stored_scale's keyword arguments
+SCALE_FORMAT_KEYS = ("scale_bits", "super_groups", "sub_max")
+
+
 def stored_scale(scale: torch.Tensor, scale_bits: int = FP16_SIGNIFICANT_BITS, super_groups: int = 0,
                  sub_max: int = 0) -> torch.Tensor:
     """Scales (out, n_groups) as a deployment format stores them: float16 values of `scale_bits` significant bits
@@ -353,7 +357,7 @@ class WeightQuantizer(nn.Module):
     @property
     def scale_format(self) -> dict:
         """How the scales are stored (stored_scale's arguments): for a quantizer of the same grid, E2E's."""
-        return {"scale_bits": self.scale_bits, "super_groups": self.super_groups, "sub_max": self.sub_max}
+        return {key: getattr(self, key) for key in SCALE_FORMAT_KEYS}
 
     def stored_scale(self, scale: torch.Tensor) -> torch.Tensor:
         """`scale` (out, n_groups) as the export stores it, and as every rounder commits it."""
