@@ -223,10 +223,9 @@ def _exact_superblocks(w: np.ndarray, gtype: GGUFType):
     """For rows of `w` cut into super-blocks, the K-quant encoding that holds each exactly: the fp16 step d
     (n,), the group scales k (n, super_groups) in [1, sub_max] and the codes (n, block), with (d·k)·q == w in
     float32 as the reference dequantizes; and which super-blocks have none.
-    Every weight of such a super-block is d times an integer n = k·q (exact in float32: d has 11 significant bits, n
-    at most 12), so d is
-    the super-block's largest magnitude over some N = k·c (_superblock_multiples), an fp16 value on which every
-    weight is an integer multiple. Given the multiples n of a group, its k must divide them all and bring them
+    Every weight of such a super-block is d times an integer n = k·q (exact in float32: d has 11 significant bits,
+    n at most 12), so d is the super-block's largest magnitude over some N = k·c (_superblock_multiples), an fp16
+    value on which every weight is an integer multiple. Given the multiples n of a group, its k must divide them all and bring them
     into the code range; the largest such k is their gcd (or its largest divisor at most sub_max), which gives
     the smallest codes, so if it does not fit no k does. Any (d, k, q) found is verified to give the weights
     exactly, so a wrong guess cannot pass."""
