@@ -233,13 +233,14 @@ def _exact_superblocks(w: np.ndarray, gtype: GGUFType):
     low, high = -(2 ** (gtype.bits - 1)), 2 ** (gtype.bits - 1) - 1
     blocks = w.reshape(-1, G, gs).astype(np.float32)
     n_super = len(blocks)
-    top = np.abs(blocks).max(axis=(1, 2))
+    magnitude = np.abs(blocks)
+    top = magnitude.max(axis=(1, 2))
     d = np.zeros(n_super, np.float32)
     k = np.ones((n_super, G), np.int64)
     q = np.zeros((n_super, G, gs), np.int16)
     done = top == 0                                            # an all-zero super-block: d = 0, codes 0
     # the group holding the largest weight, a quick first test of each candidate d before all 256 weights
-    first = blocks[np.arange(n_super), np.abs(blocks).max(axis=2).argmax(axis=1)]          # (n, gs)
+    first = blocks[np.arange(n_super), magnitude.max(axis=2).argmax(axis=1)]               # (n, gs)
     # the candidates with k near sub_max: d comes from the largest group scale (superblock_steps), within one
     # float16 step, which for a subnormal d is up to 1/32 of it
     likely = 8 * (-low)
